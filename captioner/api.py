@@ -1,0 +1,255 @@
+"""HTTP calls to one caption server (vLLM's OpenAI-compatible API).
+
+Retries are urllib3's `Retry`: connection failures and 502/503/504 (a restarting
+server or a proxy in front of one) are retried with exponential backoff. Read
+timeouts and dropped connections after the request went out are not: the server
+may already be working on it, and a retry would double its load.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from captioner.errors import (
+    CaptionerError,
+    ServerConnectionError,
+    ServerHTTPError,
+    ServerTimeoutError,
+)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8003"
+RETRY_STATUSES = (502, 503, 504)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def add(self, other: Usage) -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.total_tokens += other.total_tokens
+
+    @classmethod
+    def from_json(cls, data: Any) -> Usage:
+        if not isinstance(data, dict):
+            return cls()
+        return cls(
+            int(data.get("prompt_tokens") or 0),
+            int(data.get("completion_tokens") or 0),
+            int(data.get("total_tokens") or 0),
+        )
+
+
+@dataclass
+class Caption:
+    text: str
+    model: str
+    usage: Usage = field(default_factory=Usage)
+    latency: float = 0.0
+
+
+def audio_data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def build_chat_request(
+    audio_url: str, model: str, max_tokens: int | None = None, stream: bool = False
+) -> dict[str, Any]:
+    """The chat request: one user message holding one audio part and no text.
+
+    The Captioner is trained on audio alone; a text part would be off its training
+    distribution, so no request from this client ever carries one.
+    """
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "audio_url", "audio_url": {"url": audio_url}}],
+            }
+        ],
+    }
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+class CaptionClient:
+    """One server: a pooled, retrying `requests.Session` plus the calls we make."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        pool_size: int = 8,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = (connect_timeout, read_timeout)
+        self.session = requests.Session()
+        retry = Retry(
+            total=retries,
+            connect=retries,
+            read=0,
+            status=retries,
+            other=0,
+            status_forcelist=RETRY_STATUSES,
+            allowed_methods=None,  # POST too: a 503 or refused connection ran nothing
+            backoff_factor=backoff,
+            raise_on_status=False,
+        )
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=max(pool_size, 1))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def list_models(self) -> list[str]:
+        data = self._json(self._request("GET", "/v1/models"))
+        return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
+
+    def caption(self, audio_url: str, model: str, max_tokens: int | None = None) -> Caption:
+        started = time.monotonic()
+        body = build_chat_request(audio_url, model, max_tokens)
+        data = self._json(self._request("POST", "/v1/chat/completions", json=body))
+        try:
+            text = data["choices"][0]["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise CaptionerError(f"{self.base_url}: unexpected answer: {data!r:.200}") from exc
+        return Caption(
+            text,
+            str(data.get("model") or model),
+            Usage.from_json(data.get("usage")),
+            time.monotonic() - started,
+        )
+
+    def caption_stream(
+        self,
+        audio_url: str,
+        model: str,
+        on_text: Callable[[str], None],
+        max_tokens: int | None = None,
+    ) -> Caption:
+        """Stream a caption (SSE), calling `on_text` with each piece as it arrives."""
+        started = time.monotonic()
+        body = build_chat_request(audio_url, model, max_tokens, stream=True)
+        response = self._request("POST", "/v1/chat/completions", json=body, stream=True)
+        pieces: list[str] = []
+        usage = Usage()
+        answered_model = model
+        with response:
+            for event in self._sse_events(response):
+                if "error" in event:
+                    raise _http_error(500, event)
+                answered_model = str(event.get("model") or answered_model)
+                if event.get("usage"):
+                    usage = Usage.from_json(event["usage"])
+                for choice in event.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        pieces.append(piece)
+                        on_text(piece)
+        return Caption("".join(pieces), answered_model, usage, time.monotonic() - started)
+
+    def _sse_events(self, response: requests.Response) -> Iterator[dict[str, Any]]:
+        try:
+            for raw in response.iter_lines():
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[len("data:") :].strip()
+                if payload == "[DONE]":
+                    return
+                yield json.loads(payload)
+        except requests.RequestException as exc:
+            raise self._transport_error(exc) from exc
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        url = self.base_url + path
+        try:
+            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise self._transport_error(exc) from exc
+        if response.status_code >= 400:
+            try:
+                body: Any = response.json()
+            except ValueError:
+                body = response.text
+            response.close()
+            raise _http_error(response.status_code, body, self.base_url)
+        return response
+
+    def _json(self, response: requests.Response) -> dict[str, Any]:
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise CaptionerError(f"{self.base_url}: answer is not JSON") from exc
+        if not isinstance(data, dict):
+            raise CaptionerError(f"{self.base_url}: unexpected answer: {data!r:.200}")
+        return data
+
+    def _transport_error(self, exc: requests.RequestException) -> CaptionerError:
+        if isinstance(exc, requests.exceptions.ReadTimeout):
+            return ServerTimeoutError(
+                f"{self.base_url}: no answer within {self.timeout[1]:g} s "
+                "(read timeout; raise it with --timeout, or check the server's load)"
+            )
+        text = str(exc)
+        if "Connection refused" in text:
+            reason = "connection refused"
+        elif isinstance(exc, requests.exceptions.ConnectTimeout):
+            reason = f"no connection within {self.timeout[0]:g} s"
+        elif "Name or service not known" in text or "nodename nor servname" in text:
+            reason = "host name not found"
+        elif "RemoteDisconnected" in text or "Connection aborted" in text:
+            return ServerConnectionError(
+                f"{self.base_url}: the server closed the connection mid-request "
+                "(restarted or crashed?); check ./status_service.sh and its log"
+            )
+        else:
+            reason = type(exc).__name__
+        port = urlsplit(self.base_url).port or 8003
+        return ServerConnectionError(
+            f"cannot connect to {self.base_url}: {reason}. Is the service running? "
+            f"Check with ./status_service.sh on its host; from another machine open a tunnel "
+            f"first: ssh -N -L {port}:127.0.0.1:{port} host"
+        )
+
+
+def _http_error(status: int, body: Any, base_url: str = "") -> ServerHTTPError:
+    """A `ServerHTTPError` quoting the server's own message, on one line."""
+    message: Any = body
+    if isinstance(body, dict):
+        message = body.get("error", body.get("message", body.get("detail", body)))
+        if isinstance(message, dict):
+            message = message.get("message", message)
+    text = re.sub(r"\s+", " ", str(message)).strip()[:500] or "(no message)"
+    where = f"{base_url}: " if base_url else ""
+    hint = ""
+    if status in (401, 403):
+        hint = " (wrong or missing API key? set --api-key or CAPTIONER_API_KEY)"
+    kind = "server error" if status >= 500 else "server refused the request"
+    return ServerHTTPError(status, f"{where}{kind}: HTTP {status}: {text}{hint}")

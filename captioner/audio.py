@@ -1,0 +1,188 @@
+"""Decode audio, measure it, and split long audio into windows.
+
+Decoding uses PyAV (FFmpeg) rather than soundfile: libsndfile reads WAV, FLAC and
+Ogg but not AAC/M4A, WebM/Opus-in-Matroska or AMR, which operators do have, and
+FFmpeg probes the container from the bytes, so stdin and extension-less URLs work.
+PyAV also resamples and downmixes in the same pass (`av.AudioResampler`). The
+server's own loader (vLLM: torchcodec, then soundfile, then PyAV) reads whatever
+FFmpeg reads, so a file short enough to go out untouched is one it can decode.
+
+Audio no longer than the window is sent as the original bytes with its MIME type.
+Longer audio is cut into windows of at most `max_seconds`, each cut placed at the
+quietest moment of the window's last stretch when that moment is really quiet,
+else exactly at the limit; windows are sent as 16 kHz mono 16-bit WAV, the rate the
+model's audio encoder works at.
+"""
+
+from __future__ import annotations
+
+import io
+import wave
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import numpy.typing as npt
+
+from captioner.errors import InputError
+
+SAMPLE_RATE = 16_000
+FRAME_SECONDS = 0.05  # loudness is measured over 50 ms frames
+QUIET_FLOOR = 10 ** (-45 / 20)  # below -45 dBFS RMS counts as quiet whatever the rest
+QUIET_RATIO = 0.1  # or 20 dB below the file's median frame loudness
+
+# First matching FFmpeg demuxer name → MIME type for the data: URL.
+_MIME_BY_FORMAT = {
+    "wav": "audio/wav",
+    "mp3": "audio/mpeg",
+    "flac": "audio/flac",
+    "ogg": "audio/ogg",
+    "mov": "audio/mp4",
+    "mp4": "audio/mp4",
+    "matroska": "audio/webm",
+    "webm": "audio/webm",
+    "aiff": "audio/aiff",
+    "aac": "audio/aac",
+    "amr": "audio/amr",
+    "asf": "audio/x-ms-wma",
+}
+
+Samples = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    samples: Samples  # mono float32 at SAMPLE_RATE
+    mime: str
+    container: str  # FFmpeg's demuxer name, for messages
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class Window:
+    start: float  # seconds into the input
+    end: float
+    data: bytes
+    mime: str
+
+
+@dataclass(frozen=True)
+class PreparedAudio:
+    duration: float
+    mime: str
+    windows: list[Window]
+
+
+def decode(data: bytes, name: str) -> Decoded:
+    """Decode any FFmpeg-readable audio to mono float32 at 16 kHz; `InputError` if not audio."""
+    if not data:
+        raise InputError(f"{name}: empty input (0 bytes)")
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                raise InputError(
+                    f"{name}: no audio stream ({container.format.name} data, not audio)"
+                )
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            chunks: list[Samples] = []
+            for frame in container.decode(stream):
+                chunks.extend(_mono(f) for f in resampler.resample(frame))
+            chunks.extend(_mono(f) for f in resampler.resample(None))
+            container_name = container.format.name
+    except av.FFmpegError as exc:
+        raise InputError(f"{name}: cannot decode audio: {_ffmpeg_reason(exc)}") from exc
+    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if samples.size == 0:
+        raise InputError(f"{name}: no audio samples decoded (empty or truncated file)")
+    return Decoded(samples, mime_for_container(container_name), container_name)
+
+
+def _mono(frame: av.AudioFrame) -> Samples:
+    return np.asarray(frame.to_ndarray(), dtype=np.float32).reshape(-1)
+
+
+def mime_for_container(container_name: str) -> str:
+    for part in container_name.split(","):
+        if part in _MIME_BY_FORMAT:
+            return _MIME_BY_FORMAT[part]
+    return "audio/wav" if not container_name else f"audio/{container_name.split(',')[0]}"
+
+
+def _ffmpeg_reason(exc: av.FFmpegError) -> str:
+    return str(getattr(exc, "strerror", None) or exc).strip() or type(exc).__name__
+
+
+def plan_windows(samples: Samples, max_seconds: float) -> list[tuple[int, int]]:
+    """Sample ranges of at most `max_seconds` covering `samples`, cut at quiet points.
+
+    Each cut is searched for in the last fifth of its window (at least 2 s): the
+    quietest 50 ms frame there, if it is quiet (see QUIET_FLOOR, QUIET_RATIO), else
+    the cut lands exactly at the limit. Sound with no pause is therefore cut at
+    0-30, 30-60, 60-75 s; speech is cut between words.
+    """
+    total = len(samples)
+    limit = round(max_seconds * SAMPLE_RATE)
+    if limit <= 0:
+        raise ValueError("max_seconds must be positive")
+    if total <= limit:
+        return [(0, total)]
+    frame = int(FRAME_SECONDS * SAMPLE_RATE)
+    n_frames = total // frame
+    rms = np.sqrt(np.mean(np.square(samples[: n_frames * frame].reshape(n_frames, frame)), axis=1))
+    threshold = max(QUIET_FLOOR, QUIET_RATIO * float(np.median(rms)))
+    search = max(2 * SAMPLE_RATE, limit // 5)
+
+    ranges: list[tuple[int, int]] = []
+    start = 0
+    while total - start > limit:
+        cut = start + limit
+        # Frames [first, last) lie within the search span that ends at the cut.
+        first = -(-(cut - search) // frame)
+        last = cut // frame
+        if last > first:
+            window_rms = rms[first:last]
+            quietest = float(window_rms.min())
+            if quietest <= threshold:
+                # Latest of the quietest frames: keeps windows as long as allowed.
+                index = first + int(np.flatnonzero(window_rms == quietest)[-1])
+                cut = min(index * frame + frame // 2, start + limit)
+        if cut <= start:  # cannot happen with a positive search span; guard anyway
+            cut = start + limit
+        ranges.append((start, cut))
+        start = cut
+    ranges.append((start, total))
+    return ranges
+
+
+def encode_wav(samples: Samples) -> bytes:
+    """16-bit PCM mono WAV at SAMPLE_RATE."""
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes(pcm.tobytes())
+    return buffer.getvalue()
+
+
+def prepare(data: bytes, name: str, max_seconds: float) -> PreparedAudio:
+    """Decode `data` and return what to send: the original bytes, or WAV windows."""
+    decoded = decode(data, name)
+    if decoded.duration <= max_seconds:
+        window = Window(0.0, decoded.duration, data, decoded.mime)
+        return PreparedAudio(decoded.duration, decoded.mime, [window])
+    windows = [
+        Window(
+            start / SAMPLE_RATE,
+            end / SAMPLE_RATE,
+            encode_wav(decoded.samples[start:end]),
+            "audio/wav",
+        )
+        for start, end in plan_windows(decoded.samples, max_seconds)
+    ]
+    return PreparedAudio(decoded.duration, decoded.mime, windows)

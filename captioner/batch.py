@@ -1,0 +1,352 @@
+"""Caption many inputs: concurrency, several servers, resumable JSONL output.
+
+Two thread pools. Item workers read, decode and split one input each; every request
+to a server goes through the request pool, so no more than `concurrency` requests are
+in flight however inputs split into windows, and a long file's windows are captioned
+in parallel. Requests go round-robin over the servers. Records reach the caller in
+the main thread, one at a time, as inputs finish.
+
+Resume: the JSONL output file is the state. A record is appended with one write
+followed by fsync, so an interrupted run leaves whole records and at most one torn
+last line; `load_finished` drops that line (and failed records, so they are retried)
+by rewriting the file atomically, and the run skips every source already in it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Self
+
+import requests
+
+from captioner.api import Caption, CaptionClient, Usage, audio_data_url
+from captioner.audio import prepare
+from captioner.errors import (
+    CaptionerError,
+    ExitCode,
+    UsageError,
+    exit_code_for,
+    is_fatal,
+)
+from captioner.inputs import InputItem, load_bytes
+from captioner.records import Record, Segment, join_captions
+
+RECORD_PREFIX = b'{"source":'  # every line this client writes starts so
+
+
+@dataclass
+class BatchOptions:
+    model: str
+    segment_seconds: float = 30.0
+    max_tokens: int | None = None
+    concurrency: int = 8
+    server_fetch: bool = False
+
+
+@dataclass
+class Summary:
+    files: int = 0  # inputs named (after resolving folders)
+    skipped: int = 0  # already in the output file (resume)
+    done: int = 0
+    failed: int = 0
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    aborted: CaptionerError | None = None  # a fatal error stopped the batch
+    failure_codes: list[ExitCode] = field(default_factory=list)
+
+    @property
+    def speed(self) -> float:
+        """Audio seconds captioned per wall-clock second."""
+        return self.audio_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def not_run(self) -> int:
+        return self.files - self.skipped - self.done - self.failed
+
+    def add(self, record: Record) -> None:
+        if record.ok:
+            self.done += 1
+            self.audio_seconds += record.duration or 0.0
+        else:
+            self.failed += 1
+            self.failure_codes.append(record.exit_code)
+
+    def exit_code(self) -> ExitCode:
+        """A fatal error's code; else one input's own code; else FAILURES if any failed."""
+        if self.aborted is not None:
+            return exit_code_for(self.aborted)
+        if not self.failure_codes:
+            return ExitCode.OK
+        if self.files == 1:
+            return self.failure_codes[0]
+        return ExitCode.FAILURES
+
+    def line(self) -> str:
+        text = (
+            f"{self.files} files: {self.done} captioned, {self.failed} failed"
+            + (f", {self.skipped} skipped (already in output)" if self.skipped else "")
+            + (f", {self.not_run} not run" if self.not_run > 0 else "")
+            + f"; {self.audio_seconds:.1f} s of audio in {self.wall_seconds:.1f} s"
+            + f" ({self.speed:.2f} audio-seconds per second)"
+        )
+        return text
+
+
+class ClientRing:
+    """Round-robin over the servers, safe to call from any thread."""
+
+    def __init__(self, clients: Sequence[CaptionClient]) -> None:
+        if not clients:
+            raise ValueError("at least one client")
+        self.clients = list(clients)
+        self._cycle = itertools.cycle(self.clients)
+        self._lock = threading.Lock()
+
+    def next(self) -> CaptionClient:
+        with self._lock:
+            return next(self._cycle)
+
+
+def _call(
+    ring: ClientRing,
+    audio_url: str,
+    options: BatchOptions,
+    on_text: Callable[[str], None] | None = None,
+) -> Caption:
+    client = ring.next()
+    if on_text is not None:
+        return client.caption_stream(audio_url, options.model, on_text, options.max_tokens)
+    return client.caption(audio_url, options.model, options.max_tokens)
+
+
+def process_item(
+    item: InputItem,
+    options: BatchOptions,
+    ring: ClientRing,
+    request_pool: Executor | None = None,
+    on_text: Callable[[str], None] | None = None,
+    stdin: BinaryIO | None = None,
+    download_session: requests.Session | None = None,
+) -> Record:
+    """Caption one input. Never raises for the input's own problems: the record says.
+
+    With `on_text` the windows are streamed one after another; otherwise they go
+    through `request_pool` (in parallel) or, without one, in turn.
+    """
+    started = time.monotonic()
+    record = Record(source=item.source, model=options.model)
+    try:
+        if item.kind == "url" and options.server_fetch:
+            caption = _call(ring, item.source, options, on_text)
+            record.caption = caption.text.strip()
+            record.model = caption.model
+            record.usage = vars(caption.usage)
+        else:
+            data = load_bytes(item, stdin, download_session)
+            prepared = prepare(data, item.name, options.segment_seconds)
+            del data
+            urls = [audio_data_url(w.data, w.mime) for w in prepared.windows]
+            captions = _caption_windows(urls, options, ring, request_pool, on_text)
+            record.duration = prepared.duration
+            record.segments = [
+                Segment(w.start, w.end, c.text.strip())
+                for w, c in zip(prepared.windows, captions, strict=True)
+            ]
+            record.caption = join_captions(record.segments)
+            record.model = captions[0].model
+            usage = Usage()
+            for c in captions:
+                usage.add(c.usage)
+            record.usage = vars(usage)
+    except Exception as exc:  # noqa: BLE001 - one input's failure must not end the batch
+        record.error = str(exc) if isinstance(exc, CaptionerError) else (
+            f"{item.name}: unexpected {type(exc).__name__}: {exc}"
+        )
+        record.exception = exc
+        record.exit_code = exit_code_for(exc)
+        record.segments, record.caption, record.usage = [], "", None
+    record.latency = time.monotonic() - started
+    return record
+
+
+def _caption_windows(
+    urls: list[str],
+    options: BatchOptions,
+    ring: ClientRing,
+    request_pool: Executor | None,
+    on_text: Callable[[str], None] | None,
+) -> list[Caption]:
+    if on_text is not None or request_pool is None:
+        captions = []
+        for i, url in enumerate(urls):
+            if on_text is not None and i > 0:
+                on_text(" ")
+            captions.append(_call(ring, url, options, on_text))
+        return captions
+    futures: list[Future[Caption]] = [
+        request_pool.submit(_call, ring, url, options) for url in urls
+    ]
+    try:
+        return [f.result() for f in futures]
+    finally:
+        for f in futures:
+            f.cancel()  # after a failure, windows not yet sent are not worth sending
+
+
+def run_batch(
+    items: Sequence[InputItem],
+    options: BatchOptions,
+    ring: ClientRing,
+    on_record: Callable[[Record], None],
+    skip: Iterable[str] = (),
+    stdin: BinaryIO | None = None,
+) -> Summary:
+    """Caption `items` (except sources in `skip`), handing each record to `on_record`.
+
+    Stops early on a fatal error (server unreachable, key refused): the summary's
+    `aborted` says why. KeyboardInterrupt propagates after pending work is cancelled.
+    """
+    done = set(skip)
+    todo = [i for i in items if i.kind == "stdin" or i.source not in done]
+    summary = Summary(files=len(items), skipped=len(items) - len(todo))
+    started = time.monotonic()
+    concurrency = max(1, options.concurrency)
+    item_pool = ThreadPoolExecutor(min(concurrency + 2, max(len(todo), 1)), "captioner-item")
+    request_pool = ThreadPoolExecutor(concurrency, "captioner-request")
+    downloads = requests.Session()
+    try:
+        futures = [
+            item_pool.submit(
+                process_item, item, options, ring, request_pool, None, stdin, downloads
+            )
+            for item in todo
+        ]
+        for future in as_completed(futures):
+            record = future.result()
+            summary.add(record)
+            on_record(record)
+            if record.exception is not None and is_fatal(record.exception):
+                assert isinstance(record.exception, CaptionerError)
+                summary.aborted = record.exception
+                break
+    finally:
+        summary.wall_seconds = time.monotonic() - started
+        # Don't wait for requests in flight: after an abort or Ctrl-C they are moot.
+        item_pool.shutdown(wait=False, cancel_futures=True)
+        request_pool.shutdown(wait=False, cancel_futures=True)
+    return summary
+
+
+# --- resume -----------------------------------------------------------------------
+
+
+@dataclass
+class ResumeInfo:
+    done: set[str] = field(default_factory=set)
+    dropped_partial: bool = False  # a torn last line (a crash mid-write) was removed
+    dropped_failed: int = 0  # failed records removed so they are retried
+    dropped_duplicates: int = 0
+
+    @property
+    def rewritten(self) -> bool:
+        return self.dropped_partial or bool(self.dropped_failed or self.dropped_duplicates)
+
+
+def load_finished(path: Path) -> ResumeInfo:
+    """Read an earlier run's JSONL output: which sources are done; repair the file.
+
+    Keeps the first successful record per source, drops failed ones (they will be
+    retried) and a torn line, rewriting the file atomically if anything was dropped.
+    Refuses (`UsageError`) a file that holds lines this client did not write, rather
+    than rewrite somebody's other file.
+    """
+    info = ResumeInfo()
+    if not path.exists():
+        return info
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the output file: {exc.strerror}") from exc
+    keep: list[bytes] = []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        if not line.startswith(RECORD_PREFIX):
+            raise UsageError(
+                f"{path}: line {number} is not a caption record; this does not look like "
+                "a --format jsonl output file (pick another --output, or delete it)"
+            )
+        try:
+            record = json.loads(line)
+            source = record["source"]
+        except (ValueError, KeyError, TypeError):
+            info.dropped_partial = True  # torn by a crash mid-write
+            continue
+        if record.get("error"):
+            info.dropped_failed += 1
+        elif source in info.done:
+            info.dropped_duplicates += 1
+        else:
+            info.done.add(source)
+            keep.append(line)
+    if info.rewritten or (raw and not raw.endswith(b"\n")):
+        _atomic_write(path, b"".join(line + b"\n" for line in keep))
+    return info
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class JsonlWriter:
+    """Appends records to a file, each whole: one write, then fsync."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(self, record: Record) -> None:
+        view = memoryview(record.to_line().encode("utf-8"))
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

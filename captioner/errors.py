@@ -1,0 +1,80 @@
+"""Exit codes and the domain errors that carry them.
+
+Every failure the client knows about is a `CaptionerError` subclass with a one-line
+message fit for an operator; `exit_code_for` is the only place that turns an
+exception into a process exit status.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURES = 1  # some inputs of a batch failed (or an unexpected error)
+    USAGE = 2  # bad command line (same code argparse uses)
+    INPUT = 3  # an input could not be read or decoded (file, stdin, URL download)
+    CONNECTION = 4  # the caption server could not be reached
+    TIMEOUT = 5  # the caption server did not answer in time
+    HTTP_4XX = 6  # the server refused the request (bad key, bad audio, unknown model)
+    HTTP_5XX = 7  # the server failed
+    INTERRUPTED = 130  # Ctrl-C, 128 + SIGINT like a shell
+
+
+class CaptionerError(Exception):
+    """Base of the client's errors: a one-line message plus an exit code."""
+
+    exit_code: ExitCode = ExitCode.FAILURES
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(CaptionerError):
+    exit_code = ExitCode.USAGE
+
+
+class InputError(CaptionerError):
+    exit_code = ExitCode.INPUT
+
+
+class ServerConnectionError(CaptionerError):
+    exit_code = ExitCode.CONNECTION
+
+
+class ServerTimeoutError(CaptionerError):
+    exit_code = ExitCode.TIMEOUT
+
+
+class ServerHTTPError(CaptionerError):
+    """The server answered with an HTTP error status; `message` holds its own words."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.exit_code = ExitCode.HTTP_5XX if status >= 500 else ExitCode.HTTP_4XX
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The process exit status for an exception (the one mapping in the package)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    if isinstance(exc, CaptionerError):
+        return ExitCode(exc.exit_code)
+    return ExitCode.FAILURES
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Errors that would fail every remaining input of a batch the same way.
+
+    An unreachable server or a rejected API key is not about one file, so a batch
+    stops instead of grinding through the rest (a rerun resumes it).
+    """
+    if isinstance(exc, ServerConnectionError):
+        return True
+    return isinstance(exc, ServerHTTPError) and exc.status in (401, 403)
