@@ -110,7 +110,7 @@ class CaptionClient:
         retry = Retry(
             total=retries,
             connect=retries,
-            read=0,
+            read=False,  # False, not 0: re-raise the read error itself, not MaxRetryError
             status=retries,
             other=0,
             status_forcelist=RETRY_STATUSES,

@@ -469,8 +469,7 @@ def run_many(
 
 
 def report_summary(summary: Summary, show: bool, output_path: Path | None, fmt: str) -> None:
-    if summary.aborted is not None:
-        log.error("%s", summary.aborted)
+    if summary.aborted is not None:  # its message was logged with the input it failed
         if summary.not_run > 0:
             hint = (
                 "; rerun the same command to resume"

@@ -1,0 +1,114 @@
+"""Decoding, MIME detection and long-audio windows (no server)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_client_support import SR, convert, tone, write_wav
+
+from captioner.audio import decode, plan_windows, prepare
+from captioner.errors import InputError
+
+
+def seconds(ranges: list[tuple[int, int]]) -> list[tuple[float, float]]:
+    return [(a / SR, b / SR) for a, b in ranges]
+
+
+def test_75s_without_pauses_splits_at_30_60_75() -> None:
+    assert seconds(plan_windows(tone(75), 30)) == [(0, 30), (30, 60), (60, 75)]
+
+
+def test_cut_moves_back_to_a_quiet_gap_before_the_limit() -> None:
+    samples = tone(75)
+    samples[round(26.0 * SR) : round(26.6 * SR)] = 0  # a pause in the last fifth
+    windows = seconds(plan_windows(samples, 30))
+    assert len(windows) == 3
+    assert 26.0 <= windows[0][1] <= 26.6
+    assert all(end - start <= 30 + 1e-9 for start, end in windows)
+    assert windows[-1][1] == 75
+
+
+def test_pause_too_early_in_the_window_is_not_used() -> None:
+    samples = tone(45)
+    samples[round(10 * SR) : round(11 * SR)] = 0  # outside the last fifth of 30 s
+    assert seconds(plan_windows(samples, 30)) == [(0, 30), (30, 45)]
+
+
+def test_windows_tile_the_audio_without_gaps_or_overlap() -> None:
+    rng = np.random.default_rng(0)
+    samples = (rng.standard_normal(SR * 200) * 0.1).astype(np.float32)
+    samples[::SR * 7] = 0
+    ranges = plan_windows(samples, 30)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(samples)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(0 < end - start <= 30 * SR for start, end in ranges)
+
+
+def test_audio_at_or_under_the_limit_is_sent_as_the_original_bytes(tmp_path: Path) -> None:
+    path = convert(write_wav(tmp_path / "a.wav", tone(5)), tmp_path / "a.flac")
+    data = path.read_bytes()
+    prepared = prepare(data, "a.flac", 30)
+    assert len(prepared.windows) == 1
+    assert prepared.windows[0].data == data
+    assert prepared.windows[0].mime == "audio/flac"
+    assert prepared.duration == pytest.approx(5, abs=0.01)
+
+
+def test_long_audio_becomes_16k_mono_wav_windows(tmp_path: Path) -> None:
+    stereo_44k = tmp_path / "long.wav"
+    convert(write_wav(tmp_path / "mono.wav", tone(75)), tmp_path / "x.wav")
+    subprocess.run(
+        ["sox", str(tmp_path / "x.wav"), "-r", "44100", "-c", "2", str(stereo_44k)], check=True
+    )
+    prepared = prepare(stereo_44k.read_bytes(), "long.wav", 30)
+    assert [(w.start, w.end) for w in prepared.windows] == [(0, 30), (30, 60), (60, 75)]
+    for w in prepared.windows:
+        assert w.mime == "audio/wav"
+        with wave.open(io.BytesIO(w.data)) as f:
+            assert (f.getnchannels(), f.getframerate(), f.getsampwidth()) == (1, SR, 2)
+            assert f.getnframes() == round((w.end - w.start) * SR)
+
+
+@pytest.mark.parametrize(
+    ("extension", "mime"),
+    [
+        ("wav", "audio/wav"),
+        ("mp3", "audio/mpeg"),
+        ("flac", "audio/flac"),
+        ("ogg", "audio/ogg"),
+        ("m4a", "audio/mp4"),
+    ],
+)
+def test_decode_reads_each_format_and_names_its_mime_type(
+    tmp_path: Path, extension: str, mime: str
+) -> None:
+    path = convert(write_wav(tmp_path / "src.wav", tone(3)), tmp_path / f"a.{extension}")
+    decoded = decode(path.read_bytes(), path.name)
+    assert decoded.mime == mime
+    assert decoded.duration == pytest.approx(3, abs=0.1)  # mp3/aac pad a little
+
+
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d4944415478da63f8ffff3f0005fe02fea7d6a4f40000000049454e44ae426082"
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty input"),
+        (b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4, "cannot decode audio"),
+        (PNG, "no audio stream"),
+    ],
+    ids=["empty", "corrupt", "png"],
+)
+def test_undecodable_input_is_an_input_error_naming_the_file(data: bytes, message: str) -> None:
+    with pytest.raises(InputError, match=message) as caught:
+        decode(data, "bad.wav")
+    assert str(caught.value).startswith("bad.wav: ")

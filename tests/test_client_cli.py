@@ -1,0 +1,216 @@
+"""The command line against a scripted stub server: flags, errors, exit codes.
+
+Fast and deterministic; the same paths against real vLLM are in
+test_client_server.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from test_client_support import StubServer, parse_srt, tone, write_wav
+
+from captioner.cli import main
+from captioner.config import Settings, read_config_file
+from captioner.errors import (
+    CaptionerError,
+    ExitCode,
+    InputError,
+    ServerConnectionError,
+    ServerHTTPError,
+    ServerTimeoutError,
+    UsageError,
+    exit_code_for,
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CAPTIONER_BASE_URL", "CAPTIONER_API_KEY", "CAPTIONER_CONCURRENCY",
+                 "API_KEY", "MAX_NUM_SEQS"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def clip(tmp_path: Path) -> Path:
+    return write_wav(tmp_path / "clip.wav", tone(2))
+
+
+def call(*argv: str) -> int:
+    return main(list(argv))
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (UsageError("x"), ExitCode.USAGE),
+        (InputError("x"), ExitCode.INPUT),
+        (ServerConnectionError("x"), ExitCode.CONNECTION),
+        (ServerTimeoutError("x"), ExitCode.TIMEOUT),
+        (ServerHTTPError(401, "x"), ExitCode.HTTP_4XX),
+        (ServerHTTPError(503, "x"), ExitCode.HTTP_5XX),
+        (CaptionerError("x"), ExitCode.FAILURES),
+        (KeyboardInterrupt(), ExitCode.INTERRUPTED),
+        (RuntimeError("x"), ExitCode.FAILURES),
+    ],
+)
+def test_each_error_maps_to_its_exit_code(error: BaseException, code: ExitCode) -> None:
+    assert exit_code_for(error) == code
+
+
+def test_prompt_is_refused_because_the_captioner_takes_none(
+    clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert call(str(clip), "--prompt", "describe the music") == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "takes no text prompt" in err
+
+
+def test_missing_path_exits_3_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert call("/no/such/clip.wav") == ExitCode.INPUT
+    assert capsys.readouterr().err == "captioner: error: /no/such/clip.wav: no such file or folder\n"
+
+
+def test_subtitles_of_several_inputs_are_a_usage_error(clip: Path) -> None:
+    other = write_wav(clip.with_name("b.wav"), tone(1))
+    assert call(str(clip), str(other), "-f", "vtt") == ExitCode.USAGE
+
+
+def test_unreachable_server_exits_4_with_tunnel_and_status_hints(
+    clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = call(str(clip), "--base-url", "http://127.0.0.1:9", "--retries", "0")
+    assert code == ExitCode.CONNECTION
+    err = capsys.readouterr().err
+    assert "connection refused" in err
+    assert "ssh -N -L 9:127.0.0.1:9 host" in err and "./status_service.sh" in err
+    assert "Traceback" not in err
+
+
+def test_request_carries_one_audio_part_with_the_original_bytes_and_no_text(
+    clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with StubServer() as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "--max-tokens", "16") == 0
+    assert capsys.readouterr().out == "a stub caption\n"
+    (request,) = stub.requests
+    assert request["model"] == "stub-model" and request["max_tokens"] == 16
+    (message,) = request["messages"]
+    (part,) = message["content"]
+    assert part["type"] == "audio_url" and set(part) == {"type", "audio_url"}
+    prefix = "data:audio/wav;base64,"
+    assert part["audio_url"]["url"].startswith(prefix)
+    assert base64.b64decode(part["audio_url"]["url"][len(prefix) :]) == clip.read_bytes()
+    assert "text" not in json.dumps(request)
+
+
+def test_503_is_retried_with_backoff_then_succeeds(clip: Path) -> None:
+    busy = (503, {"error": {"message": "busy"}})
+    with StubServer(replies=[busy, busy]) as stub:
+        assert call(str(clip), "--base-url", stub.base_url) == ExitCode.OK
+    assert len(stub.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code", "shown"),
+    [
+        (400, {"error": {"message": "Invalid audio: could not decode", "code": 400}},
+         ExitCode.HTTP_4XX, "HTTP 400: Invalid audio: could not decode"),
+        (500, {"error": {"message": "engine died"}}, ExitCode.HTTP_5XX, "HTTP 500: engine died"),
+    ],
+)  # fmt: skip
+def test_http_errors_exit_with_their_class_and_quote_the_server(
+    clip: Path, capsys: pytest.CaptureFixture[str], status: int, body: object,
+    code: ExitCode, shown: str,
+) -> None:  # fmt: skip
+    with StubServer(replies=[(status, body)]) as stub:
+        assert call(str(clip), "--base-url", stub.base_url) == code
+    assert shown in capsys.readouterr().err
+
+
+def test_wrong_api_key_exits_6_with_a_hint(clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with StubServer(api_key="right") as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "--api-key", "wrong") == 6
+        assert call(str(clip), "--base-url", stub.base_url, "--api-key", "right") == 0
+    err = capsys.readouterr().err
+    assert "HTTP 401: Unauthorized" in err and "--api-key" in err
+
+
+def test_api_key_comes_from_the_environment(
+    clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAPTIONER_API_KEY", "right")
+    with StubServer(api_key="right") as stub:
+        assert call(str(clip), "--base-url", stub.base_url) == 0
+
+
+def test_slow_server_exits_5_on_read_timeout(clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with StubServer(delay=2) as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "--timeout", "0.5") == 5
+    assert "no answer within 0.5 s" in capsys.readouterr().err
+
+
+def test_stream_prints_the_caption_as_it_arrives(
+    clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with StubServer(caption="birds sing at dawn") as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "--stream") == 0
+    assert capsys.readouterr().out == "birds sing at dawn\n"
+    assert stub.requests[0]["stream"] is True
+
+
+def test_batch_is_spread_over_every_base_url(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        write_wav(folder / f"{i}.wav", tone(1, 200 + 50 * i))
+    with StubServer() as one, StubServer() as two:
+        code = call(str(folder), "--base-url", one.base_url, "--base-url", two.base_url,
+                    "-f", "jsonl", "-o", str(tmp_path / "out.jsonl"))  # fmt: skip
+    assert code == 0
+    assert len(one.requests) == 3 and len(two.requests) == 3
+
+
+def test_rerun_with_the_same_jsonl_output_sends_nothing_new(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        write_wav(folder / f"{i}.wav", tone(1, 300 + 100 * i))
+    out = tmp_path / "out.jsonl"
+    with StubServer() as stub:
+        assert call(str(folder), "-o", str(out), "--base-url", stub.base_url) == 0
+        assert call(str(folder), "-o", str(out), "--base-url", stub.base_url) == 0
+    assert len(stub.requests) == 3  # format jsonl inferred from the extension
+    sources = [json.loads(x)["source"] for x in out.read_text().splitlines()]
+    assert sorted(sources) == sorted(str(p) for p in folder.iterdir())
+
+
+def test_75s_clip_gives_three_timed_segments_and_valid_srt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clip = write_wav(tmp_path / "long.wav", tone(75))
+    with StubServer() as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "-f", "srt") == 0
+    cues = parse_srt(capsys.readouterr().out)
+    assert [(a, b) for a, b, _ in cues] == [
+        ("00:00:00,000", "00:00:30,000"),
+        ("00:00:30,000", "00:01:00,000"),
+        ("00:01:00,000", "00:01:15,000"),
+    ]
+    assert len(stub.requests) == 3
+
+
+def test_config_env_values_and_defaults_are_read_environment_wins(tmp_path: Path) -> None:
+    config = tmp_path / "config.env"
+    config.write_text(
+        '# service settings\nexport API_KEY="from-file"\nMAX_NUM_SEQS=${MAX_NUM_SEQS:-16}\n'
+        "PORT=8003 # the port\nCOMPUTED=$(hostname)\n"
+    )
+    assert read_config_file(config) == {"API_KEY": "from-file", "MAX_NUM_SEQS": "16",
+                                        "PORT": "8003"}  # fmt: skip
+    settings = Settings({"API_KEY": "from-env"}, (config,))
+    assert settings.get("API_KEY") == "from-env"
+    assert settings.get("MAX_NUM_SEQS") == "16"

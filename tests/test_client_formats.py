@@ -1,0 +1,85 @@
+"""text, json, jsonl, srt and vtt rendering (no server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_client_support import parse_srt, parse_vtt
+
+from captioner.formats import cue_text, render, timestamp
+from captioner.records import Record, Segment
+
+
+def segmented() -> Record:
+    return Record(
+        source="/audio/long.wav",
+        duration=75.0,
+        segments=[
+            Segment(0.0, 30.0, "A man speaks."),
+            Segment(30.0, 60.0, ""),
+            Segment(60.0, 75.0, "Rain falls.\n\nThen --> silence."),
+        ],
+        caption="A man speaks. Rain falls. Then --> silence.",
+        model="m",
+        usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        latency=1.23456,
+    )
+
+
+def test_timestamps_use_comma_for_srt_and_dot_for_vtt() -> None:
+    assert timestamp(3723.4567, ",") == "01:02:03,457"
+    assert timestamp(0, ".") == "00:00:00.000"
+    assert timestamp(59.9996, ".") == "00:01:00.000"
+
+
+def test_srt_is_valid_with_sequential_cues_and_skips_empty_captions() -> None:
+    cues = parse_srt(render([segmented()], "srt", many=False))
+    assert [(a, b) for a, b, _ in cues] == [
+        ("00:00:00,000", "00:00:30,000"),
+        ("00:01:00,000", "00:01:15,000"),
+    ]
+    assert cues[1][2] == "Rain falls.\nThen \u2192 silence."
+
+
+def test_vtt_is_valid_and_never_carries_an_arrow_in_text() -> None:
+    cues = parse_vtt(render([segmented()], "vtt", many=False))
+    assert [(a, b) for a, b, _ in cues] == [
+        ("00:00:00.000", "00:00:30.000"),
+        ("00:01:00.000", "00:01:15.000"),
+    ]
+
+
+def test_cue_text_removes_blank_lines_that_would_end_a_cue() -> None:
+    assert cue_text("  one\n\n \ntwo  ") == "one\ntwo"
+
+
+def test_jsonl_is_one_whole_record_per_line_with_every_field() -> None:
+    text = render([segmented(), Record(source="b.wav", error="b.wav: boom")], "jsonl", True)
+    lines = text.splitlines()
+    assert len(lines) == 2 and text.endswith("\n")
+    first = json.loads(lines[0])
+    assert list(first) == [
+        "source", "duration", "segments", "caption", "model", "usage", "latency", "error",
+    ]  # fmt: skip
+    assert first["segments"][2] == {"start": 60.0, "end": 75.0, "caption": segmented().segments[2].caption}
+    assert first["latency"] == 1.235
+    assert json.loads(lines[1])["error"] == "b.wav: boom"
+
+
+def test_json_is_an_object_for_one_input_and_an_array_for_several() -> None:
+    assert json.loads(render([segmented()], "json", many=False))["source"] == "/audio/long.wav"
+    many = json.loads(render([segmented(), segmented()], "json", many=True))
+    assert isinstance(many, list) and len(many) == 2
+
+
+def test_text_is_the_bare_caption_for_one_input_and_headed_blocks_for_several() -> None:
+    ok = Record(source="a.wav", caption="Birds sing.")
+    bad = Record(source="b.wav", error="b.wav: cannot decode audio")
+    assert render([ok], "text", many=False) == "Birds sing.\n"
+    assert render([ok, bad], "text", many=True) == "# a.wav\nBirds sing.\n"
+
+
+def test_subtitles_refuse_several_records() -> None:
+    with pytest.raises(ValueError, match="one input"):
+        render([segmented(), segmented()], "srt", many=True)

@@ -1,0 +1,184 @@
+"""Helpers shared by the caption client's tests (no tests here).
+
+`StubServer` is a few lines of OpenAI-compatible HTTP for tests that need a server's
+behaviour on demand (a 503 then a 200, a streamed answer) and must not wait for
+vLLM; the real server is exercised by the tests marked `server`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+import wave
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SR = 16_000
+SRT_TIME = r"\d{2}:\d{2}:\d{2},\d{3}"
+VTT_TIME = r"\d{2}:\d{2}:\d{2}\.\d{3}"
+
+
+def tone(seconds: float, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(round(seconds * SR)) / SR
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = SR) -> Path:
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+    return path
+
+
+def speech_wav(path: Path, text: str = "A short test sentence for the captioner.") -> Path:
+    """A few seconds of espeak-ng speech at 16 kHz mono."""
+    raw = path.with_suffix(".raw.wav")
+    subprocess.run(["espeak-ng", "-w", str(raw), text], check=True)
+    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", str(path)], check=True)
+    raw.unlink()
+    return path
+
+
+def convert(src: Path, dst: Path) -> Path:
+    """Re-encode with ffmpeg; the format follows dst's extension."""
+    assert shutil.which("ffmpeg"), "ffmpeg is needed for the mixed-format tests"
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(src), str(dst)],
+        check=True,
+    )
+    return dst
+
+
+def parse_srt(text: str) -> list[tuple[str, str, str]]:
+    """Strict-enough SRT parse: numbered cues, `a --> b` times, non-empty text."""
+    cues = []
+    blocks = [b for b in text.strip("\n").split("\n\n") if b]
+    for number, block in enumerate(blocks, 1):
+        lines = block.split("\n")
+        assert lines[0] == str(number), f"cue {number} numbered {lines[0]!r}"
+        match = re.fullmatch(rf"({SRT_TIME}) --> ({SRT_TIME})", lines[1])
+        assert match, f"bad SRT timing line {lines[1]!r}"
+        assert len(lines) >= 3 and all(line.strip() for line in lines[2:]), block
+        cues.append((match.group(1), match.group(2), "\n".join(lines[2:])))
+    return cues
+
+
+def parse_vtt(text: str) -> list[tuple[str, str, str]]:
+    assert text.startswith("WEBVTT\n\n"), "a WebVTT file starts with WEBVTT and a blank line"
+    cues = []
+    for block in [b for b in text[len("WEBVTT\n\n") :].strip("\n").split("\n\n") if b]:
+        lines = block.split("\n")
+        match = re.fullmatch(rf"({VTT_TIME}) --> ({VTT_TIME})", lines[0])
+        assert match, f"bad VTT timing line {lines[0]!r}"
+        assert len(lines) >= 2 and all(line.strip() for line in lines[1:]), block
+        assert all("-->" not in line for line in lines[1:])
+        cues.append((match.group(1), match.group(2), "\n".join(lines[1:])))
+    return cues
+
+
+@dataclass
+class StubServer:
+    """An OpenAI-compatible stand-in on 127.0.0.1 whose answers a test scripts.
+
+    `replies` is consumed per chat request: (status, body) pairs; when empty, every
+    request gets a 200 with `caption`. `api_key` makes it demand a Bearer key.
+    """
+
+    caption: str = "a stub caption"
+    replies: list[tuple[int, Any]] = field(default_factory=list)
+    api_key: str | None = None
+    delay: float = 0.0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    on_request: Callable[[dict[str, Any]], None] | None = None
+
+    def __enter__(self) -> StubServer:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorized(self) -> bool:
+                if stub.api_key and self.headers.get("Authorization") != f"Bearer {stub.api_key}":
+                    self._send(401, {"error": "Unauthorized"})
+                    return False
+                return True
+
+            def do_GET(self) -> None:
+                if self._authorized():
+                    self._send(200, {"object": "list", "data": [{"id": "stub-model"}]})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length))
+                if not self._authorized():
+                    return
+                stub.requests.append(body)
+                if stub.on_request:
+                    stub.on_request(body)
+                if stub.delay:
+                    threading.Event().wait(stub.delay)
+                if stub.replies:
+                    status, reply = stub.replies.pop(0)
+                    self._send(status, reply)
+                elif body.get("stream"):
+                    self._stream()
+                else:
+                    self._send(200, completion(stub.caption))
+
+            def _stream(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                words = stub.caption.split(" ")
+                for i, word in enumerate(words):
+                    piece = word if i == 0 else " " + word
+                    chunk = {"model": "stub-model", "choices": [{"delta": {"content": piece}}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                usage = {"model": "stub-model", "choices": [], "usage": usage_of(len(words))}
+                self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def usage_of(completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": 10, "completion_tokens": completion_tokens,
+            "total_tokens": 10 + completion_tokens}  # fmt: skip
+
+
+def completion(text: str) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "model": "stub-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+        "usage": usage_of(len(text.split())),
+    }
