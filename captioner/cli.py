@@ -469,14 +469,11 @@ def run_many(
 
 
 def report_summary(summary: Summary, show: bool, output_path: Path | None, fmt: str) -> None:
-    if summary.aborted is not None:  # its message was logged with the input it failed
-        if summary.not_run > 0:
-            hint = (
-                "; rerun the same command to resume"
-                if fmt == "jsonl" and output_path is not None
-                else ""
-            )
-            log.error("batch stopped: %d inputs not run%s", summary.not_run, hint)
+    # The fatal error's message was already logged with the input it failed.
+    if summary.aborted is not None and summary.not_run > 0:
+        resumable = fmt == "jsonl" and output_path is not None
+        hint = "; rerun the same command to resume" if resumable else ""
+        log.error("batch stopped: %d inputs not run%s", summary.not_run, hint)
     if show:
         log.info("%s", summary.line())
 

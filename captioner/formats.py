@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from captioner.records import Record
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls except \t and \n
+
 FORMATS = ("text", "json", "jsonl", "srt", "vtt")
 SUBTITLE_FORMATS = ("srt", "vtt")
 # --output FILE's extension picks the format when --format is not given.
@@ -63,8 +65,14 @@ def timestamp(seconds: float, decimal: str) -> str:
 
 
 def cue_text(caption: str) -> str:
-    """Caption text safe inside a cue: no blank lines (they end a cue), no arrow."""
-    text = re.sub(r"\n\s*\n+", "\n", caption.strip())
+    """Caption text safe inside a cue: no blank lines (they end a cue), no arrow.
+
+    Control characters go too: a stray carriage return reads as a line break, and
+    so as the blank line that ends the cue, in some players.
+    """
+    text = re.sub("\r\n?|[\x85\u2028\u2029]", "\n", caption)
+    text = _CONTROL.sub("", text)
+    text = re.sub(r"\n\s*\n+", "\n", text.strip())
     return text.replace("-->", "\u2192")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import subprocess
 import wave
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_windows_tile_the_audio_without_gaps_or_overlap() -> None:
     samples[::SR * 7] = 0
     ranges = plan_windows(samples, 30)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(samples)
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     assert all(0 < end - start <= 30 * SR for start, end in ranges)
 
 

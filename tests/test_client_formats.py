@@ -52,6 +52,7 @@ def test_vtt_is_valid_and_never_carries_an_arrow_in_text() -> None:
 
 def test_cue_text_removes_blank_lines_that_would_end_a_cue() -> None:
     assert cue_text("  one\n\n \ntwo  ") == "one\ntwo"
+    assert cue_text("a\rb\x0c\x00c\r\n\r\nd") == "a\nbc\nd"
 
 
 def test_jsonl_is_one_whole_record_per_line_with_every_field() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -102,7 +102,7 @@ class StubServer:
     requests: list[dict[str, Any]] = field(default_factory=list)
     on_request: Callable[[dict[str, Any]], None] | None = None
 
-    def __enter__(self) -> StubServer:
+    def __enter__(self) -> Self:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
