@@ -1,0 +1,320 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034 # variables set here are read by the scripts that source it
+# service_lib.sh — functions shared by start_service.sh, stop_service.sh and status_service.sh.
+# Sourced, never run. Every function prefixes its errors with the calling script's name.
+
+KIT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PROG=${PROG:-$(basename "$0" .sh)}
+
+# Every variable config.env may set, with its default. Order = order of `config` output.
+CONFIG_VARS=(
+  MODEL_PATH SERVED_MODEL_NAME LOAD_FORMAT HOST PORT API_KEY DEVICE DTYPE TENSOR_PARALLEL_SIZE
+  DATA_PARALLEL_SIZE GPU_MEMORY_UTIL CPU_KVCACHE_GB MAX_MODEL_LEN MAX_NUM_SEQS
+  MAX_NUM_BATCHED_TOKENS API_SERVER_COUNT TEMPERATURE TOP_P TOP_K MAX_TOKENS
+  ALLOWED_MEDIA_DOMAINS MAX_AUDIO_SECONDS MAX_AUDIO_BYTES LOG_DIR LOG_KEEP PID_FILE
+  START_TIMEOUT SHUTDOWN_DRAIN STOP_TIMEOUT WARMUP_REQUESTS VLLM_PYTHON EXTRA_VLLM_ARGS
+)
+declare -A CONFIG_DEFAULTS=(
+  [MODEL_PATH]=models/Qwen3-Omni-30B-A3B-Captioner [SERVED_MODEL_NAME]=Qwen3-Omni-30B-A3B-Captioner
+  [LOAD_FORMAT]=auto [HOST]=127.0.0.1 [PORT]=8003 [API_KEY]="" [DEVICE]=cuda [DTYPE]=bfloat16
+  [TENSOR_PARALLEL_SIZE]=2 [DATA_PARALLEL_SIZE]=1 [GPU_MEMORY_UTIL]=0.95 [CPU_KVCACHE_GB]=1
+  [MAX_MODEL_LEN]=32768 [MAX_NUM_SEQS]=64 [MAX_NUM_BATCHED_TOKENS]="" [API_SERVER_COUNT]=1
+  [TEMPERATURE]=0.6 [TOP_P]=0.95 [TOP_K]=20 [MAX_TOKENS]=16384 [ALLOWED_MEDIA_DOMAINS]=""
+  [MAX_AUDIO_SECONDS]=600 [MAX_AUDIO_BYTES]=268435456 [LOG_DIR]=logs [LOG_KEEP]=5 [PID_FILE]=""
+  [START_TIMEOUT]=1800 [SHUTDOWN_DRAIN]=30 [STOP_TIMEOUT]=60 [WARMUP_REQUESTS]=0
+  [VLLM_PYTHON]="" [EXTRA_VLLM_ARGS]=""
+)
+# Sent to the server when no remote media host is allowed: vLLM treats an empty allow-list as
+# "allow every host", so we allow one host that can never resolve (.invalid is reserved, RFC 2606).
+NO_REMOTE_MEDIA_HOST=no-remote-media.invalid
+# The oldest vLLM with every fix we rely on (audio decode caps, media SSRF and API-key fixes).
+MIN_VLLM_VERSION=0.24.0
+
+die() {
+  echo "$PROG: $*" >&2
+  exit 1
+}
+
+warn() {
+  echo "$PROG: $*" >&2
+}
+
+say() {
+  echo "$PROG: $*" >&2
+}
+
+debug_setup() {
+  if [[ -n ${CAPTIONER_DEBUG:-} ]]; then
+    export PS4='+ ${BASH_SOURCE##*/}:${LINENO}: '
+    set -x
+  fi
+}
+
+# --- configuration ---------------------------------------------------------------------------
+
+is_config_var() {
+  local v
+  for v in "${CONFIG_VARS[@]}"; do [[ $v == "$1" ]] && return 0; done
+  return 1
+}
+
+# load_config [FILE]: defaults < FILE < environment. FILE is parsed, never executed.
+load_config() {
+  local file=${1:-${CAPTIONER_CONFIG:-$KIT_ROOT/config.env}}
+  local v line key value n=0
+  declare -gA CONFIG_FROM_ENV=()
+  for v in "${CONFIG_VARS[@]}"; do
+    if [[ -n ${!v+set} ]]; then CONFIG_FROM_ENV[$v]=1; fi
+  done
+  if [[ -n ${CAPTIONER_CONFIG:-}${1:-} || -e $file ]]; then
+    [[ -f $file && -r $file ]] || die "config file $file not found or unreadable: create it from config.env.example"
+    while IFS= read -r line || [[ -n $line ]]; do
+      n=$((n + 1))
+      line=${line%$'\r'}
+      [[ $line =~ ^[[:space:]]*(#.*)?$ ]] && continue
+      if [[ ! $line =~ ^[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]]; then
+        die "$file:$n: not a KEY=value line: $line"
+      fi
+      key=${BASH_REMATCH[1]}
+      value=${BASH_REMATCH[2]}
+      value=${value%"${value##*[![:space:]]}"}
+      if [[ $value =~ ^\"(.*)\"$ ]]; then value=${BASH_REMATCH[1]}; fi
+      is_config_var "$key" || die "$file:$n: unknown variable $key (known: see config.env.example)"
+      [[ -n ${CONFIG_FROM_ENV[$key]:-} ]] && continue
+      printf -v "$key" '%s' "$value"
+    done <"$file"
+  fi
+  for v in "${CONFIG_VARS[@]}"; do
+    if [[ -z ${!v+set} ]]; then printf -v "$v" '%s' "${CONFIG_DEFAULTS[$v]}"; fi
+  done
+  derive_config
+}
+
+abs_path() {
+  case $1 in
+    /*) printf '%s' "$1" ;;
+    *) printf '%s' "$KIT_ROOT/$1" ;;
+  esac
+}
+
+derive_config() {
+  MODEL_DIR=$(abs_path "$MODEL_PATH")
+  LOG_DIR_ABS=$(abs_path "$LOG_DIR")
+  PID_FILE_ABS=$(abs_path "${PID_FILE:-$LOG_DIR/service.pid}")
+  LOCK_FILE="$PID_FILE_ABS.lock"
+  LOG_FILE="$LOG_DIR_ABS/service.log"
+  if [[ -z $VLLM_PYTHON ]]; then
+    if [[ -x $KIT_ROOT/.venv/bin/python ]]; then VLLM_PYTHON=$KIT_ROOT/.venv/bin/python; else VLLM_PYTHON=python3; fi
+  fi
+  # Clients on this host use 127.0.0.1 whatever address the server binds.
+  case $HOST in
+    0.0.0.0 | 127.0.0.1 | localhost | "") HEALTH_HOST=127.0.0.1 ;;
+    :: | ::1) HEALTH_HOST='[::1]' ;;
+    *:*) HEALTH_HOST="[$HOST]" ;;
+    *) HEALTH_HOST=$HOST ;;
+  esac
+  BASE_URL="http://$HEALTH_HOST:$PORT"
+}
+
+# --- validation: every value, before anything is launched -------------------------------------
+
+bad() { # bad VAR "what is allowed"
+  die "$1=\"${!1}\" is invalid: $2"
+}
+
+check_int() { # check_int VAR MIN [MAX]
+  local v=${!1}
+  [[ $v =~ ^[0-9]+$ ]] || bad "$1" "expected an integer${3:+ from $2 to $3}${3:- >= $2}"
+  ((10#$v >= $2)) || bad "$1" "expected an integer${3:+ from $2 to $3}${3:- >= $2}"
+  [[ -z ${3:-} ]] || ((10#$v <= $3)) || bad "$1" "expected an integer from $2 to $3"
+}
+
+check_float() { # check_float VAR "rule" AWK_CONDITION (x is the value)
+  local v=${!1}
+  [[ $v =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || bad "$1" "$2"
+  awk -v x="$v" "BEGIN { exit !($3) }" || bad "$1" "$2"
+}
+
+check_enum() { # check_enum VAR choice...
+  local var=$1 c
+  shift
+  for c in "$@"; do [[ ${!var} == "$c" ]] && return 0; done
+  bad "$var" "expected one of: $*"
+}
+
+validate_config() {
+  [[ -n $MODEL_PATH ]] || bad MODEL_PATH "must name the model folder (run 'make model' to download it)"
+  [[ $SERVED_MODEL_NAME =~ ^[A-Za-z0-9._/:-]+$ ]] || bad SERVED_MODEL_NAME "letters, digits and . _ / : - only"
+  check_enum LOAD_FORMAT auto safetensors pt dummy
+  [[ $HOST =~ ^[A-Za-z0-9.:-]+$ ]] || bad HOST "an IP address or host name, e.g. 127.0.0.1"
+  check_int PORT 1 65535
+  [[ $API_KEY =~ ^[[:graph:]]*$ ]] || bad API_KEY "printable characters without spaces"
+  check_enum DEVICE cuda cpu
+  check_enum DTYPE bfloat16 float16 float32 auto
+  check_int TENSOR_PARALLEL_SIZE 1 64
+  check_int DATA_PARALLEL_SIZE 1 64
+  check_float GPU_MEMORY_UTIL "a fraction, 0 < x <= 1" "x > 0 && x <= 1"
+  check_int CPU_KVCACHE_GB 1
+  check_int MAX_MODEL_LEN 16
+  check_int MAX_NUM_SEQS 1 4096
+  [[ -z $MAX_NUM_BATCHED_TOKENS ]] || check_int MAX_NUM_BATCHED_TOKENS 16
+  check_int API_SERVER_COUNT 1 64
+  check_float TEMPERATURE "a number from 0 to 2" "x >= 0 && x <= 2"
+  check_float TOP_P "a fraction, 0 < x <= 1" "x > 0 && x <= 1"
+  [[ $TOP_K == -1 ]] || check_int TOP_K 1
+  check_int MAX_TOKENS 1
+  ((10#$MAX_TOKENS < 10#$MAX_MODEL_LEN)) || bad MAX_TOKENS "must be below MAX_MODEL_LEN ($MAX_MODEL_LEN): the prompt needs room"
+  [[ $ALLOWED_MEDIA_DOMAINS =~ ^[A-Za-z0-9.,\ -]*$ ]] || bad ALLOWED_MEDIA_DOMAINS "host names separated by commas, e.g. media.example.com,cdn.example.com"
+  check_int MAX_AUDIO_SECONDS 1
+  check_int MAX_AUDIO_BYTES 1024
+  [[ -n $LOG_DIR ]] || bad LOG_DIR "must name a folder"
+  check_int LOG_KEEP 0 1000
+  check_int START_TIMEOUT 1
+  check_int SHUTDOWN_DRAIN 0
+  check_int STOP_TIMEOUT 1
+  ((10#$STOP_TIMEOUT > 10#$SHUTDOWN_DRAIN)) || bad STOP_TIMEOUT "must exceed SHUTDOWN_DRAIN ($SHUTDOWN_DRAIN s), or in-flight requests are killed mid-drain"
+  check_int WARMUP_REQUESTS 0 4096
+  [[ $EXTRA_VLLM_ARGS =~ ^[[:print:]]*$ ]] || bad EXTRA_VLLM_ARGS "printable characters only"
+}
+
+# --- process identity --------------------------------------------------------------------------
+# A PID file holds key=value lines: pid, pgid, start_time (clock ticks since boot, /proc/PID/stat
+# field 22), log_id (device:inode of the log file the service writes to), port, model, started_at.
+# The service is launched with setsid, so every process of it (API server, engine, workers, and
+# the engine orphaned by a kill -9 of the API server) sits in session PID and writes its stdout to
+# that log file. A process is ours only if both hold. The kernel never hands out a pid that is in
+# use as a session id, so the session id cannot be taken over while any member lives; and the
+# log inode rules out a later, unrelated session that happens to get the same number.
+# (An id in the environment would not do: vLLM's setproctitle overwrites /proc/PID/environ.)
+
+proc_stat_field() { # proc_stat_field PID N -> field N of /proc/PID/stat (N >= 3)
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  local -a f
+  read -r -a f <<<"$stat"
+  printf '%s' "${f[$(($2 - 3))]}"
+}
+
+file_id() { # file_id PATH -> device:inode (follows links, so /proc/PID/fd/1 works)
+  stat -L -c '%d:%i' "$1" 2>/dev/null
+}
+
+is_member() { # is_member PID: in our session, writing to our log, not a zombie
+  [[ $(proc_stat_field "$1" 6) == "$PF_PID" ]] || return 1
+  [[ $(proc_stat_field "$1" 3) != Z ]] || return 1
+  [[ $(file_id "/proc/$1/fd/1") == "$PF_LOG_ID" ]]
+}
+
+# Pids of every live process of the service recorded in the PID file (read_pid_file first).
+service_pids() {
+  [[ $PF_PID =~ ^[0-9]+$ && -n $PF_LOG_ID ]] || return 0
+  local pid sid
+  while read -r pid sid; do
+    [[ $sid == "$PF_PID" ]] || continue
+    is_member "$pid" && echo "$pid"
+  done < <(ps -e -o pid= -o sid=)
+  return 0
+}
+
+read_pid_file() { # sets PF_PID PF_PGID PF_START PF_LOG_ID PF_PORT PF_MODEL PF_STARTED_AT
+  PF_PID='' PF_PGID='' PF_START='' PF_LOG_ID='' PF_PORT='' PF_MODEL='' PF_STARTED_AT=''
+  [[ -f $PID_FILE_ABS ]] || return 1
+  local key value
+  while IFS='=' read -r key value; do
+    case $key in
+      pid) PF_PID=$value ;;
+      pgid) PF_PGID=$value ;;
+      start_time) PF_START=$value ;;
+      log_id) PF_LOG_ID=$value ;;
+      port) PF_PORT=$value ;;
+      model) PF_MODEL=$value ;;
+      started_at) PF_STARTED_AT=$value ;;
+    esac
+  done <"$PID_FILE_ABS"
+  return 0
+}
+
+write_pid_file() { # write_pid_file PID — atomically
+  local pid=$1 tmp
+  tmp=$(mktemp "$PID_FILE_ABS.XXXXXX")
+  {
+    echo "pid=$pid"
+    echo "pgid=$(proc_stat_field "$pid" 5)"
+    echo "start_time=$(proc_stat_field "$pid" 22)"
+    echo "log_id=$(file_id "$LOG_FILE")"
+    echo "port=$PORT"
+    echo "host=$HOST"
+    echo "model=$MODEL_DIR"
+    echo "started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "log=$LOG_FILE"
+  } >"$tmp"
+  mv -f "$tmp" "$PID_FILE_ABS"
+}
+
+# Is the PID file's leader (the API server) alive and really ours?
+leader_is_ours() {
+  [[ $PF_PID =~ ^[0-9]+$ && -d /proc/$PF_PID ]] || return 1
+  [[ $(proc_stat_field "$PF_PID" 22) == "$PF_START" ]] || return 1
+  is_member "$PF_PID"
+}
+
+# Signal every process of the service: the process group at once (atomic: catches children being
+# forked; the group can only hold members of our session), then any member outside it.
+signal_service() { # signal_service SIG
+  local sig=$1 pid
+  [[ -n $(service_pids) ]] || return 0
+  kill "-$sig" -- "-$PF_PID" 2>/dev/null || true
+  for pid in $(service_pids); do
+    [[ $(proc_stat_field "$pid" 5) == "$PF_PID" ]] || kill "-$sig" "$pid" 2>/dev/null || true
+  done
+}
+
+wait_service_gone() { # wait_service_gone SECONDS -> 0 when no process of the service is left
+  local deadline=$((SECONDS + $1))
+  while [[ -n $(service_pids) ]]; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.5
+  done
+}
+
+# terminate_service [LEADER_ALIVE]: SIGTERM the API server alone first (vLLM drains in-flight
+# requests for SHUTDOWN_DRAIN s and stops its engine), then SIGTERM, then SIGKILL, whatever is
+# left of the service.
+terminate_service() {
+  if [[ -n ${1:-} ]]; then
+    kill -TERM "$PF_PID" 2>/dev/null || true
+    wait_service_gone "$STOP_TIMEOUT" && return 0
+    warn "still running after ${STOP_TIMEOUT}s (STOP_TIMEOUT); sending SIGTERM to the whole service"
+  fi
+  signal_service TERM
+  wait_service_gone 10 && return 0
+  warn "sending SIGKILL to $(service_pids | wc -l) remaining process(es)"
+  signal_service KILL
+  wait_service_gone 10
+}
+
+# --- network ---------------------------------------------------------------------------------
+
+proc_desc() { # "pid 123 (sleep)"
+  local comm
+  comm=$(cat "/proc/$1/comm" 2>/dev/null) || comm=gone
+  printf 'pid %s (%s)' "$1" "$comm"
+}
+
+# Who listens on PORT? Prints "pid 123 (python3)" or "an unknown process"; returns 1 if nobody.
+port_holder() {
+  local line pid
+  line=$(ss -Hltnp "sport = :$1" 2>/dev/null | head -n 1)
+  [[ -n $line ]] || return 1
+  if [[ $line =~ pid=([0-9]+) ]]; then
+    pid=${BASH_REMATCH[1]}
+    proc_desc "$pid"
+  else
+    printf 'an unknown process'
+  fi
+}
+
+http_status() { # http_status PATH -> HTTP code, 000 when unreachable
+  curl -s -o /dev/null -m "${2:-5}" -w '%{http_code}' "$BASE_URL$1" 2>/dev/null || true
+}

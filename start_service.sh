@@ -1,0 +1,261 @@
+#!/usr/bin/env bash
+# start_service.sh — start the Qwen3-Omni Captioner behind vLLM's OpenAI-compatible server.
+#
+# Usage: ./start_service.sh [--config FILE] [--foreground] [-h|--help]
+#
+# Reads config.env (or FILE, or $CAPTIONER_CONFIG); variables set in the environment win.
+# Validates every value, checks vLLM, GPUs, model folder and port, then launches `vllm serve` in
+# its own process group, writes a PID file that identifies it, appends to $LOG_DIR/service.log,
+# and waits for /health (up to START_TIMEOUT s). Two starts at once give one server.
+#   --foreground   run vLLM in this process instead (for systemd); no PID file, no wait.
+#
+# Exit codes: 0 started (or already running), 1 failed: bad config, preflight, or the server
+# died / never became healthy (its log tail is printed; no process and no PID file is left).
+# CAPTIONER_DEBUG=1 traces the script.
+set -euo pipefail
+PROG=start_service
+# shellcheck source=lib/service_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/service_lib.sh"
+
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+
+# --- preflight -------------------------------------------------------------------------------
+
+check_vllm() {
+  command -v "$VLLM_PYTHON" >/dev/null 2>&1 || die "VLLM_PYTHON=$VLLM_PYTHON not found: run ./install.sh (or ./install.sh --cpu), or point VLLM_PYTHON at a Python that has vLLM"
+  VLLM_VERSION=$("$VLLM_PYTHON" -c 'import vllm; print(vllm.__version__)' 2>/dev/null | tail -n 1) ||
+    die "vLLM is not importable by $VLLM_PYTHON ($(command -v "$VLLM_PYTHON")): run ./install.sh, or set VLLM_PYTHON"
+  local base=${VLLM_VERSION%%+*}
+  if [[ $(printf '%s\n%s\n' "$MIN_VLLM_VERSION" "$base" | sort -V | head -n 1) != "$MIN_VLLM_VERSION" ]]; then
+    die "vLLM $VLLM_VERSION is too old: $MIN_VLLM_VERSION or newer is needed (audio decode limits, media-URL and API-key fixes); run ./install.sh"
+  fi
+}
+
+check_gpus() {
+  [[ $DEVICE == cuda ]] || return 0
+  local need=$((TENSOR_PARALLEL_SIZE * DATA_PARALLEL_SIZE)) have
+  command -v nvidia-smi >/dev/null 2>&1 || die "DEVICE=cuda but no NVIDIA driver here (nvidia-smi not found); use DEVICE=cpu for development"
+  have=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+  if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+    have=$(awk -F, -v h="$have" '{ n = ($0 == "") ? 0 : NF; print (n < h) ? n : h }' <<<"$CUDA_VISIBLE_DEVICES")
+  fi
+  ((have >= need)) || die "TENSOR_PARALLEL_SIZE=$TENSOR_PARALLEL_SIZE x DATA_PARALLEL_SIZE=$DATA_PARALLEL_SIZE needs $need GPUs, $have visible"
+}
+
+check_model() {
+  [[ -d $MODEL_DIR ]] || die "MODEL_PATH=$MODEL_PATH: no such folder ($MODEL_DIR); run 'make model' to download the weights"
+  [[ -f $MODEL_DIR/config.json ]] || die "MODEL_PATH=$MODEL_PATH has no config.json: not a model folder (incomplete download? run 'make model')"
+  [[ -f $MODEL_DIR/tokenizer.json || -f $MODEL_DIR/vocab.json ]] || die "MODEL_PATH=$MODEL_PATH has no tokenizer (tokenizer.json or vocab.json)"
+  [[ -f $MODEL_DIR/preprocessor_config.json || -f $MODEL_DIR/processor_config.json ]] ||
+    die "MODEL_PATH=$MODEL_PATH has no preprocessor_config.json (the audio feature extractor)"
+  if [[ $LOAD_FORMAT != dummy ]] && ! compgen -G "$MODEL_DIR/*.safetensors" >/dev/null; then
+    die "MODEL_PATH=$MODEL_PATH has no *.safetensors weights (run 'make model', or LOAD_FORMAT=dummy to benchmark without weights)"
+  fi
+}
+
+check_port() {
+  local holder
+  if holder=$(port_holder "$PORT"); then
+    die "port $PORT is already in use by $holder; choose another PORT or stop that process"
+  fi
+}
+
+check_log_dir() {
+  mkdir -p "$LOG_DIR_ABS" 2>/dev/null || die "LOG_DIR=$LOG_DIR cannot be created ($LOG_DIR_ABS)"
+  [[ -w $LOG_DIR_ABS ]] || die "LOG_DIR=$LOG_DIR is not writable ($LOG_DIR_ABS)"
+  if ! mkdir -p "$(dirname "$PID_FILE_ABS")" 2>/dev/null || [[ ! -w $(dirname "$PID_FILE_ABS") ]]; then
+    die "PID_FILE=$PID_FILE_ABS: its folder is not writable"
+  fi
+}
+
+# --- the launch ----------------------------------------------------------------------------------
+
+# vLLM 0.26's Qwen3-Omni thinker crashes at start with image:0/video:0 (its deepstack buffers live
+# in the skipped vision tower); later releases accept it. Where the short form is needed, images
+# and videos stay refused by the chat template guard, not by the limit.
+mm_limit() {
+  if [[ $(printf '%s\n%s\n' 0.27.0 "${VLLM_VERSION%%+*}" | sort -V | head -n 1) == 0.27.0 ]]; then
+    echo '{"audio":1,"image":0,"video":0}'
+  else
+    echo '{"audio":1}'
+  fi
+}
+
+build_args() {
+  local gen domains
+  gen=$(printf '{"temperature":%s,"top_p":%s,"top_k":%s,"max_new_tokens":%s}' "$TEMPERATURE" "$TOP_P" "$TOP_K" "$MAX_TOKENS")
+  domains=${ALLOWED_MEDIA_DOMAINS//,/ }
+  [[ -n ${domains// /} ]] || domains=$NO_REMOTE_MEDIA_HOST
+  VLLM_ARGS=(-m vllm.entrypoints.cli.main serve "$MODEL_DIR"
+    --host "$HOST" --port "$PORT" --served-model-name "$SERVED_MODEL_NAME"
+    --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS"
+    --load-format "$LOAD_FORMAT" --limit-mm-per-prompt "$(mm_limit)"
+    --override-generation-config "$gen" --shutdown-timeout "$SHUTDOWN_DRAIN"
+    --api-server-count "$API_SERVER_COUNT")
+  # shellcheck disable=SC2206 # host names, split on spaces on purpose
+  VLLM_ARGS+=(--allowed-media-domains $domains)
+  [[ -z $MAX_NUM_BATCHED_TOKENS ]] || VLLM_ARGS+=(--max-num-batched-tokens "$MAX_NUM_BATCHED_TOKENS")
+  if [[ $DEVICE == cuda ]]; then
+    VLLM_ARGS+=(--tensor-parallel-size "$TENSOR_PARALLEL_SIZE" --gpu-memory-utilization "$GPU_MEMORY_UTIL")
+    ((DATA_PARALLEL_SIZE == 1)) || VLLM_ARGS+=(--data-parallel-size "$DATA_PARALLEL_SIZE")
+  else
+    VLLM_ARGS+=(--enforce-eager)
+  fi
+  # shellcheck disable=SC2206 # documented: split on spaces, no quoting
+  [[ -z $EXTRA_VLLM_ARGS ]] || VLLM_ARGS+=($EXTRA_VLLM_ARGS)
+}
+
+# The service's environment: secure defaults; the API key travels here, never in argv.
+export_service_env() {
+  export VLLM_API_KEY=$API_KEY
+  [[ -n $API_KEY ]] || unset VLLM_API_KEY
+  export VLLM_MEDIA_URL_ALLOW_REDIRECTS=0
+  export VLLM_MAX_AUDIO_DECODE_DURATION_S=$MAX_AUDIO_SECONDS VLLM_MAX_AUDIO_DECODE_BYTES=$MAX_AUDIO_BYTES
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+  export VLLM_HOST_IP=${VLLM_HOST_IP:-127.0.0.1}
+  export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$KIT_ROOT/.cache/vllm}
+  export PYTHONUNBUFFERED=1
+  if [[ $DEVICE == cpu ]]; then
+    export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=$CPU_KVCACHE_GB
+  fi
+  # Never use NVLink multicast on a shared host: it can take every GPU of the host down.
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+}
+
+rotate_logs() {
+  [[ -s $LOG_FILE ]] || return 0
+  local i
+  for ((i = LOG_KEEP; i >= 1; i--)); do
+    if ((i == LOG_KEEP)); then rm -f "$LOG_FILE.$i"; elif [[ -f $LOG_FILE.$i ]]; then mv -f "$LOG_FILE.$i" "$LOG_FILE.$((i + 1))"; fi
+  done
+  if ((LOG_KEEP > 0)); then mv -f "$LOG_FILE" "$LOG_FILE.1"; else rm -f "$LOG_FILE"; fi
+}
+
+CHILD_PID=
+cleanup_failed_start() {
+  [[ -n $CHILD_PID ]] || return 0
+  CHILD_PID=
+  STOP_TIMEOUT=10 terminate_service leader || warn "could not stop every process of the failed start: $(service_pids | tr '\n' ' ')"
+  rm -f "$PID_FILE_ABS"
+}
+
+on_signal() {
+  trap - INT TERM
+  warn "interrupted: stopping the server that was starting"
+  cleanup_failed_start
+  exit 130
+}
+
+fail_start() { # fail_start MESSAGE
+  warn "$1"
+  if [[ -s $LOG_FILE ]]; then
+    warn "last lines of $LOG_FILE:"
+    tail -n 25 "$LOG_FILE" | sed 's/^/    /' >&2
+  fi
+  cleanup_failed_start
+  exit 1
+}
+
+launch() {
+  build_args
+  rotate_logs
+  echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) start_service: vLLM $VLLM_VERSION, $VLLM_PYTHON ${VLLM_ARGS[*]}" >>"$LOG_FILE"
+  (
+    export_service_env
+    exec setsid "$VLLM_PYTHON" "${VLLM_ARGS[@]}" >>"$LOG_FILE" 2>&1 </dev/null 3>&- 9>&-
+  ) &
+  CHILD_PID=$!
+  PF_PID=$CHILD_PID PF_LOG_ID=$(file_id "$LOG_FILE")
+  trap on_signal INT TERM
+  # setsid makes the child a session and group leader with its own pid; wait until it has.
+  local i
+  for ((i = 0; i < 50; i++)); do
+    [[ $(proc_stat_field "$CHILD_PID" 6 || true) == "$CHILD_PID" ]] && break
+    [[ -d /proc/$CHILD_PID ]] || fail_start "vLLM exited at once"
+    sleep 0.1
+  done
+  write_pid_file "$CHILD_PID"
+}
+
+wait_healthy() {
+  local deadline=$((SECONDS + START_TIMEOUT)) next_note=$((SECONDS + 15)) code
+  say "waiting for $BASE_URL/health (up to ${START_TIMEOUT}s; log: $LOG_FILE)"
+  while :; do
+    if ! leader_alive; then
+      fail_start "vLLM exited during start-up (see the log lines below)"
+    fi
+    code=$(http_status /health 2)
+    [[ $code == 200 ]] && return 0
+    ((SECONDS < deadline)) || fail_start "no healthy server after ${START_TIMEOUT}s (START_TIMEOUT)"
+    if ((SECONDS >= next_note)); then
+      say "still starting ($((SECONDS - deadline + START_TIMEOUT))s): $(tail -n 1 "$LOG_FILE" | cut -c1-120)"
+      next_note=$((SECONDS + 15))
+    fi
+    sleep 1
+  done
+}
+
+leader_alive() {
+  [[ -d /proc/$CHILD_PID ]] && [[ $(proc_stat_field "$CHILD_PID" 3) != Z ]]
+}
+
+warm_up() {
+  ((WARMUP_REQUESTS > 0)) || return 0
+  say "warming up with $WARMUP_REQUESTS concurrent requests"
+  "$VLLM_PYTHON" "$KIT_ROOT/tools/warm_up.py" --base-url "$BASE_URL" --requests "$WARMUP_REQUESTS" >>"$LOG_FILE" 2>&1 ||
+    warn "warm-up failed (the service is up; see $LOG_FILE)"
+}
+
+main() {
+  local config="" foreground=""
+  while (($#)); do
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --config) [[ $# -ge 2 ]] || die "--config needs a FILE"; config=$2; shift ;;
+      --foreground) foreground=1 ;;
+      *) die "unknown option '$1' (see --help)" ;;
+    esac
+    shift
+  done
+  debug_setup
+  load_config "$config"
+  validate_config
+  check_log_dir
+  check_model
+
+  if [[ -n $foreground ]]; then
+    check_vllm
+    check_gpus
+    check_port
+    build_args
+    export_service_env
+    exec "$VLLM_PYTHON" "${VLLM_ARGS[@]}"
+  fi
+
+  # One start at a time: a second start waits here, then finds the first one's server.
+  exec 9>>"$LOCK_FILE"
+  flock -w "$((START_TIMEOUT + 60))" 9 || die "another start_service.sh holds $LOCK_FILE"
+
+  if read_pid_file; then
+    if leader_is_ours; then
+      say "already running (pid $PF_PID, port $PF_PORT, $BASE_URL)"
+      exit 0
+    fi
+    if [[ -n $(service_pids) ]]; then
+      die "a previous server's processes are still running (API server gone): run ./stop_service.sh first"
+    fi
+    say "removing stale PID file $PID_FILE_ABS (pid $PF_PID is not our server)"
+    rm -f "$PID_FILE_ABS"
+  fi
+
+  check_vllm
+  check_gpus
+  check_port
+  launch
+  wait_healthy
+  trap - INT TERM
+  warm_up
+  say "ready: $BASE_URL (pid $PF_PID, model $SERVED_MODEL_NAME, vLLM $VLLM_VERSION)"
+}
+
+main "$@"

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# stop_service.sh — stop the Captioner service that start_service.sh started, and only that.
+#
+# Usage: ./stop_service.sh [--config FILE] [-h|--help]
+#
+# Reads the PID file and checks it against /proc (start time, session, log file) before
+# signalling anything: SIGTERM to the API server (vLLM drains in-flight
+# requests for SHUTDOWN_DRAIN s), then SIGTERM and after STOP_TIMEOUT SIGKILL to every process
+# of the service, the orphaned engine of a killed API server included, until none is left.
+# A stale PID file, or one whose pid now belongs to another process, is reported and removed
+# without signalling. Never kills by name: the video service on this host has the same names.
+#
+# Exit codes: 0 stopped (or nothing was running), 1 bad config or processes that would not die.
+# CAPTIONER_DEBUG=1 traces the script.
+set -euo pipefail
+PROG=stop_service
+# shellcheck source=lib/service_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/service_lib.sh"
+
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+
+main() {
+  local config=""
+  while (($#)); do
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --config) [[ $# -ge 2 ]] || die "--config needs a FILE"; config=$2; shift ;;
+      *) die "unknown option '$1' (see --help)" ;;
+    esac
+    shift
+  done
+  debug_setup
+  load_config "$config"
+  validate_config
+
+  if ! read_pid_file; then
+    say "not running (no PID file at $PID_FILE_ABS)"
+    exit 0
+  fi
+  local leader="" members
+  if leader_is_ours; then leader=$PF_PID; fi
+  members=$(service_pids)
+  if [[ -z $members ]]; then
+    if [[ -d /proc/$PF_PID ]]; then
+      say "stale PID file: pid $PF_PID now belongs to another process ($(cat "/proc/$PF_PID/comm" 2>/dev/null)); not signalling it; removed $PID_FILE_ABS"
+    else
+      say "stale PID file: pid $PF_PID is gone; removed $PID_FILE_ABS"
+    fi
+    rm -f "$PID_FILE_ABS"
+    exit 0
+  fi
+  if [[ -n $leader ]]; then
+    say "stopping pid $leader (port $PF_PORT; draining up to ${SHUTDOWN_DRAIN}s)"
+  else
+    say "API server pid $PF_PID is gone; stopping $(wc -w <<<"$members") orphaned process(es) of the service"
+  fi
+  if ! terminate_service "$leader"; then
+    die "processes still alive after SIGKILL: $(service_pids | tr '\n' ' ')"
+  fi
+  rm -f "$PID_FILE_ABS"
+  say "stopped"
+}
+
+main "$@"
