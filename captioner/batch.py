@@ -1,6 +1,7 @@
 """Caption many inputs: concurrency, several servers, resumable JSONL output.
 
-Two thread pools. Item workers read, decode and split one input each; every request
+Two thread pools. Item workers read, decode and split one input each (at most one
+decode per core at a time); every request
 to a server goes through the request pool, so no more than `concurrency` requests are
 in flight however inputs split into windows, and a long file's windows are captioned
 in parallel. Requests go round-robin over the servers. Records reach the caller in
@@ -28,7 +29,7 @@ from typing import BinaryIO, Self
 import requests
 
 from captioner.api import Caption, CaptionClient, Usage, audio_data_url
-from captioner.audio import prepare
+from captioner.audio import Window, prepare
 from captioner.errors import (
     CaptionerError,
     ExitCode,
@@ -40,6 +41,9 @@ from captioner.inputs import InputItem, load_bytes
 from captioner.records import Record, Segment, join_captions
 
 RECORD_PREFIX = b'{"source":'  # every line this client writes starts so
+# Decoding is CPU-bound and briefly holds a whole file as float32: no more at once than
+# there are cores, however many inputs wait on the server.
+_DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 2)
 
 
 @dataclass
@@ -127,6 +131,16 @@ def _call(
     return client.caption(audio_url, options.model, options.max_tokens)
 
 
+def _call_window(
+    ring: ClientRing,
+    window: Window,
+    options: BatchOptions,
+    on_text: Callable[[str], None] | None = None,
+) -> Caption:
+    # The base64 copy is made here, per request, not for all of a long file's windows at once.
+    return _call(ring, audio_data_url(window.data, window.mime), options, on_text)
+
+
 def process_item(
     item: InputItem,
     options: BatchOptions,
@@ -151,10 +165,10 @@ def process_item(
             record.usage = vars(caption.usage)
         else:
             data = load_bytes(item, stdin, download_session)
-            prepared = prepare(data, item.name, options.segment_seconds)
+            with _DECODE_SLOTS:
+                prepared = prepare(data, item.name, options.segment_seconds)
             del data
-            urls = [audio_data_url(w.data, w.mime) for w in prepared.windows]
-            captions = _caption_windows(urls, options, ring, request_pool, on_text)
+            captions = _caption_windows(prepared.windows, options, ring, request_pool, on_text)
             record.duration = prepared.duration
             record.segments = [
                 Segment(w.start, w.end, c.text.strip())
@@ -167,8 +181,10 @@ def process_item(
                 usage.add(c.usage)
             record.usage = vars(usage)
     except Exception as exc:  # noqa: BLE001 - one input's failure must not end the batch
-        record.error = str(exc) if isinstance(exc, CaptionerError) else (
-            f"{item.name}: unexpected {type(exc).__name__}: {exc}"
+        record.error = (
+            str(exc)
+            if isinstance(exc, CaptionerError)
+            else (f"{item.name}: unexpected {type(exc).__name__}: {exc}")
         )
         record.exception = exc
         record.exit_code = exit_code_for(exc)
@@ -178,7 +194,7 @@ def process_item(
 
 
 def _caption_windows(
-    urls: list[str],
+    windows: list[Window],
     options: BatchOptions,
     ring: ClientRing,
     request_pool: Executor | None,
@@ -186,13 +202,13 @@ def _caption_windows(
 ) -> list[Caption]:
     if on_text is not None or request_pool is None:
         captions = []
-        for i, url in enumerate(urls):
+        for i, window in enumerate(windows):
             if on_text is not None and i > 0:
                 on_text(" ")
-            captions.append(_call(ring, url, options, on_text))
+            captions.append(_call_window(ring, window, options, on_text))
         return captions
     futures: list[Future[Caption]] = [
-        request_pool.submit(_call, ring, url, options) for url in urls
+        request_pool.submit(_call_window, ring, window, options) for window in windows
     ]
     try:
         return [f.result() for f in futures]

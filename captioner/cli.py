@@ -64,8 +64,9 @@ http(s) URL; several may be given. With no INPUT the sample clip is captioned.
 """
 
 EPILOG = f"""\
-defaults from the environment (then config.env):
-  CAPTIONER_BASE_URL    server URL(s), space- or comma-separated (default {DEFAULT_BASE_URL})
+defaults from the environment, then config.env (or $CAPTIONER_CONFIG):
+  CAPTIONER_BASE_URL    server URL(s), space- or comma-separated; else
+                        http://127.0.0.1:PORT with the service's PORT ({DEFAULT_BASE_URL})
   CAPTIONER_API_KEY     API key, else API_KEY as the service uses it
   CAPTIONER_CONCURRENCY requests in flight, else MAX_NUM_SEQS (the server's batch
                         size) times the number of servers, else {DEFAULT_CONCURRENCY}
@@ -281,8 +282,11 @@ def check_combinations(args: argparse.Namespace, fmt: str, items: list[InputItem
 
 
 def choose_base_urls(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """--base-url, else CAPTIONER_BASE_URL, else this host at the service's PORT."""
     urls = args.base_url or re.split(r"[\s,]+", settings.get("CAPTIONER_BASE_URL") or "")
-    urls = [u.rstrip("/") for u in urls if u] or [DEFAULT_BASE_URL]
+    port = settings.get("PORT")
+    default = f"http://127.0.0.1:{port}" if port and port.isdigit() else DEFAULT_BASE_URL
+    urls = [u.rstrip("/") for u in urls if u] or [default]
     for url in urls:
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--base-url {url}: expected http://HOST:PORT")
@@ -366,9 +370,7 @@ class Output:
         self.fmt, self.path, self.many = fmt, path, many
         self.records: list[Record] = []
         self.writer = JsonlWriter(path) if (fmt == "jsonl" and path is not None) else None
-        self.streaming = self.writer is not None or (
-            path is None and fmt in ("jsonl", "text")
-        )
+        self.streaming = self.writer is not None or (path is None and fmt in ("jsonl", "text"))
         self._printed = 0
 
     def add(self, record: Record) -> None:
@@ -476,4 +478,3 @@ def report_summary(summary: Summary, show: bool, output_path: Path | None, fmt: 
         log.error("batch stopped: %d inputs not run%s", summary.not_run, hint)
     if show:
         log.info("%s", summary.line())
-

@@ -1,8 +1,10 @@
 """Settings: the environment first, then the service's `config.env`.
 
-The client shares the operator's configuration file with the service scripts
-(same precedence as theirs: a variable set in the environment wins), so an API key
-or MAX_NUM_SEQS set once for the service is what the client uses too.
+The client reads the operator's configuration file the way the service scripts do
+(lib/service_lib.sh `load_config`): `$CAPTIONER_CONFIG` or the kit's config.env,
+`KEY=value` lines, values optionally in double quotes, and a variable set in the
+environment wins. So an API key, PORT or MAX_NUM_SEQS set once for the service is
+what the client uses too.
 """
 
 from __future__ import annotations
@@ -13,41 +15,34 @@ from collections.abc import Mapping
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_FILES = (REPO_ROOT / "config.env", REPO_ROOT / "config.env.local")
 SAMPLE_CLIP = REPO_ROOT / "samples" / "sample.wav"
 
-_ASSIGNMENT = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-_DEFAULT_EXPANSION = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*:?-(.*)\}$")
+_ASSIGNMENT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+def config_path(environ: Mapping[str, str]) -> Path:
+    return Path(environ.get("CAPTIONER_CONFIG") or REPO_ROOT / "config.env")
 
 
 def read_config_file(path: Path) -> dict[str, str]:
-    """`NAME=value` lines of a shell config file; `${NAME:-default}` yields the default.
+    """The `KEY=value` lines of a config file; a missing or unreadable file is empty.
 
-    Only the plain forms the service's config.env uses; anything fancier is skipped
-    rather than half-interpreted.
+    Lines that aren't assignments are skipped: validating the file is the service
+    scripts' job, and a client should not refuse to run over a typo in it.
     """
     values: dict[str, str] = {}
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return values
     for line in text.splitlines():
-        match = _ASSIGNMENT.match(line)
+        match = _ASSIGNMENT.match(line.rstrip("\r"))
         if not match:
             continue
-        name, value = match.group(1), match.group(2).strip()
-        if value and value[0] in "\"'":
-            quote = value[0]
-            end = value.find(quote, 1)
-            value = value[1:end] if end > 0 else value[1:]
-        else:
-            value = value.split(" #", 1)[0].strip()
-        expansion = _DEFAULT_EXPANSION.match(value)
-        if expansion:
-            value = expansion.group(1)
-        if "$" in value or "`" in value:
-            continue
-        values[name] = value
+        value = match.group(2).rstrip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        values[match.group(1)] = value
     return values
 
 
@@ -55,17 +50,14 @@ class Settings:
     def __init__(
         self,
         environ: Mapping[str, str] | None = None,
-        config_files: tuple[Path, ...] = CONFIG_FILES,
+        config_file: Path | None = None,
     ) -> None:
         self.environ = os.environ if environ is None else environ
-        self.config: dict[str, str] = {}
-        for path in config_files:  # later files override earlier ones
-            self.config.update(read_config_file(path))
+        self.config_file = config_file or config_path(self.environ)
+        self.config = read_config_file(self.config_file)
 
-    def get(self, name: str, *, from_config: bool = True) -> str | None:
-        value = self.environ.get(name)
-        if value:
-            return value
-        if from_config:
-            return self.config.get(name) or None
-        return None
+    def get(self, name: str) -> str | None:
+        """The environment's value if set (even empty, as the scripts do), else the file's."""
+        if name in self.environ:
+            return self.environ[name] or None
+        return self.config.get(name) or None

@@ -140,7 +140,5 @@ def download(url: str, session: requests.Session) -> bytes:
     except requests.RequestException as exc:
         raise InputError(f"{url}: download failed: {type(exc).__name__}") from exc
     if response.status_code >= 400:
-        raise InputError(
-            f"{url}: download failed: HTTP {response.status_code} {response.reason}"
-        )
+        raise InputError(f"{url}: download failed: HTTP {response.status_code} {response.reason}")
     return response.content

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_client_support import SR, convert, tone, write_wav
 
 from captioner.audio import decode, plan_windows, prepare
 from captioner.errors import InputError
+from tests.test_client_support import SR, convert, tone, write_wav
 
 
 def seconds(ranges: list[tuple[int, int]]) -> list[tuple[float, float]]:
@@ -43,7 +43,7 @@ def test_pause_too_early_in_the_window_is_not_used() -> None:
 def test_windows_tile_the_audio_without_gaps_or_overlap() -> None:
     rng = np.random.default_rng(0)
     samples = (rng.standard_normal(SR * 200) * 0.1).astype(np.float32)
-    samples[::SR * 7] = 0
+    samples[:: SR * 7] = 0
     ranges = plan_windows(samples, 30)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(samples)
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-from test_client_support import StubServer, parse_srt, tone, write_wav
 
 from captioner.cli import main
 from captioner.config import Settings, read_config_file
@@ -25,13 +24,16 @@ from captioner.errors import (
     UsageError,
     exit_code_for,
 )
+from tests.test_client_support import StubServer, parse_srt, tone, write_wav
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("CAPTIONER_BASE_URL", "CAPTIONER_API_KEY", "CAPTIONER_CONCURRENCY",
-                 "API_KEY", "MAX_NUM_SEQS"):  # fmt: skip
+                 "API_KEY", "MAX_NUM_SEQS", "PORT"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
+    # Not the kit's own config.env: these tests must not depend on an operator's settings.
+    monkeypatch.setenv("CAPTIONER_CONFIG", "/nonexistent/config.env")
 
 
 @pytest.fixture
@@ -71,7 +73,9 @@ def test_prompt_is_refused_because_the_captioner_takes_none(
 
 def test_missing_path_exits_3_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
     assert call("/no/such/clip.wav") == ExitCode.INPUT
-    assert capsys.readouterr().err == "captioner: error: /no/such/clip.wav: no such file or folder\n"
+    assert (
+        capsys.readouterr().err == "captioner: error: /no/such/clip.wav: no such file or folder\n"
+    )
 
 
 def test_subtitles_of_several_inputs_are_a_usage_error(clip: Path) -> None:
@@ -139,15 +143,15 @@ def test_wrong_api_key_exits_6_with_a_hint(clip: Path, capsys: pytest.CaptureFix
     assert "HTTP 401: Unauthorized" in err and "--api-key" in err
 
 
-def test_api_key_comes_from_the_environment(
-    clip: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_api_key_comes_from_the_environment(clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAPTIONER_API_KEY", "right")
     with StubServer(api_key="right") as stub:
         assert call(str(clip), "--base-url", stub.base_url) == 0
 
 
-def test_slow_server_exits_5_on_read_timeout(clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_slow_server_exits_5_on_read_timeout(
+    clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with StubServer(delay=2) as stub:
         assert call(str(clip), "--base-url", stub.base_url, "--timeout", "0.5") == 5
     assert "no answer within 0.5 s" in capsys.readouterr().err
@@ -205,12 +209,21 @@ def test_75s_clip_gives_three_timed_segments_and_valid_srt(
 
 def test_config_env_values_and_defaults_are_read_environment_wins(tmp_path: Path) -> None:
     config = tmp_path / "config.env"
-    config.write_text(
-        '# service settings\nexport API_KEY="from-file"\nMAX_NUM_SEQS=${MAX_NUM_SEQS:-16}\n'
-        "PORT=8003 # the port\nCOMPUTED=$(hostname)\n"
-    )
-    assert read_config_file(config) == {"API_KEY": "from-file", "MAX_NUM_SEQS": "16",
-                                        "PORT": "8003"}  # fmt: skip
-    settings = Settings({"API_KEY": "from-env"}, (config,))
+    config.write_text('# service settings\nAPI_KEY="from-file"\nMAX_NUM_SEQS=16  \nPORT=\n')
+    assert read_config_file(config) == {"API_KEY": "from-file", "MAX_NUM_SEQS": "16", "PORT": ""}
+    settings = Settings({"API_KEY": "from-env", "MAX_NUM_SEQS": ""}, config)
     assert settings.get("API_KEY") == "from-env"
-    assert settings.get("MAX_NUM_SEQS") == "16"
+    assert settings.get("MAX_NUM_SEQS") is None  # set but empty in the environment: unset
+    assert settings.get("PORT") is None and settings.get("TEMPERATURE") is None
+
+
+def test_default_base_url_and_concurrency_follow_the_service_config(
+    tmp_path: Path, clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with StubServer() as stub:
+        port = stub.base_url.rsplit(":", 1)[1]
+        config = tmp_path / "service.env"
+        config.write_text(f"PORT={port}\nMAX_NUM_SEQS=3\n")
+        monkeypatch.setenv("CAPTIONER_CONFIG", str(config))
+        assert call(str(clip)) == ExitCode.OK
+    assert len(stub.requests) == 1

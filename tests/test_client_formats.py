@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_client_support import parse_srt, parse_vtt
 
 from captioner.formats import cue_text, render, timestamp
 from captioner.records import Record, Segment
+from tests.test_client_support import parse_srt, parse_vtt
 
 
 def segmented() -> Record:
@@ -63,7 +63,11 @@ def test_jsonl_is_one_whole_record_per_line_with_every_field() -> None:
     assert list(first) == [
         "source", "duration", "segments", "caption", "model", "usage", "latency", "error",
     ]  # fmt: skip
-    assert first["segments"][2] == {"start": 60.0, "end": 75.0, "caption": segmented().segments[2].caption}
+    assert first["segments"][2] == {
+        "start": 60.0,
+        "end": 75.0,
+        "caption": segmented().segments[2].caption,
+    }
     assert first["latency"] == 1.235
     assert json.loads(lines[1])["error"] == "b.wav: boom"
 

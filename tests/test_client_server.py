@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_client_support import convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
+
+from tests.test_client_support import convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "samples" / "sample.wav"
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.server
 def client_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     env.pop("API_KEY", None)
+    env["CAPTIONER_CONFIG"] = "/nonexistent/config.env"  # hermetic: not the operator's settings
     env.update(extra)
     return env
 
