@@ -67,7 +67,7 @@ load_config() {
     if [[ -n ${!v+set} ]]; then CONFIG_FROM_ENV[$v]=1; fi
   done
   if [[ -n ${CAPTIONER_CONFIG:-}${1:-} || -e $file ]]; then
-    [[ -f $file && -r $file ]] || die "config file $file not found or unreadable: create it from config.env.example"
+    [[ -r $file && ! -d $file ]] || die "config file $file not found or unreadable: create it from config.env.example"
     while IFS= read -r line || [[ -n $line ]]; do
       n=$((n + 1))
       line=${line%$'\r'}

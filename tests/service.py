@@ -1,0 +1,170 @@
+"""Start and stop the real service (start_service.sh → `vllm serve`, CPU build, tiny model) for tests.
+
+Used by the pytest fixtures in conftest.py and by the lifecycle tests that need servers of their
+own. Everything goes through the operator's scripts, so the tests prove those scripts too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ROOT / "models" / "tiny-captioner"
+SAMPLE = ROOT / "samples" / "sample.wav"
+START_TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def service_env(log_dir: Path, port: int, **overrides: str) -> dict[str, str]:
+    """The environment the scripts run under: CPU, tiny model, a private port and log folder.
+
+    config.env is replaced by an empty file so a developer's own settings never leak in."""
+    empty = log_dir / "empty.env"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    empty.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "CAPTIONER_"))}
+    env.update(
+        CAPTIONER_CONFIG=str(empty),
+        DEVICE="cpu",
+        MODEL_PATH=str(TINY_MODEL),
+        SERVED_MODEL_NAME="tiny-captioner",
+        PORT=str(port),
+        LOG_DIR=str(log_dir),
+        MAX_MODEL_LEN="4096",
+        MAX_TOKENS="64",
+        MAX_NUM_SEQS="8",
+        START_TIMEOUT=str(START_TIMEOUT),
+        STOP_TIMEOUT="20",
+        SHUTDOWN_DRAIN="5",
+        VLLM_CACHE_ROOT=str(ROOT / ".cache" / "vllm-test"),
+    )
+    env.update(overrides)
+    return env
+
+
+def script(name: str, env: dict[str, str], timeout: float = START_TIMEOUT + 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ROOT / name)], env=env, capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live (non-zombie) process of session `sid`: what a server left behind."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            out.append(int(d.name))
+    return out
+
+
+@dataclass
+class Service:
+    """A real service started through start_service.sh. `.base_url`, `.model`, `.api_key`, `.env`."""
+
+    log_dir: Path
+    port: int = field(default_factory=free_port)
+    overrides: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+
+    def __post_init__(self) -> None:
+        self.env = service_env(self.log_dir, self.port, **self.overrides)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.model = self.env["SERVED_MODEL_NAME"]
+        self.api_key: str | None = self.env.get("API_KEY") or None
+
+    @property
+    def pid_file(self) -> Path:
+        return Path(self.env.get("PID_FILE") or self.log_dir / "service.pid")
+
+    def read_pid_file(self) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in self.pid_file.read_text().splitlines() if "=" in line)
+
+    def start(self, check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = script("start_service.sh", self.env)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"start_service.sh failed ({r.returncode}):\n{r.stderr}\n{self.log_tail()}")
+        if r.returncode == 0:
+            self.pid = int(self.read_pid_file()["pid"])
+        return r
+
+    def stop(self) -> subprocess.CompletedProcess[str]:
+        return script("stop_service.sh", self.env)
+
+    def status(self) -> subprocess.CompletedProcess[str]:
+        return script("status_service.sh", self.env, timeout=60)
+
+    def log_tail(self, n: int = 40) -> str:
+        log = self.log_dir / "service.log"
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else ""
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def caption(self, audio: bytes, mime: str = "audio/wav", **extra: object) -> requests.Response:
+        import base64
+
+        body = {
+            "model": self.model,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": [
+                {"type": "audio_url",
+                 "audio_url": {"url": f"data:{mime};base64,{base64.b64encode(audio).decode()}"}}]}],
+        }
+        body.update(extra)
+        return requests.post(f"{self.base_url}/v1/chat/completions", json=body,
+                             headers=self.headers(), timeout=120)
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.base_url} not healthy after {timeout}s")
+
+    def leftovers(self) -> list[int]:
+        return session_pids(self.pid) if self.pid else []
+
+    def force_cleanup(self) -> None:
+        """Last resort after a failed test: SIGKILL whatever is left of this service's session."""
+        import signal
+
+        for pid in self.leftovers():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.pid_file.unlink(missing_ok=True)
+
+
+def started(service: Service):  # type: ignore[no-untyped-def]
+    """Context manager body for fixtures: start, yield, stop — and never leave a process behind."""
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        service.force_cleanup()
