@@ -67,9 +67,10 @@ def test_a_file_this_client_did_not_write_is_refused_not_rewritten(tmp_path: Pat
 
 def test_writer_appends_whole_lines(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    with JsonlWriter(out) as writer:
-        writer.write(Record(source="a", caption="line one\nline two"))
-        writer.write(Record(source="b"))
+    writer = JsonlWriter(out)
+    writer.write(Record(source="a", caption="line one\nline two"))
+    writer.write(Record(source="b"))
+    writer.close()
     lines = out.read_text().splitlines()
     assert [json.loads(x)["source"] for x in lines] == ["a", "b"]
 
