@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Warm a freshly started caption server up: one request alone, then N at once.
+
+Usage: tools/warm_up.py --base-url http://127.0.0.1:8003 --requests N [--seconds 30]
+                        [--max-tokens 32] [--rounds 1] [--api-key KEY]
+
+start_service.sh runs it after /health when WARMUP_REQUESTS > 0, with the Python that runs vLLM,
+so it needs nothing beyond the standard library. The first requests after a start pay one-off
+costs (the audio encoder's first batches, the sampler and the media decoder's first calls); a
+warm-up takes them before users come. Each request carries its own 30 s clip (unique bytes, so no
+server cache turns it into a hit) and asks for a short, fixed-length caption (ignore_eos).
+The key is --api-key, else $CAPTIONER_API_KEY, $VLLM_API_KEY or $API_KEY.
+Prints one line per wave; exits 0 when every request succeeded, 1 otherwise, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import wave
+from array import array
+from concurrent.futures import ThreadPoolExecutor
+
+SAMPLE_RATE = 16_000
+
+
+def base_clip(seconds: float) -> array:
+    """A harmonic tone with a 4 Hz syllable envelope: speech-like enough for the encoder."""
+    n = int(seconds * SAMPLE_RATE)
+    out = array("h", bytes(2 * n))
+    for i in range(n):
+        t = i / SAMPLE_RATE
+        env = max(0.0, math.sin(2 * math.pi * 4 * t)) ** 2
+        ph = 2 * math.pi * 140 * t
+        out[i] = int(6000 * env * (math.sin(ph) + 0.5 * math.sin(2 * ph) + 0.3 * math.sin(3 * ph)))
+    return out
+
+
+def data_url(clip: array, index: int) -> str:
+    samples = array("h", clip)
+    for k in range(16):  # unique bytes per request
+        samples[k] = (index * 31 + k * 7) % 97 - 48
+    if sys.byteorder != "little":
+        samples.byteswap()
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(samples.tobytes())
+    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def call(url: str, body: dict | None, api_key: str | None, timeout: float) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+    req.add_header("Content-Type", "application/json")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def caption(args: argparse.Namespace, model: str, clip: array, index: int) -> str | None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": [
+            {"type": "audio_url", "audio_url": {"url": data_url(clip, index)}}]}],
+        "max_tokens": args.max_tokens,
+        "ignore_eos": True,
+    }
+    try:
+        call(args.base_url + "/v1/chat/completions", body, args.api_key, args.timeout)
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="warm_up.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8003")
+    p.add_argument("--requests", type=int, required=True, help="requests in the concurrent wave")
+    p.add_argument("--seconds", type=float, default=30.0, help="audio per request")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=1, help="concurrent waves after the single request")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--api-key", default=os.environ.get("CAPTIONER_API_KEY")
+                   or os.environ.get("VLLM_API_KEY") or os.environ.get("API_KEY") or None)
+    args = p.parse_args(argv)
+    if args.requests < 1 or args.seconds <= 0 or args.max_tokens < 1 or args.rounds < 0:
+        print("warm_up: --requests, --seconds, --max-tokens must be positive", file=sys.stderr)
+        return 2
+    args.base_url = args.base_url.rstrip("/")
+    try:
+        model = call(args.base_url + "/v1/models", None, args.api_key, 30)["data"][0]["id"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as exc:
+        print(f"warm_up: cannot list models at {args.base_url}: {exc}", file=sys.stderr)
+        return 1
+    clip = base_clip(args.seconds)
+    failures = 0
+    index = 0
+    for size in [1] + [args.requests] * args.rounds:
+        started = time.monotonic()
+        with ThreadPoolExecutor(size) as pool:
+            errors = [e for e in pool.map(lambda i: caption(args, model, clip, i),
+                                          range(index, index + size)) if e]
+        index += size
+        failures += len(errors)
+        print(f"warm_up: {size} concurrent request(s) of {args.seconds:g} s audio, "
+              f"{args.max_tokens} tokens: {time.monotonic() - started:.2f} s, {len(errors)} failed"
+              + (f" ({errors[0]})" if errors else ""), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
