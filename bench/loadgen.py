@@ -153,7 +153,8 @@ def request_body(settings: Settings, audio_url: str) -> dict[str, Any]:
 async def one_request(
     session: aiohttp.ClientSession, settings: Settings, index: int, t0: float
 ) -> RequestResult:
-    body = request_body(settings, audio_data_url(settings.seconds, settings.audio_kind, settings.seed + index))
+    audio = audio_data_url(settings.seconds, settings.audio_kind, settings.seed + index)
+    body = request_body(settings, audio)
     started = time.perf_counter()
     result = RequestResult(index=index, start=started - t0)
     try:
