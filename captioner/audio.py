@@ -83,9 +83,7 @@ def decode(data: bytes, name: str) -> Decoded:
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.audio:
-                raise InputError(
-                    f"{name}: no audio stream ({container.format.name} data, not audio)"
-                )
+                raise InputError(f"{name}: no audio stream ({container.format.name} data, not audio)")
             stream = container.streams.audio[0]
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             chunks: list[Samples] = []

@@ -240,9 +240,7 @@ def run_batch(
     downloads = requests.Session()
     try:
         futures = [
-            item_pool.submit(
-                process_item, item, options, ring, request_pool, None, stdin, downloads
-            )
+            item_pool.submit(process_item, item, options, ring, request_pool, None, stdin, downloads)
             for item in todo
         ]
         for future in as_completed(futures):

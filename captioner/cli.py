@@ -117,9 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="server to use; repeat to spread a batch over several servers",
     )  # fmt: skip
     p.add_argument("--api-key", metavar="KEY", help="API key (default: see below)")
-    p.add_argument(
-        "--model", help="served model name (default: the server's first, from /v1/models)"
-    )
+    p.add_argument("--model", help="served model name (default: the server's first, from /v1/models)")
     p.add_argument(
         "--segment-seconds", type=positive_float, default=30.0, metavar="S",
         help="split audio longer than S seconds into windows (default 30; the model "
@@ -269,9 +267,7 @@ def choose_format(args: argparse.Namespace) -> str:
 
 def check_combinations(args: argparse.Namespace, fmt: str, items: list[InputItem]) -> None:
     if fmt in SUBTITLE_FORMATS and len(items) != 1:
-        raise UsageError(
-            f"--format {fmt} takes one input, got {len(items)}; for a batch use --format jsonl"
-        )
+        raise UsageError(f"--format {fmt} takes one input, got {len(items)}; for a batch use --format jsonl")
     if fmt in SUBTITLE_FORMATS and args.server_fetch:
         raise UsageError(f"--format {fmt} needs timings, which --server-fetch cannot give")
     if args.stream:

@@ -92,7 +92,6 @@ def render_srt(record: Record) -> str:
 
 def render_vtt(record: Record) -> str:
     blocks = [
-        f"{timestamp(start, '.')} --> {timestamp(end, '.')}\n{text}\n"
-        for start, end, text in _cues(record)
+        f"{timestamp(start, '.')} --> {timestamp(end, '.')}\n{text}\n" for start, end, text in _cues(record)
     ]
     return "WEBVTT\n\n" + "\n".join(blocks)

@@ -63,9 +63,7 @@ def test_audio_at_or_under_the_limit_is_sent_as_the_original_bytes(tmp_path: Pat
 def test_long_audio_becomes_16k_mono_wav_windows(tmp_path: Path) -> None:
     stereo_44k = tmp_path / "long.wav"
     convert(write_wav(tmp_path / "mono.wav", tone(75)), tmp_path / "x.wav")
-    subprocess.run(
-        ["sox", str(tmp_path / "x.wav"), "-r", "44100", "-c", "2", str(stereo_44k)], check=True
-    )
+    subprocess.run(["sox", str(tmp_path / "x.wav"), "-r", "44100", "-c", "2", str(stereo_44k)], check=True)
     prepared = prepare(stereo_44k.read_bytes(), "long.wav", 30)
     assert [(w.start, w.end) for w in prepared.windows] == [(0, 30), (30, 60), (60, 75)]
     for w in prepared.windows:
@@ -85,9 +83,7 @@ def test_long_audio_becomes_16k_mono_wav_windows(tmp_path: Path) -> None:
         ("m4a", "audio/mp4"),
     ],
 )
-def test_decode_reads_each_format_and_names_its_mime_type(
-    tmp_path: Path, extension: str, mime: str
-) -> None:
+def test_decode_reads_each_format_and_names_its_mime_type(tmp_path: Path, extension: str, mime: str) -> None:
     path = convert(write_wav(tmp_path / "src.wav", tone(3)), tmp_path / f"a.{extension}")
     decoded = decode(path.read_bytes(), path.name)
     assert decoded.mime == mime

@@ -73,9 +73,7 @@ def test_prompt_is_refused_because_the_captioner_takes_none(
 
 def test_missing_path_exits_3_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
     assert call("/no/such/clip.wav") == ExitCode.INPUT
-    assert (
-        capsys.readouterr().err == "captioner: error: /no/such/clip.wav: no such file or folder\n"
-    )
+    assert capsys.readouterr().err == "captioner: error: /no/such/clip.wav: no such file or folder\n"
 
 
 def test_subtitles_of_several_inputs_are_a_usage_error(clip: Path) -> None:
@@ -149,17 +147,13 @@ def test_api_key_comes_from_the_environment(clip: Path, monkeypatch: pytest.Monk
         assert call(str(clip), "--base-url", stub.base_url) == 0
 
 
-def test_slow_server_exits_5_on_read_timeout(
-    clip: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_slow_server_exits_5_on_read_timeout(clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with StubServer(delay=2) as stub:
         assert call(str(clip), "--base-url", stub.base_url, "--timeout", "0.5") == 5
     assert "no answer within 0.5 s" in capsys.readouterr().err
 
 
-def test_stream_prints_the_caption_as_it_arrives(
-    clip: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_stream_prints_the_caption_as_it_arrives(clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with StubServer(caption="birds sing at dawn") as stub:
         assert call(str(clip), "--base-url", stub.base_url, "--stream") == 0
     assert capsys.readouterr().out == "birds sing at dawn\n"

@@ -96,9 +96,7 @@ def test_every_documented_command_is_listed() -> None:
 
 
 @pytest.mark.parametrize("commands", console_blocks())
-def test_documented_commands_run(
-    commands: list[str], server: Any, workdir: tuple[Path, str]
-) -> None:
+def test_documented_commands_run(commands: list[str], server: Any, workdir: tuple[Path, str]) -> None:
     root, media = workdir
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     env.pop("API_KEY", None)

@@ -190,9 +190,7 @@ def test_bad_file_exits_3_naming_it_and_a_good_request_still_succeeds(
     assert run_client(str(SAMPLE), server=server).returncode == 0
 
 
-def test_url_that_404s_exits_3_with_the_http_status(
-    server: Any, file_server: tuple[str, Path]
-) -> None:
+def test_url_that_404s_exits_3_with_the_http_status(server: Any, file_server: tuple[str, Path]) -> None:
     url = f"{file_server[0]}/nothing-here.wav"
     result = run_client(url, server=server)
     assert result.returncode == 3
@@ -290,9 +288,7 @@ def _interrupt_after(proc: subprocess.Popen[bytes], out: Path, lines: int, sig: 
     proc.wait(timeout=60)
 
 
-def test_interrupted_batch_resumes_with_every_input_exactly_once(
-    server: Any, tmp_path: Path
-) -> None:
+def test_interrupted_batch_resumes_with_every_input_exactly_once(server: Any, tmp_path: Path) -> None:
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(40):
