@@ -176,7 +176,9 @@ class CaptionClient:
 
     def _sse_events(self, response: requests.Response) -> Iterator[dict[str, Any]]:
         try:
-            for raw in response.iter_lines():
+            # chunk_size=None: hand over each chunk as it arrives (the default, 512, would
+            # hold pieces back until half a kilobyte has gathered).
+            for raw in response.iter_lines(chunk_size=None):
                 line = raw.decode("utf-8", "replace").strip()
                 if not line.startswith("data:"):
                     continue
@@ -212,12 +214,13 @@ class CaptionClient:
         return data
 
     def _transport_error(self, exc: requests.RequestException) -> CaptionerError:
-        if isinstance(exc, requests.exceptions.ReadTimeout):
+        text = str(exc)
+        # A timeout while reading a streamed body reaches us as a ConnectionError.
+        if isinstance(exc, requests.exceptions.ReadTimeout) or "Read timed out" in text:
             return ServerTimeoutError(
                 f"{self.base_url}: no answer within {self.timeout[1]:g} s "
                 "(read timeout; raise it with --timeout, or check the server's load)"
             )
-        text = str(exc)
         if "Connection refused" in text:
             reason = "connection refused"
         elif isinstance(exc, requests.exceptions.ConnectTimeout):

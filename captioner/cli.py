@@ -209,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CaptionerError as exc:
         log.error("%s", exc, exc_info=args.debug)
         return exit_code_for(exc)
+    except BrokenPipeError:
+        # stdout closed early (`| head`): not an error worth a message. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.FAILURES
     except Exception as exc:  # the one place unexpected errors end up
         log.error("unexpected %s: %s", type(exc).__name__, exc, exc_info=args.debug)
         if not args.debug:

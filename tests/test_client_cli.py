@@ -153,6 +153,13 @@ def test_slow_server_exits_5_on_read_timeout(clip: Path, capsys: pytest.CaptureF
     assert "no answer within 0.5 s" in capsys.readouterr().err
 
 
+def test_stalled_stream_exits_5_on_read_timeout(clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with StubServer(caption="one two", chunk_delay=2) as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "--stream", "--timeout", "0.5") == 5
+    captured = capsys.readouterr()
+    assert captured.out == "one" and "no answer within 0.5 s" in captured.err
+
+
 def test_stream_prints_the_caption_as_it_arrives(clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with StubServer(caption="birds sing at dawn") as stub:
         assert call(str(clip), "--base-url", stub.base_url, "--stream") == 0

@@ -99,6 +99,7 @@ class StubServer:
     replies: list[tuple[int, Any]] = field(default_factory=list)
     api_key: str | None = None
     delay: float = 0.0
+    chunk_delay: float = 0.0  # pause between streamed pieces
     requests: list[dict[str, Any]] = field(default_factory=list)
     on_request: Callable[[dict[str, Any]], None] | None = None
 
@@ -146,17 +147,28 @@ class StubServer:
                     self._send(200, completion(stub.caption))
 
             def _stream(self) -> None:
+                # Chunked, like vLLM: each event is one HTTP chunk.
+                self.protocol_version = "HTTP/1.1"
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Connection", "close")
                 self.end_headers()
                 words = stub.caption.split(" ")
                 for i, word in enumerate(words):
                     piece = word if i == 0 else " " + word
                     chunk = {"model": "stub-model", "choices": [{"delta": {"content": piece}}]}
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    self.wfile.flush()
+                    self._chunk(f"data: {json.dumps(chunk)}\n\n")
+                    if stub.chunk_delay:
+                        threading.Event().wait(stub.chunk_delay)
                 usage = {"model": "stub-model", "choices": [], "usage": usage_of(len(words))}
-                self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+                self._chunk(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n")
+                self._chunk("")
+
+            def _chunk(self, text: str) -> None:
+                data = text.encode()
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
