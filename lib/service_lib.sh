@@ -123,10 +123,11 @@ bad() { # bad VAR "what is allowed"
 }
 
 check_int() { # check_int VAR MIN [MAX]
-  local v=${!1}
-  [[ $v =~ ^[0-9]+$ ]] || bad "$1" "expected an integer${3:+ from $2 to $3}${3:- >= $2}"
-  ((10#$v >= $2)) || bad "$1" "expected an integer${3:+ from $2 to $3}${3:- >= $2}"
-  [[ -z ${3:-} ]] || ((10#$v <= $3)) || bad "$1" "expected an integer from $2 to $3"
+  local v=${!1} rule="expected an integer >= $2"
+  [[ -z ${3:-} ]] || rule="expected an integer from $2 to $3"
+  [[ $v =~ ^[0-9]+$ ]] || bad "$1" "$rule"
+  ((10#$v >= $2)) || bad "$1" "$rule"
+  [[ -z ${3:-} ]] || ((10#$v <= $3)) || bad "$1" "$rule"
 }
 
 check_float() { # check_float VAR "rule" AWK_CONDITION (x is the value)

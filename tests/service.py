@@ -54,7 +54,9 @@ def service_env(log_dir: Path, port: int, **overrides: str) -> dict[str, str]:
     return env
 
 
-def script(name: str, env: dict[str, str], timeout: float = START_TIMEOUT + 60) -> subprocess.CompletedProcess[str]:
+def script(
+    name: str, env: dict[str, str], timeout: float = START_TIMEOUT + 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(ROOT / name)], env=env, capture_output=True, text=True, timeout=timeout,
         stdin=subprocess.DEVNULL,

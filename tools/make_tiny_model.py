@@ -130,14 +130,19 @@ def build_config(tok):
 
 
 def build_processor(tok):
-    from transformers import (Qwen2VLImageProcessor, Qwen2VLVideoProcessor,
-                              Qwen3OmniMoeProcessor, WhisperFeatureExtractor)
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        Qwen3OmniMoeProcessor,
+        WhisperFeatureExtractor,
+    )
 
     fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160,
                                  chunk_length=300, n_fft=400, padding_value=0.0,
                                  return_attention_mask=True)
     return Qwen3OmniMoeProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=16), video_processor=Qwen2VLVideoProcessor(patch_size=16),
+        image_processor=Qwen2VLImageProcessor(patch_size=16),
+        video_processor=Qwen2VLVideoProcessor(patch_size=16),
         feature_extractor=fe, tokenizer=tok, chat_template=CHAT_TEMPLATE,
     )
 

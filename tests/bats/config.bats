@@ -1,0 +1,129 @@
+#!/usr/bin/env bats
+# Configuration: every bad value is one clear line, a non-zero exit, and nothing launched.
+
+load test_helper
+
+setup() { common_setup; }
+teardown() { common_teardown; }
+
+refused() { # refused "exact message" — start fails with it and never launches vLLM
+  run "$KIT/start_service.sh"
+  [ "$status" -eq 1 ]
+  [ "$output" = "$1" ]
+  [ ! -e "$T/args" ]
+  [ ! -e "$T/logs/service.pid" ]
+}
+
+@test "a port that is not a number is refused by name" {
+  PORT=abc refused 'start_service: PORT="abc" is invalid: expected an integer from 1 to 65535'
+}
+
+@test "a port above 65535 is refused" {
+  PORT=70000 refused 'start_service: PORT="70000" is invalid: expected an integer from 1 to 65535'
+}
+
+@test "tensor parallel 0 is refused" {
+  TENSOR_PARALLEL_SIZE=0 refused 'start_service: TENSOR_PARALLEL_SIZE="0" is invalid: expected an integer from 1 to 64'
+}
+
+@test "GPU memory fraction 1.5 is refused" {
+  GPU_MEMORY_UTIL=1.5 refused 'start_service: GPU_MEMORY_UTIL="1.5" is invalid: a fraction, 0 < x <= 1'
+}
+
+@test "a negative temperature is refused" {
+  TEMPERATURE=-1 refused 'start_service: TEMPERATURE="-1" is invalid: a number from 0 to 2'
+}
+
+@test "an unknown device is refused with the choices" {
+  DEVICE=tpu refused 'start_service: DEVICE="tpu" is invalid: expected one of: cuda cpu'
+}
+
+@test "MAX_TOKENS must leave room for the prompt" {
+  MAX_MODEL_LEN=4096 MAX_TOKENS=4096 refused 'start_service: MAX_TOKENS="4096" is invalid: must be below MAX_MODEL_LEN (4096): the prompt needs room'
+}
+
+@test "STOP_TIMEOUT must exceed the drain window" {
+  SHUTDOWN_DRAIN=30 STOP_TIMEOUT=30 refused 'start_service: STOP_TIMEOUT="30" is invalid: must exceed SHUTDOWN_DRAIN (30 s), or in-flight requests are killed mid-drain'
+}
+
+@test "a missing model folder says to run make model" {
+  MODEL_PATH=$T/nowhere refused "start_service: MODEL_PATH=$T/nowhere: no such folder ($T/nowhere); run 'make model' to download the weights"
+}
+
+@test "a model folder without config.json is refused" {
+  rm "$T/model/config.json"
+  refused "start_service: MODEL_PATH=$T/model has no config.json: not a model folder (incomplete download? run 'make model')"
+}
+
+@test "a model folder without weights is refused unless LOAD_FORMAT=dummy" {
+  rm "$T/model/model.safetensors"
+  refused "start_service: MODEL_PATH=$T/model has no *.safetensors weights (run 'make model', or LOAD_FORMAT=dummy to benchmark without weights)"
+}
+
+@test "an empty MODEL_PATH is refused" {
+  MODEL_PATH= refused 'start_service: MODEL_PATH="" is invalid: must name the model folder (run '"'make model'"' to download it)'
+}
+
+@test "an unknown variable in the config file is named with its line" {
+  printf 'PORT=8003\nMAX_NUM_SEQ=8\n' >"$T/bad.env"
+  CAPTIONER_CONFIG=$T/bad.env refused "start_service: $T/bad.env:2: unknown variable MAX_NUM_SEQ (known: see config.env.example)"
+}
+
+@test "a line that is not KEY=value is refused" {
+  printf 'export PORT 8003\n' >"$T/bad.env"
+  CAPTIONER_CONFIG=$T/bad.env refused "start_service: $T/bad.env:1: not a KEY=value line: export PORT 8003"
+}
+
+@test "a missing config file is refused" {
+  CAPTIONER_CONFIG=$T/none.env refused "start_service: config file $T/none.env not found or unreadable: create it from config.env.example"
+}
+
+@test "the environment wins over the config file" {
+  printf 'PORT=abc\nTOP_K=7\n' >"$T/c.env"
+  unset TOP_K
+  STUB_EXIT=0 CAPTIONER_CONFIG=$T/c.env run "$KIT/start_service.sh" --foreground
+  [ "$status" -eq 0 ]
+  grep -qx -- "$PORT" "$T/args"
+  grep -q '"top_k":7,' "$T/args"
+}
+
+@test "the shipped config.env and config.env.example set the same variables, all known" {
+  diff <(grep -o '^[A-Z_]*=' "$KIT/config.env" | sort) <(grep -o '^[A-Z_]*=' "$KIT/config.env.example" | sort)
+  STUB_EXIT=0 CAPTIONER_CONFIG=$KIT/config.env.example MODEL_PATH=$T/model DEVICE=cpu run "$KIT/start_service.sh" --foreground
+  [ "$status" -eq 0 ]
+}
+
+@test "vLLM not importable names the Python" {
+  STUB_NO_VLLM=1 refused "start_service: vLLM is not importable by $T/vllm-python ($T/vllm-python): run ./install.sh, or set VLLM_PYTHON"
+}
+
+@test "a vLLM older than 0.24.0 is refused" {
+  STUB_VLLM_VERSION=0.23.0 refused 'start_service: vLLM 0.23.0 is too old: 0.24.0 or newer is needed (audio decode limits, media-URL and API-key fixes); run ./install.sh'
+}
+
+@test "cuda without an NVIDIA driver says to use DEVICE=cpu" {
+  mkdir -p "$T/bin"
+  ln -s "$(command -v ss)" "$T/bin/ss"
+  DEVICE=cuda PATH="$T/bin:/usr/bin:/bin" refused 'start_service: DEVICE=cuda but no NVIDIA driver here (nvidia-smi not found); use DEVICE=cpu for development'
+}
+
+@test "too few GPUs for TP x DP is refused" {
+  mkdir -p "$T/bin"
+  printf '#!/bin/sh\necho "GPU 0: NVIDIA H100 80GB HBM3 (UUID: x)"\n' >"$T/bin/nvidia-smi"
+  chmod +x "$T/bin/nvidia-smi"
+  DEVICE=cuda TENSOR_PARALLEL_SIZE=2 PATH="$T/bin:$PATH" refused 'start_service: TENSOR_PARALLEL_SIZE=2 x DATA_PARALLEL_SIZE=1 needs 2 GPUs, 1 visible'
+}
+
+@test "--help prints the usage and exits 0" {
+  run "$KIT/start_service.sh" --help
+  [ "$status" -eq 0 ]
+  [[ ${lines[0]} == "start_service.sh — start the Qwen3-Omni Captioner"* ]]
+  [[ $output == *"Usage: ./start_service.sh"* ]]
+}
+
+@test "an unknown option is refused" {
+  refused_opt() { run "$KIT/$1" --bogus; [ "$status" -eq 1 ]; [ "$output" = "$2: unknown option '--bogus' (see --help)" ]; }
+  refused_opt start_service.sh start_service
+  refused_opt stop_service.sh stop_service
+  refused_opt status_service.sh status_service
+}

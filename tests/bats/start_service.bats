@@ -1,0 +1,150 @@
+#!/usr/bin/env bats
+# start_service.sh against a stub vLLM (argv, secure defaults, lock, failure clean-up).
+# The same paths run against the real vLLM in tests/test_service_lifecycle.py.
+
+load test_helper
+
+setup() { common_setup; }
+teardown() { common_teardown; }
+
+@test "argv: loopback bind, audio only, no local files, no remote media, server-side sampling" {
+  STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
+  [ "$status" -eq 0 ]
+  args=$(cat "$T/args")
+  [[ $args == *$'--host\n127.0.0.1\n'* ]]
+  [[ $args == *$'--limit-mm-per-prompt\n{"audio":1,"image":0,"video":0}\n'* ]]
+  [[ $args == *$'--allowed-media-domains\nno-remote-media.invalid\n'* ]]
+  [[ $args == *$'--override-generation-config\n{"temperature":0.6,"top_p":0.95,"top_k":20,"max_new_tokens":16384}\n'* ]]
+  [[ $args != *allowed-local-media-path* ]]
+  [[ $args != *enable-log-requests* ]]
+  grep -qx 'VLLM_MEDIA_URL_ALLOW_REDIRECTS=0' "$T/env"
+  grep -qx 'HF_HUB_OFFLINE=1' "$T/env"
+  grep -qx 'VLLM_NO_USAGE_STATS=1' "$T/env"
+  grep -qx 'VLLM_HOST_IP=127.0.0.1' "$T/env"
+  grep -qx 'VLLM_MAX_AUDIO_DECODE_DURATION_S=600' "$T/env"
+}
+
+@test "argv: vLLM before 0.27 gets the short audio limit that its Qwen3-Omni thinker accepts" {
+  STUB_EXIT=0 STUB_VLLM_VERSION=0.26.0 run "$KIT/start_service.sh" --foreground
+  [ "$status" -eq 0 ]
+  [[ $(cat "$T/args") == *$'--limit-mm-per-prompt\n{"audio":1}\n'* ]]
+}
+
+@test "argv: the API key travels in the environment, never on the command line" {
+  STUB_EXIT=0 API_KEY=s3cret-key run "$KIT/start_service.sh" --foreground
+  [ "$status" -eq 0 ]
+  ! grep -q s3cret-key "$T/args"
+  grep -qx 'VLLM_API_KEY=s3cret-key' "$T/env"
+}
+
+@test "argv: allowed media domains, TP on cuda, extra args split on spaces" {
+  mkdir -p "$T/bin"
+  printf '#!/bin/sh\necho "GPU 0: x"\necho "GPU 1: y"\n' >"$T/bin/nvidia-smi"
+  chmod +x "$T/bin/nvidia-smi"
+  STUB_EXIT=0 DEVICE=cuda PATH="$T/bin:$PATH" ALLOWED_MEDIA_DOMAINS=a.example.com,b.example.com \
+    EXTRA_VLLM_ARGS="--max-log-len 100 --seed 1" run "$KIT/start_service.sh" --foreground
+  [ "$status" -eq 0 ]
+  args=$(cat "$T/args")
+  [[ $args == *$'--allowed-media-domains\na.example.com\nb.example.com\n'* ]]
+  [[ $args == *$'--tensor-parallel-size\n2\n--gpu-memory-utilization\n0.95\n'* ]]
+  [[ $args == *$'--max-log-len\n100\n--seed\n1' ]]
+  [[ $args != *enforce-eager* ]]
+}
+
+@test "start, status 0, stop, status 3: nothing of the session is left" {
+  run "$KIT/start_service.sh"
+  [ "$status" -eq 0 ]
+  [[ ${lines[-1]} == "start_service: ready: http://127.0.0.1:$PORT (pid "* ]]
+  pid=$(pid_field pid)
+  [ "$(pid_field pgid)" = "$pid" ]
+  [ -n "$(pid_field start_time)" ] && [ -n "$(pid_field log_id)" ]
+  run "$KIT/status_service.sh"
+  [ "$status" -eq 0 ]
+  [[ $output == *"health:   ok"* ]]
+  run "$KIT/stop_service.sh"
+  [ "$status" -eq 0 ]
+  [ "${lines[-1]}" = "stop_service: stopped" ]
+  [ -z "$(session_of "$pid")" ]
+  [ ! -e "$T/logs/service.pid" ]
+  run "$KIT/status_service.sh"
+  [ "$status" -eq 3 ]
+  [ "$output" = "stopped" ]
+}
+
+@test "a second start finds the running server and exits 0" {
+  "$KIT/start_service.sh" 2>/dev/null
+  run "$KIT/start_service.sh"
+  [ "$status" -eq 0 ]
+  [ "$output" = "start_service: already running (pid $(pid_field pid), port $PORT, http://127.0.0.1:$PORT)" ]
+}
+
+@test "two starts at the same moment give one server" {
+  STUB_SLOW=2 "$KIT/start_service.sh" >"$T/a.out" 2>&1 3>&- &
+  a=$!
+  STUB_SLOW=2 "$KIT/start_service.sh" >"$T/b.out" 2>&1 3>&- &
+  b=$!
+  wait "$a"
+  wait "$b"
+  [ "$(grep -c 'ready:' "$T/a.out" "$T/b.out" | awk -F: '{ s += $2 } END { print s }')" = 1 ]
+  [ "$(grep -c 'already running' "$T/a.out" "$T/b.out" | awk -F: '{ s += $2 } END { print s }')" = 1 ]
+  [ "$(grep -c '^=== ' "$T/logs/service.log")" = 1 ]
+}
+
+@test "a port held by a foreign listener fails fast, naming it, and the listener lives" {
+  python3 -m http.server --bind 127.0.0.1 "$PORT" >/dev/null 2>&1 3>&- &
+  holder=$!
+  for _ in $(seq 50); do ss -Hltn "sport = :$PORT" | grep -q . && break; sleep 0.1; done
+  run "$KIT/start_service.sh"
+  kill -0 "$holder"
+  kill "$holder"
+  [ "$status" -eq 1 ]
+  [ "$output" = "start_service: port $PORT is already in use by pid $holder (python3); choose another PORT or stop that process" ]
+  [ ! -e "$T/args" ]
+}
+
+@test "a server that dies during start-up leaves no process and no PID file, and shows its log" {
+  STUB_EXIT=3 run "$KIT/start_service.sh"
+  [ "$status" -eq 1 ]
+  [[ $output == *"start_service: vLLM exited during start-up (see the log lines below)"* ]]
+  [[ $output == *"stub: failing on purpose"* ]]
+  [ ! -e "$T/logs/service.pid" ]
+  [ -z "$(stub_processes)" ]
+}
+
+@test "a server that never gets healthy is stopped at START_TIMEOUT, group and all" {
+  rm "$T/stubroot/health"
+  START_TIMEOUT=3 run "$KIT/start_service.sh"
+  [ "$status" -eq 1 ]
+  [[ $output == *"start_service: no healthy server after 3s (START_TIMEOUT)"* ]]
+  [ ! -e "$T/logs/service.pid" ]
+  [ -z "$(stub_processes)" ]
+}
+
+@test "a PID file naming an unrelated process is removed and that process is never signalled" {
+  sleep 300 3>&- &
+  victim=$!
+  mkdir -p "$T/logs"
+  printf 'pid=%s\npgid=%s\nstart_time=1\nlog_id=1:1\nport=%s\n' "$victim" "$victim" "$PORT" >"$T/logs/service.pid"
+  run "$KIT/start_service.sh"
+  [ "$status" -eq 0 ]
+  [[ ${lines[0]} == "start_service: removing stale PID file $T/logs/service.pid (pid $victim is not our server)" ]]
+  kill -0 "$victim"
+  kill "$victim"
+}
+
+@test "log files are rotated at start and at most LOG_KEEP are kept" {
+  mkdir -p "$T/logs"
+  for i in 1 2 3; do
+    echo "old $i" >"$T/logs/service.log"
+    LOG_KEEP=2 "$KIT/start_service.sh" 2>/dev/null
+    "$KIT/stop_service.sh" 2>/dev/null
+  done
+  [ -f "$T/logs/service.log.1" ] && [ -f "$T/logs/service.log.2" ] && [ ! -e "$T/logs/service.log.3" ]
+}
+
+@test "an unwritable log folder is refused before launching" {
+  [ "$(id -u)" != 0 ] || skip "root writes anywhere; the real check runs as a user"
+  mkdir -p "$T/ro" && chmod 500 "$T/ro"
+  LOG_DIR=$T/ro/logs run "$KIT/start_service.sh"
+  [ "$status" -eq 1 ]
+}

@@ -1,0 +1,88 @@
+#!/usr/bin/env bats
+# stop_service.sh and status_service.sh: only what we started, every process of it, LSB codes.
+
+load test_helper
+
+setup() { common_setup; }
+teardown() { common_teardown; }
+
+@test "nothing running: stop says so and exits 0, status exits 3" {
+  run "$KIT/stop_service.sh"
+  [ "$status" -eq 0 ]
+  [ "$output" = "stop_service: not running (no PID file at $T/logs/service.pid)" ]
+  run "$KIT/status_service.sh"
+  [ "$status" -eq 3 ]
+}
+
+@test "a PID file whose pid is now an unrelated sleep: reported, removed, the sleep untouched" {
+  sleep 300 3>&- &
+  victim=$!
+  mkdir -p "$T/logs"
+  printf 'pid=%s\npgid=%s\nstart_time=%s\nlog_id=1:1\n' "$victim" "$victim" "$(awk '{print $22}' /proc/$victim/stat)" >"$T/logs/service.pid"
+  run "$KIT/status_service.sh"
+  [ "$status" -eq 1 ]
+  run "$KIT/stop_service.sh"
+  [ "$status" -eq 0 ]
+  [ "$output" = "stop_service: stale PID file: pid $victim now belongs to another process (sleep); not signalling it; removed $T/logs/service.pid" ]
+  [ ! -e "$T/logs/service.pid" ]
+  kill -0 "$victim"
+  kill "$victim"
+}
+
+@test "a PID file whose pid is gone is removed" {
+  mkdir -p "$T/logs"
+  printf 'pid=999999\npgid=999999\nstart_time=1\nlog_id=1:1\n' >"$T/logs/service.pid"
+  run "$KIT/stop_service.sh"
+  [ "$status" -eq 0 ]
+  [ "$output" = "stop_service: stale PID file: pid 999999 is gone; removed $T/logs/service.pid" ]
+}
+
+@test "kill -9 of the API server: status 1, stop ends the orphaned engine, the next start works" {
+  "$KIT/start_service.sh" 2>/dev/null
+  pid=$(pid_field pid)
+  kill -9 "$pid"
+  for _ in $(seq 50); do [ -d /proc/$pid ] || break; sleep 0.1; done
+  [ -n "$(session_of "$pid")" ]
+  run "$KIT/status_service.sh"
+  [ "$status" -eq 1 ]
+  [[ $output == "dead: API server pid $pid is gone but $T/logs/service.pid remains; 1 orphaned process(es); run ./stop_service.sh" ]]
+  run "$KIT/start_service.sh"
+  [ "$status" -eq 1 ]
+  [ "$output" = "start_service: a previous server's processes are still running (API server gone): run ./stop_service.sh first" ]
+  run "$KIT/stop_service.sh"
+  [ "$status" -eq 0 ]
+  [ "${lines[0]}" = "stop_service: API server pid $pid is gone; stopping 1 orphaned process(es) of the service" ]
+  [ -z "$(session_of "$pid")" ]
+  run "$KIT/start_service.sh"
+  [ "$status" -eq 0 ]
+}
+
+@test "a server that ignores SIGTERM is killed after STOP_TIMEOUT" {
+  "$KIT/start_service.sh" 2>/dev/null
+  pid=$(pid_field pid)
+  # Make the leader deaf to SIGTERM: stop must escalate to SIGKILL.
+  kill -STOP "$pid"
+  STOP_TIMEOUT=2 run "$KIT/stop_service.sh"
+  [ "$status" -eq 0 ]
+  [[ $output == *"sending SIGKILL"* ]]
+  [ -z "$(session_of "$pid")" ]
+}
+
+@test "status shows pid, url, health and the request counters" {
+  "$KIT/start_service.sh" 2>/dev/null
+  echo 'vllm:num_requests_running{model_name="m"} 2.0' >"$T/stubroot/metrics"
+  echo 'vllm:num_requests_waiting{model_name="m"} 5.0' >>"$T/stubroot/metrics"
+  run "$KIT/status_service.sh"
+  [ "$status" -eq 0 ]
+  [[ ${lines[0]} == "pid:      $(pid_field pid) (group $(pid_field pid))" ]]
+  [[ $output == *"url:      http://127.0.0.1:$PORT"* ]]
+  [[ $output == *"requests: 2 running, 5 waiting"* ]]
+}
+
+@test "status: a live server whose engine died (/health 503) is reported dead" {
+  "$KIT/start_service.sh" 2>/dev/null
+  rm "$T/stubroot/health"
+  run "$KIT/status_service.sh"
+  [ "$status" -eq 1 ]
+  [[ $output == *"health:   HTTP 404"* ]]
+}
