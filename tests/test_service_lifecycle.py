@@ -1,0 +1,170 @@
+"""The service scripts against the real `vllm serve` (CPU build, tiny model): start, caption,
+status, stop, crash clean-up, concurrent starts, reused PID files. The decoy standing in for the
+video service on port 8002 must be alive and unsignalled after every test."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.service import SAMPLE, Service, script
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+DECOY_CODE = """
+import signal, sys, time
+log = open(sys.argv[1], "a")
+def note(sig, _):
+    log.write(f"{sig}\\n"); log.flush()
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT):
+    signal.signal(s, note)
+open(sys.argv[2], "w").close()
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.fixture(scope="module")
+def decoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A process named like the video service's vLLM on port 8002, logging any signal it gets."""
+    d = tmp_path_factory.mktemp("decoy")
+    ready = d / "ready"
+    proc = subprocess.Popen(
+        ["bash", "-c", 'exec -a "python3 -m vllm.entrypoints.cli.main serve video-model --port 8002" '
+         f'{sys.executable} -c "$0" "$1" "$2"', DECOY_CODE, str(d / "signals"), str(ready)])
+    while not ready.exists():
+        time.sleep(0.05)
+    yield proc, d / "signals"
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def decoy_untouched(decoy: tuple[subprocess.Popen[bytes], Path]) -> Iterator[None]:
+    yield
+    proc, signals = decoy
+    assert proc.poll() is None, "the decoy 8002 service died"
+    assert not signals.exists() or signals.read_text() == "", f"decoy got signals: {signals.read_text()}"
+
+
+def curl_caption(svc: Service) -> dict[str, object]:
+    """The README's curl request: one audio part, as a data: URL, nothing else."""
+    body = {"model": svc.model, "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "audio_url", "audio_url": {
+            "url": "data:audio/wav;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()}}]}]}
+    r = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", f"{svc.base_url}/v1/chat/completions",
+         "-H", "Content-Type: application/json", "--data-binary", "@-"],
+        input=json.dumps(body), capture_output=True, text=True, timeout=120, check=True)
+    text, code = r.stdout.rsplit("\n", 1)
+    assert code == "200", text
+    return json.loads(text)  # type: ignore[no-any-return]
+
+
+def port_is_free(port: int) -> bool:
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return out.strip() == ""
+
+
+def test_start_caption_by_curl_status_stop_leaves_no_process_and_frees_the_port(
+        fresh_service: Service) -> None:
+    svc = fresh_service
+    svc.start()
+    assert requests.get(f"{svc.base_url}/health", timeout=5).status_code == 200
+    reply = curl_caption(svc)
+    assert reply["object"] == "chat.completion"
+    assert svc.status().returncode == 0
+    leader = svc.pid
+    assert leader and len(svc.leftovers()) >= 2, "expected the API server and its engine"
+    stop = svc.stop()
+    assert stop.returncode == 0, stop.stderr
+    assert svc.status().returncode == 3
+    assert svc.leftovers() == []
+    assert not svc.pid_file.exists()
+    assert port_is_free(svc.port)
+
+
+def test_a_bare_request_gets_the_server_side_sampling_defaults(server: Service) -> None:
+    body = {"model": server.model, "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {
+            "data": base64.b64encode(SAMPLE.read_bytes()).decode(), "format": "wav"}}]}]}
+    r = requests.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    # MAX_TOKENS (64 in the test env) caps a request that names no max_tokens.
+    assert 0 < usage["completion_tokens"] <= 64
+    log = (server.log_dir / "service.log").read_text()
+    assert "'temperature': 0.6, 'top_k': 20, 'top_p': 0.95, 'max_tokens': 64" in log
+
+
+def test_kill9_of_the_api_server_status_dead_stop_cleans_orphans_next_start_works(
+        fresh_service: Service) -> None:
+    svc = fresh_service
+    svc.start()
+    leader = svc.pid
+    assert leader
+    os.kill(leader, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{leader}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = svc.leftovers()
+    assert orphans, "vLLM's engine should outlive a kill -9 of its API server"
+    status = svc.status()
+    assert status.returncode == 1
+    assert "orphaned process(es)" in status.stdout
+    stop = svc.stop()
+    assert stop.returncode == 0, stop.stderr
+    assert "orphaned process(es) of the service" in stop.stderr
+    assert svc.leftovers() == []
+    svc.start()
+    curl_caption(svc)
+
+
+def test_two_starts_at_the_same_moment_give_one_server(fresh_service: Service) -> None:
+    svc = fresh_service
+    procs = [subprocess.Popen([str(Path(__file__).parent.parent / "start_service.sh")], env=svc.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    errs = "".join(e for _, e in outs)
+    assert errs.count("ready:") == 1 and errs.count("already running") == 1, errs
+    log = (svc.log_dir / "service.log").read_text()
+    assert log.count("=== ") == 1, "vLLM was launched twice"
+    svc.pid = int(svc.read_pid_file()["pid"])
+    curl_caption(svc)
+
+
+def test_a_pid_file_naming_an_unrelated_sleep_is_never_signalled(fresh_service: Service) -> None:
+    svc = fresh_service
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        svc.log_dir.mkdir(parents=True, exist_ok=True)
+        svc.pid_file.write_text(f"pid={sleeper.pid}\npgid={sleeper.pid}\nstart_time=1\nlog_id=1:1\n")
+        stop = svc.stop()
+        assert stop.returncode == 0 and "stale PID file" in stop.stderr
+        svc.pid_file.write_text(f"pid={sleeper.pid}\npgid={sleeper.pid}\nstart_time=1\nlog_id=1:1\n")
+        start = svc.start()
+        assert "removing stale PID file" in start.stderr
+        assert svc.stop().returncode == 0
+        assert sleeper.poll() is None, "the unrelated sleep was signalled"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_status_reports_request_counters_from_metrics(server: Service) -> None:
+    r = script("status_service.sh", server.env, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "health:   ok" in r.stdout
+    assert re.search(r"^requests: \d+ running, \d+ waiting$", r.stdout, re.M), r.stdout
