@@ -15,8 +15,8 @@ What it writes, deterministically (same bytes on every run):
 
 Why: no machine here reaches Hugging Face. vLLM serves this model through the same code path
 as the real Captioner (audio decoding, feature extraction, audio encoder, MoE thinker, the
-OpenAI server); only the captions are gibberish. ../shared/gpu/full_config.py (or
-tools/full_size_config.py) turns it into the full 30B-A3B shape for --load-format dummy.
+OpenAI server); only the captions are gibberish. bench/ turns it into the full 30B-A3B
+shape for --load-format dummy (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
