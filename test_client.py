@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Caption audio with the Qwen3-Omni Captioner service. `--help` for usage.
 
-A thin face over the `captioner` package; see docs/CLIENT.md.
+A thin face over the `captioner` package; README.md "The caption client" is its manual.
 """
 
 import sys

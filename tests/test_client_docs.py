@@ -1,4 +1,4 @@
-"""Run every command and the Python example of docs/CLIENT.md against the real server.
+"""Run every client command and the Python example of README.md against the real server.
 
 Commands are the `$ ` lines of the ```console blocks; a trailing `# exit N` is the exit code
 they must give (else 0). They run in a folder holding the files the page names, with these
@@ -32,7 +32,7 @@ import pytest
 from tests.test_client_support import convert, speech_wav, tone, write_wav
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "CLIENT.md"
+DOC = REPO / "README.md"
 SAMPLE = REPO / "samples" / "sample.wav"
 
 pytestmark = pytest.mark.server
