@@ -71,13 +71,16 @@ check_log_dir() {
 # --- the launch ----------------------------------------------------------------------------------
 
 # vLLM 0.26's Qwen3-Omni thinker crashes at start with image:0/video:0 (its deepstack buffers live
-# in the skipped vision tower); later releases accept it. Where the short form is needed, images
-# and videos stay refused by the chat template guard, not by the limit.
-mm_limit() {
+# in the skipped vision tower); 0.27 and later accept it. Before 0.27 the limit names audio alone,
+# and images and videos are refused by the model's own chat template behind an audio-only guard.
+mm_args() {
   if [[ $(printf '%s\n%s\n' 0.27.0 "${VLLM_VERSION%%+*}" | sort -V | head -n 1) == 0.27.0 ]]; then
-    echo '{"audio":1,"image":0,"video":0}'
+    MM_ARGS=(--limit-mm-per-prompt '{"audio":1,"image":0,"video":0}')
   else
-    echo '{"audio":1}'
+    local template="$LOG_DIR_ABS/chat_template_audio_only.jinja"
+    "$VLLM_PYTHON" "$KIT_ROOT/tools/audio_only_template.py" "$MODEL_DIR" "$template" ||
+      die "could not write the audio-only chat template for vLLM $VLLM_VERSION"
+    MM_ARGS=(--limit-mm-per-prompt '{"audio":1}' --chat-template "$template")
   fi
 }
 
@@ -89,9 +92,11 @@ build_args() {
   VLLM_ARGS=(-m vllm.entrypoints.cli.main serve "$MODEL_DIR"
     --host "$HOST" --port "$PORT" --served-model-name "$SERVED_MODEL_NAME"
     --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS"
-    --load-format "$LOAD_FORMAT" --limit-mm-per-prompt "$(mm_limit)"
+    --load-format "$LOAD_FORMAT"
     --override-generation-config "$gen" --shutdown-timeout "$SHUTDOWN_DRAIN"
     --api-server-count "$API_SERVER_COUNT")
+  mm_args
+  VLLM_ARGS+=("${MM_ARGS[@]}")
   # shellcheck disable=SC2206 # host names, split on spaces on purpose
   VLLM_ARGS+=(--allowed-media-domains $domains)
   [[ -z $MAX_NUM_BATCHED_TOKENS ]] || VLLM_ARGS+=(--max-num-batched-tokens "$MAX_NUM_BATCHED_TOKENS")

@@ -24,10 +24,13 @@ teardown() { common_teardown; }
   grep -qx 'VLLM_MAX_AUDIO_DECODE_DURATION_S=600' "$T/env"
 }
 
-@test "argv: vLLM before 0.27 gets the short audio limit that its Qwen3-Omni thinker accepts" {
+@test "argv: vLLM before 0.27 gets the audio-only limit its thinker accepts and the guarded template" {
+  printf '{"chat_template": "MODEL-TEMPLATE"}' >"$T/model/tokenizer_config.json"
   STUB_EXIT=0 STUB_VLLM_VERSION=0.26.0 run "$KIT/start_service.sh" --foreground
   [ "$status" -eq 0 ]
-  [[ $(cat "$T/args") == *$'--limit-mm-per-prompt\n{"audio":1}\n'* ]]
+  [[ $(cat "$T/args") == *$'--limit-mm-per-prompt\n{"audio":1}\n--chat-template\n'"$T/logs/chat_template_audio_only.jinja"* ]]
+  grep -q "raise_exception('This service captions audio only" "$T/logs/chat_template_audio_only.jinja"
+  [[ $(cat "$T/logs/chat_template_audio_only.jinja") == *"MODEL-TEMPLATE" ]]
 }
 
 @test "argv: the API key travels in the environment, never on the command line" {

@@ -24,6 +24,7 @@ if [[ $1 == -c ]]; then
   [[ -z ${STUB_NO_VLLM:-} ]] || { echo "ModuleNotFoundError: No module named 'vllm'" >&2; exit 1; }
   echo "${STUB_VLLM_VERSION:-0.32.0}"; exit 0
 fi
+[[ $1 != *.py ]] || exec python3 "$@"
 printf '%s\n' "$@" >"$STUB_ARGS"
 env >"$STUB_ENV"
 [[ -z ${STUB_EXIT:-} ]] || { echo "stub: failing on purpose"; exit "$STUB_EXIT"; }

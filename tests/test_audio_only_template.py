@@ -1,0 +1,49 @@
+"""The audio-only guard served on vLLM < 0.27 (tools/audio_only_template.py): the model's own
+rendering for audio, a clear refusal for images and videos."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests.service import ROOT, TINY_MODEL
+
+AUDIO = [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "data:x"}}]}]
+
+
+def guarded(tmp_path: Path) -> str:
+    out = tmp_path / "t.jinja"
+    tool = ROOT / "tools" / "audio_only_template.py"
+    subprocess.run([sys.executable, str(tool), str(TINY_MODEL), str(out)], check=True)
+    return out.read_text()
+
+
+def test_audio_renders_exactly_as_the_models_own_template(tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    own = tok.apply_chat_template(AUDIO, tokenize=False, add_generation_prompt=True)
+    mine = tok.apply_chat_template(AUDIO, chat_template=guarded(tmp_path), tokenize=False,
+                                   add_generation_prompt=True)
+    assert mine == own
+    assert "<|audio_start|><|audio_pad|><|audio_end|>" in mine
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}},
+])
+def test_an_image_or_video_part_is_refused_with_the_reason(tmp_path: Path, part: dict[str, object]) -> None:
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    messages = [{"role": "user", "content": [AUDIO[0]["content"][0], part]}]  # type: ignore[index]
+    with pytest.raises(Exception, match="This service captions audio only"):
+        tok.apply_chat_template(messages, chat_template=guarded(tmp_path), tokenize=False)
+
+
+def test_a_model_without_a_template_is_a_clear_error(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "audio_only_template.py"), str(tmp_path),
+                        str(tmp_path / "t.jinja")], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "has no chat template" in r.stderr
