@@ -17,8 +17,6 @@ PROG=start_service
 # shellcheck source=lib/service_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/service_lib.sh"
 
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
-
 # --- preflight -------------------------------------------------------------------------------
 
 check_vllm() {
@@ -212,23 +210,11 @@ warm_up() {
 }
 
 main() {
-  local config="" foreground=""
-  while (($#)); do
-    case $1 in
-      -h | --help) usage; exit 0 ;;
-      --config) [[ $# -ge 2 ]] || die "--config needs a FILE"; config=$2; shift ;;
-      --foreground) foreground=1 ;;
-      *) die "unknown option '$1' (see --help)" ;;
-    esac
-    shift
-  done
-  debug_setup
-  load_config "$config"
-  validate_config
+  init_script "$@"
   check_log_dir
   check_model
 
-  if [[ -n $foreground ]]; then
+  if [[ -n $FOREGROUND ]]; then
     check_vllm
     check_gpus
     check_port

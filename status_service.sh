@@ -12,8 +12,6 @@ PROG=status_service
 # shellcheck source=lib/service_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/service_lib.sh"
 
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
-
 metric() { # metric NAME METRICS_TEXT -> summed value, as an integer
   awk -v n="$1" '$1 ~ "^"n"({|$)" { s += $NF } END { printf "%d", s }' <<<"$2"
 }
@@ -27,18 +25,7 @@ uptime_of() { # seconds since the process started
 }
 
 main() {
-  local config=""
-  while (($#)); do
-    case $1 in
-      -h | --help) usage; exit 0 ;;
-      --config) [[ $# -ge 2 ]] || die "--config needs a FILE"; config=$2; shift ;;
-      *) die "unknown option '$1' (see --help)" ;;
-    esac
-    shift
-  done
-  debug_setup
-  load_config "$config"
-  validate_config
+  init_script "$@"
 
   if ! read_pid_file; then
     echo "stopped"

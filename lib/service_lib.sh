@@ -43,6 +43,29 @@ say() {
   echo "$PROG: $*" >&2
 }
 
+usage() { # the calling script's header comment, up to `set -euo pipefail`
+  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+}
+
+# init_script "$@": the options every script takes (-h/--help, --config FILE; --foreground for
+# start_service), then the configuration, loaded and validated. Sets FOREGROUND.
+init_script() {
+  local config=""
+  FOREGROUND=""
+  while (($#)); do
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --config) [[ $# -ge 2 ]] || die "--config needs a FILE"; config=$2; shift ;;
+      --foreground) [[ $PROG == start_service ]] || die "unknown option '$1' (see --help)"; FOREGROUND=1 ;;
+      *) die "unknown option '$1' (see --help)" ;;
+    esac
+    shift
+  done
+  debug_setup
+  load_config "$config"
+  validate_config
+}
+
 debug_setup() {
   if [[ -n ${CAPTIONER_DEBUG:-} ]]; then
     export PS4='+ ${BASH_SOURCE##*/}:${LINENO}: '
