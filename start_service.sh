@@ -92,7 +92,7 @@ build_args() {
     --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS"
     --load-format "$LOAD_FORMAT"
     --override-generation-config "$gen" --shutdown-timeout "$SHUTDOWN_DRAIN"
-    --api-server-count "$API_SERVER_COUNT")
+    --api-server-count "$API_SERVER_COUNT" --middleware request_guard.RequestGuard)
   mm_args
   VLLM_ARGS+=("${MM_ARGS[@]}")
   # shellcheck disable=SC2206 # host names, split on spaces on purpose
@@ -114,6 +114,8 @@ export_service_env() {
   [[ -n $API_KEY ]] || unset VLLM_API_KEY
   export VLLM_MEDIA_URL_ALLOW_REDIRECTS=0
   export VLLM_MAX_AUDIO_DECODE_DURATION_S=$MAX_AUDIO_SECONDS VLLM_MAX_AUDIO_DECODE_BYTES=$MAX_AUDIO_BYTES
+  # lib/request_guard.py (loaded by --middleware): body size cap, no chat request without audio.
+  export CAPTIONER_MAX_REQUEST_BYTES=$MAX_REQUEST_BYTES PYTHONPATH=$KIT_ROOT/lib${PYTHONPATH:+:$PYTHONPATH}
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
   export VLLM_HOST_IP=${VLLM_HOST_IP:-127.0.0.1}
   export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$KIT_ROOT/.cache/vllm}
