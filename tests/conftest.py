@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,3 +41,40 @@ def fresh_service(tmp_path: Path) -> Iterator[Service]:
     finally:
         svc.stop()
         svc.force_cleanup()
+
+
+DECOY_CODE = """
+import signal, sys, time
+log = open(sys.argv[1], "a")
+def note(sig, _):
+    log.write(f"{sig}\\n"); log.flush()
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT):
+    signal.signal(s, note)
+open(sys.argv[2], "w").close()
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.fixture(scope="module")
+def decoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A process named like the video service's vLLM on port 8002, logging any signal it gets."""
+    d = tmp_path_factory.mktemp("decoy")
+    ready = d / "ready"
+    proc = subprocess.Popen(
+        ["bash", "-c", 'exec -a "python3 -m vllm.entrypoints.cli.main serve video-model --port 8002" '
+         f'{sys.executable} -c "$0" "$1" "$2"', DECOY_CODE, str(d / "signals"), str(ready)])
+    while not ready.exists():
+        time.sleep(0.05)
+    yield proc, d / "signals"
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def decoy_untouched(decoy: tuple[subprocess.Popen[bytes], Path]) -> Iterator[None]:
+    """Use in a module (pytestmark usefixtures): after each test the decoy is alive, unsignalled."""
+    yield
+    proc, signals = decoy
+    assert proc.poll() is None, "the decoy 8002 service died"
+    assert not signals.exists() or signals.read_text() == "", f"decoy got signals: {signals.read_text()}"

@@ -1,0 +1,384 @@
+"""Secure defaults, proved against the real `vllm serve` (CPU build, tiny model).
+
+Loopback bind (unreachable from a second loopback address and from a network namespace), the API
+key, no server-side fetching by default (a decoy web server counts hits), an allow-list that holds
+and follows no redirect, file:// refused, image and video parts refused, the audio duration cap,
+the request body cap, and the API key kept out of every process's command line.
+The minimum vLLM version check is tests/bats/start_service.bats ("vLLM older than 0.24.0 ...").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import math
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import wave
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.service import ROOT, SAMPLE, Service, started
+
+sys.path.insert(0, str(ROOT / "lib"))
+from request_guard import NO_AUDIO, RequestGuard, has_audio_part  # noqa: E402
+
+KEY = "sec-key-456"
+MAX_AUDIO_SECONDS = 7  # the sample clip is 5.6 s
+MAX_REQUEST_BYTES = 2_000_000
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def wav_bytes(seconds: float, rate: int = 16_000) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(i * 0.1)))
+                               for i in range(int(seconds * rate))))
+    return buf.getvalue()
+
+
+def audio_part(url: str) -> dict[str, Any]:
+    return {"type": "audio_url", "audio_url": {"url": url}}
+
+
+def data_url(audio: bytes, mime: str = "audio/wav") -> str:
+    return f"data:{mime};base64,{base64.b64encode(audio).decode()}"
+
+
+def chat(svc: Service, content: Any, key: str | None = None, **extra: Any) -> requests.Response:
+    body = {"model": svc.model, "max_tokens": 8, "messages": [{"role": "user", "content": content}]}
+    body.update(extra)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(f"{svc.base_url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def error_message(r: requests.Response) -> str:
+    return str(r.json()["error"]["message"])
+
+
+class MediaDecoy:
+    """A web server on one loopback address that serves the sample clip and counts every hit.
+    `/redirect?to=URL` answers 302 to URL."""
+
+    def __init__(self, host: str) -> None:
+        hits: list[str] = []
+        self.hits = hits
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                hits.append(self.path)
+                if self.path.startswith("/redirect?to="):
+                    self.send_response(302)
+                    self.send_header("Location", self.path.split("=", 1)[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = SAMPLE.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "audio/wav")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.host = host
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str = "/clip.wav", host: str | None = None) -> str:
+        return f"http://{host or self.host}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def decoys() -> Iterator[dict[str, MediaDecoy]]:
+    made = {host: MediaDecoy(host) for host in ("127.0.0.1", "127.0.0.2", "127.0.0.3")}
+    try:
+        yield made
+    finally:
+        for d in made.values():
+            d.close()
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A server with an API key, an allow-list of two hosts, a 7 s audio cap and a 2 MB body cap."""
+    yield from started(Service(tmp_path_factory.mktemp("hardened-logs"), overrides={
+        "API_KEY": KEY, "ALLOWED_MEDIA_DOMAINS": "localhost,127.0.0.2",
+        "MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS), "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}))
+
+
+def run_client(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+    env.pop("API_KEY", None)
+    env["CAPTIONER_CONFIG"] = "/nonexistent/config.env"
+    return subprocess.run([sys.executable, str(ROOT / "test_client.py"), *args], capture_output=True,
+                          text=True, encoding="latin-1", env=env, cwd=ROOT, timeout=timeout)
+
+
+# --- the request guard on its own (no server) ------------------------------------------------
+
+
+def test_guard_knows_an_audio_request_from_a_text_only_one() -> None:
+    audio = [{"role": "user", "content": [audio_part("data:audio/wav;base64,AAAA")]}]
+    assert has_audio_part({"messages": audio})
+    assert has_audio_part({"messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]})
+    assert not has_audio_part({"messages": [{"role": "user", "content": "hello"}]})
+    assert not has_audio_part({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]})
+    assert not has_audio_part({"messages": []})
+    assert has_audio_part(None) and has_audio_part({"prompt": "x"})  # vLLM validates those itself
+
+
+def _asgi_call(guard: RequestGuard, path: str, chunks: list[bytes],
+               headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes, bytes | None]:
+    """Run the guard around a stub app: (status, body, what the app read)."""
+    seen: dict[str, bytes] = {}
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        seen["body"] = message["body"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard.app = app
+    queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+             for i, c in enumerate(chunks)]
+
+    async def receive() -> dict[str, Any]:
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    asyncio.run(guard(scope, receive, send))
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]), seen.get("body")
+
+
+def test_guard_caps_declared_and_streamed_bodies_and_passes_the_rest_untouched() -> None:
+    guard = RequestGuard(lambda *a: None, max_bytes=100)  # type: ignore[arg-type,return-value]
+    status, body, read = _asgi_call(guard, "/v1/chat/completions", [b"x"], [(b"content-length", b"101")])
+    assert status == 413 and read is None and b"MAX_REQUEST_BYTES" in body
+    status, _, read = _asgi_call(guard, "/tokenize", [b"a" * 60, b"b" * 60], [])  # chunked, no length
+    assert status == 413 and read is None
+    good = json.dumps({"messages": [{"role": "user", "content": [audio_part("x")]}]}).encode()
+    status, _, read = _asgi_call(RequestGuard(None, max_bytes=10_000),  # type: ignore[arg-type]
+                                 "/v1/chat/completions", [good[:20], good[20:]], [])
+    assert status == 200 and read == good
+    status, body, read = _asgi_call(RequestGuard(None, max_bytes=0), "/v1/chat/completions",  # type: ignore[arg-type]
+                                    [b'{"messages": [{"role": "user", "content": "hi"}]}'], [])
+    assert status == 400 and read is None and json.loads(body)["error"]["message"] == NO_AUDIO
+
+
+# --- loopback bind -------------------------------------------------------------------------------
+
+
+def _connects(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def _netns_ready() -> str | None:
+    """Why a network namespace cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "not root: cannot create a network namespace"
+    if shutil.which("ip") is None:
+        return "no `ip` command (iproute2)"
+    return None
+
+
+def test_loopback_bind_is_unreachable_from_another_address_and_a_network_namespace(server: Service) -> None:
+    listening = subprocess.run(["ss", "-Hltn", f"sport = :{server.port}"], capture_output=True,
+                               text=True).stdout.split()
+    assert f"127.0.0.1:{server.port}" in listening, listening
+    assert _connects("127.0.0.1", server.port)
+    # 127.0.0.0/8 is all loopback on Linux: a socket bound to 0.0.0.0 answers on 127.0.0.2 too,
+    # so a refusal there shows the bind is to 127.0.0.1 alone.
+    assert not _connects("127.0.0.2", server.port)
+
+    reason = _netns_ready()
+    if reason:
+        pytest.skip(f"network namespace part skipped: {reason}")
+    tag = f"{os.getpid() % 100000}"
+    ns, host_if, ns_if = f"capsec{tag}", f"csh{tag}", f"csn{tag}"
+    net = f"10.213.{os.getpid() % 250}"
+    control = socket.socket()
+    control.bind(("0.0.0.0", 0))  # a port open on every address: proves the namespace can reach us
+    control.listen()
+    setup = [["ip", "netns", "add", ns],
+             ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+             ["ip", "link", "set", ns_if, "netns", ns],
+             ["ip", "addr", "add", f"{net}.1/30", "dev", host_if],
+             ["ip", "link", "set", host_if, "up"],
+             ["ip", "-n", ns, "addr", "add", f"{net}.2/30", "dev", ns_if],
+             ["ip", "-n", ns, "link", "set", ns_if, "up"]]
+    try:
+        for cmd in setup:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"network namespace part skipped: `{' '.join(cmd)}`: {r.stderr.strip()}")
+        probe = ("import socket, sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)"
+                 "\n print('connected')\nexcept OSError as e:\n print(type(e).__name__)")
+
+        def from_ns(port: int) -> str:
+            return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe, f"{net}.1",
+                                   str(port)], capture_output=True, text=True, timeout=30).stdout.strip()
+
+        assert from_ns(control.getsockname()[1]) == "connected"
+        assert from_ns(server.port) == "ConnectionRefusedError"
+    finally:
+        control.close()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+# --- API key -------------------------------------------------------------------------------------
+
+
+def test_api_key_is_enforced_on_v1_and_the_client_sends_it(hardened: Service) -> None:
+    clip = data_url(SAMPLE.read_bytes())
+    assert requests.get(f"{hardened.base_url}/v1/models", timeout=10).status_code == 401
+    assert chat(hardened, [audio_part(clip)]).status_code == 401
+    assert chat(hardened, [audio_part(clip)], key="wrong").status_code == 401
+    assert chat(hardened, [audio_part(clip)], key=KEY).status_code == 200
+    # /health stays open for monitors (and so do /tokenize and /metrics: vLLM's key guards /v1
+    # only, so the loopback bind is the real boundary).
+    assert requests.get(f"{hardened.base_url}/health", timeout=10).status_code == 200
+    denied = run_client(str(SAMPLE), "--base-url", hardened.base_url)
+    assert denied.returncode == 6 and "HTTP 401" in denied.stderr and "--api-key" in denied.stderr
+    ok = run_client(str(SAMPLE), "--base-url", hardened.base_url, "--api-key", KEY, "--max-tokens", "8")
+    assert ok.returncode == 0, ok.stderr
+    # The key travels in the environment, never in argv (`ps` shows argv to every user).
+    for pid in hardened.leftovers():
+        assert KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+# --- server-side media fetching ------------------------------------------------------------------
+
+
+def test_by_default_the_server_fetches_no_url_at_all(server: Service, decoys: dict[str, MediaDecoy]) -> None:
+    decoy = decoys["127.0.0.1"]
+    for url in (decoy.url(), decoy.url(host="localhost"), decoy.url("/redirect?to=http://127.0.0.2/")):
+        r = chat(server, [audio_part(url)])
+        assert r.status_code == 400, r.text
+        assert "allowed domains: ['no-remote-media.invalid']" in error_message(r)
+    assert decoy.hits == []
+    assert server.caption(SAMPLE.read_bytes()).status_code == 200
+
+
+def test_allowed_domains_only_those_hosts_and_no_redirect_is_followed(
+        hardened: Service, decoys: dict[str, MediaDecoy]) -> None:
+    a, b, c = decoys["127.0.0.1"], decoys["127.0.0.2"], decoys["127.0.0.3"]
+    # Both allowed hosts are fetched from...
+    assert chat(hardened, [audio_part(a.url(host="localhost"))], key=KEY).status_code == 200
+    assert chat(hardened, [audio_part(b.url())], key=KEY).status_code == 200
+    assert a.hits == ["/clip.wav"] and b.hits == ["/clip.wav"]
+    # ...nothing else, not even the same decoy under another name.
+    for url in (c.url(), a.url(host="127.0.0.1")):
+        r = chat(hardened, [audio_part(url)], key=KEY)
+        assert r.status_code == 400 and "must be from one of the allowed domains" in error_message(r)
+    assert c.hits == [] and a.hits == ["/clip.wav"]
+    # An allowed host that redirects, to an allowed host (b) or another (c): neither is fetched.
+    for target in (b.url("/via-redirect.wav"), c.url("/via-redirect.wav")):
+        r = chat(hardened, [audio_part(a.url(f"/redirect?to={target}", host="localhost"))], key=KEY)
+        assert 400 <= r.status_code < 600 and r.status_code != 200, r.text
+    assert b.hits == ["/clip.wav"] and c.hits == []
+    assert any(h.startswith("/redirect") for h in a.hits)
+    # The client's --server-fetch: allowed host works, another is refused with the server's words.
+    ok = run_client(a.url(host="localhost"), "--server-fetch", "--base-url", hardened.base_url,
+                    "--api-key", KEY, "--max-tokens", "8")
+    assert ok.returncode == 0, ok.stderr
+    refused = run_client(c.url(), "--server-fetch", "--base-url", hardened.base_url, "--api-key", KEY)
+    assert refused.returncode == 6 and "must be from one of the allowed domains" in refused.stderr
+    assert c.hits == []
+
+
+@pytest.mark.parametrize("path", ["file:///etc/passwd", f"file://{SAMPLE}"])
+def test_file_urls_are_refused(server: Service, path: str) -> None:
+    r = chat(server, [audio_part(path)])
+    # vLLM answers 500 for this client error; the message says what is wrong.
+    assert r.status_code in (400, 403, 500), r.text
+    assert "Cannot load local files without `--allowed-local-media-path`" in error_message(r)
+    assert server.caption(SAMPLE.read_bytes()).status_code == 200
+
+
+PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
+       "hKmMIQAAAABJRU5ErkJggg==")
+
+
+def test_image_and_video_parts_are_refused(server: Service) -> None:
+    clip = audio_part(data_url(SAMPLE.read_bytes()))
+    image = {"type": "image_url", "image_url": {"url": PNG}}
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    for part, kind in ((image, "image"), (video, "video")):
+        alone = chat(server, [part])
+        assert alone.status_code == 400 and error_message(alone) == NO_AUDIO
+        with_audio = chat(server, [clip, part])
+        assert with_audio.status_code == 400, with_audio.text
+        assert f"At most 0 {kind}(s) may be provided in one prompt" in error_message(with_audio)
+    assert chat(server, [clip]).status_code == 200
+
+
+def test_audio_longer_than_max_audio_seconds_is_refused_with_a_clear_error(
+        hardened: Service, tmp_path: Path) -> None:
+    long = wav_bytes(MAX_AUDIO_SECONDS + 3)
+    r = chat(hardened, [audio_part(data_url(long))], key=KEY)
+    assert r.status_code == 400
+    assert error_message(r).startswith(f"Audio exceeds maximum allowed duration of {MAX_AUDIO_SECONDS}s "
+                                       f"(file contains {MAX_AUDIO_SECONDS + 3}.0s")
+    clip = tmp_path / "long.wav"
+    clip.write_bytes(long)
+    client = run_client(str(clip), "--base-url", hardened.base_url, "--api-key", KEY)
+    assert client.returncode == 6
+    assert f"HTTP 400: Audio exceeds maximum allowed duration of {MAX_AUDIO_SECONDS}s" in client.stderr
+    assert chat(hardened, [audio_part(data_url(SAMPLE.read_bytes()))], key=KEY).status_code == 200
+
+
+def test_oversize_bodies_are_refused_before_they_are_read(hardened: Service) -> None:
+    url = f"{hardened.base_url}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    big = json.dumps({"model": hardened.model, "messages": [{"role": "user", "content": [
+        audio_part(data_url(b"\0" * MAX_REQUEST_BYTES))]}]}).encode()
+    r = requests.post(url, data=big, headers=headers, timeout=60)
+    assert r.status_code == 413 and "MAX_REQUEST_BYTES" in error_message(r), r.text
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
+        for _ in range(MAX_REQUEST_BYTES // 65536 + 2):
+            yield b" " * 65536
+
+    r = requests.post(url, data=chunks(), headers=headers, timeout=60)
+    assert r.status_code == 413, r.text
+    # A 10 GB Content-Length is answered at once: the server reads none of it.
+    with socket.create_connection(("127.0.0.1", hardened.port), timeout=10) as s:
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                  "Content-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n".encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 413 ")
+    assert chat(hardened, [audio_part(data_url(SAMPLE.read_bytes()))], key=KEY).status_code == 200
