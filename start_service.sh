@@ -116,6 +116,8 @@ export_service_env() {
   export VLLM_MAX_AUDIO_DECODE_DURATION_S=$MAX_AUDIO_SECONDS VLLM_MAX_AUDIO_DECODE_BYTES=$MAX_AUDIO_BYTES
   # lib/request_guard.py (loaded by --middleware): body size cap, no chat request without audio.
   export CAPTIONER_MAX_REQUEST_BYTES=$MAX_REQUEST_BYTES PYTHONPATH=$KIT_ROOT/lib${PYTHONPATH:+:$PYTHONPATH}
+  # A caption request has no use for thousands of samples (vLLM allows n up to 16384).
+  export VLLM_MAX_N_SEQUENCES=16
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
   export VLLM_HOST_IP=${VLLM_HOST_IP:-127.0.0.1}
   export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$KIT_ROOT/.cache/vllm}

@@ -1,0 +1,135 @@
+"""Bad input against the real server: each is answered with a clear error (4xx, or the 500s vLLM
+gives for some client errors, pinned here), and the next good request still succeeds.
+
+The rows of docs/RELIABILITY.md "Bad input" are these cases; the client's side of each (what
+test_client.py prints) is the second half of this file.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import requests
+
+from captioner.api import CaptionClient, audio_data_url
+from captioner.errors import ExitCode, ServerHTTPError
+from tests.service import ROOT, SAMPLE, Service
+
+pytestmark = pytest.mark.server
+
+GOOD = base64.b64encode(SAMPLE.read_bytes()).decode()
+CORRUPT_WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(200))
+
+
+def part(b64: str, mime: str = "audio/wav") -> dict[str, Any]:
+    return {"type": "audio_url", "audio_url": {"url": f"data:{mime};base64,{b64}"}}
+
+
+def body(content: Any, **extra: Any) -> dict[str, Any]:
+    b: dict[str, Any] = {"model": "MODEL", "max_tokens": 8,
+                         "messages": [{"role": "user", "content": content}]}
+    b.update(extra)
+    return b
+
+
+# name: (request body, or raw bytes for the malformed-JSON rows; status; start of the message)
+CASES: dict[str, tuple[Any, int, str]] = {
+    "corrupt audio": (body([part(base64.b64encode(CORRUPT_WAV).decode())]), 500,
+                      "Error opening <_io.BytesIO object>: Error in WAV/W64/RF64 file. "
+                      "Malformed 'fmt ' chunk."),
+    "empty audio": (body([part("")]), 400, "Invalid or corrupted audio data."),
+    "non-audio bytes": (body([part(base64.b64encode(b"plain text, not audio " * 20).decode())]), 400,
+                        "Invalid or corrupted audio data."),
+    "malformed base64": (body([part("!!!not-base64@@@")]), 400, "Non-base64 digit found"),
+    "truncated JSON": (b'{"model": "x", "messages": [', 400, "1 validation error:"),
+    "not JSON": (b"not json", 400, "1 validation error:"),
+    "two audio parts": (body([part(GOOD), part(GOOD)]), 400,
+                        "At most 1 audio(s) may be provided in one prompt."),
+    "text-only (string content)": (body("describe this"), 400, "this server captions audio"),
+    "text-only (text part)": (body([{"type": "text", "text": "hi"}]), 400, "this server captions audio"),
+    "no messages": (body([]) | {"messages": []}, 400, "this server captions audio"),
+    "max_tokens beyond the context": (body([part(GOOD)], max_tokens=100000), 400,
+                                      "max_tokens=100000 cannot be greater than max_model_len=4096."),
+    "negative max_tokens": (body([part(GOOD)], max_tokens=-3), 400, "max_tokens must be at least 1, got -3."),
+    "negative temperature": (body([part(GOOD)], temperature=-1), 400,
+                             "temperature must be non-negative, got -1.0."),
+    "huge temperature": (body([part(GOOD)], temperature=1e9), 400, "temperature must be in [0, 2]"),
+    "negative top_p": (body([part(GOOD)], top_p=-0.5), 400, "top_p must be in (0, 1], got -0.5."),
+    "negative top_k": (body([part(GOOD)], top_k=-5), 400,
+                       "top_k must be 0 (disable), or at least 1, got -5."),
+    "unknown model": (body([part(GOOD)]) | {"model": "no-such-model"}, 404,
+                      "The model `no-such-model` does not exist."),
+    "huge n": (body([part(GOOD)], n=100000), 400, "n must be at most 16, got 100000."),
+    "n above the kit's cap of 16": (body([part(GOOD)], n=17), 400, "n must be at most 16, got 17."),
+    "unknown audio format": (body([{"type": "input_audio", "input_audio": {"data": GOOD, "format": "exe"}}]),
+                             400, "7 validation errors"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_request_gets_a_clear_error_and_the_next_good_request_succeeds(
+        server: Service, name: str) -> None:
+    payload, status, message = CASES[name]
+    url = f"{server.base_url}/v1/chat/completions"
+    if isinstance(payload, bytes):
+        r = requests.post(url, data=payload, headers={"Content-Type": "application/json"}, timeout=120)
+    else:
+        if payload["model"] == "MODEL":
+            payload = payload | {"model": server.model}
+        r = requests.post(url, json=payload, timeout=120)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert str(error["message"]).startswith(message), error
+    assert error["code"] == status
+    good = server.caption(SAMPLE.read_bytes())
+    assert good.status_code == 200, good.text
+
+
+# --- what the client says ----------------------------------------------------------------------
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+    env.pop("API_KEY", None)
+    env["CAPTIONER_CONFIG"] = "/nonexistent/config.env"
+    return subprocess.run([sys.executable, str(ROOT / "test_client.py"), *args], capture_output=True,
+                          text=True, encoding="latin-1", env=env, cwd=ROOT, timeout=300)
+
+
+def test_client_max_tokens_beyond_the_context_exits_6_quoting_the_server(server: Service) -> None:
+    r = run_client(str(SAMPLE), "--base-url", server.base_url, "--max-tokens", "100000")
+    assert r.returncode == ExitCode.HTTP_4XX
+    assert r.stderr == (f"captioner: error: {SAMPLE}: {server.base_url}: server refused the request: "
+                        "HTTP 400: max_tokens=100000 cannot be greater than max_model_len=4096. Please "
+                        "request fewer output tokens. (parameter=max_tokens, value=100000)\n")
+
+
+def test_client_unknown_model_exits_2_naming_the_served_one(server: Service) -> None:
+    r = run_client(str(SAMPLE), "--base-url", server.base_url, "--model", "no-such-model")
+    assert r.returncode == ExitCode.USAGE
+    assert r.stderr == (f"captioner: error: --model no-such-model: not served by {server.base_url} "
+                        f"(it serves {server.model})\n")
+
+
+def test_client_says_plainly_what_was_wrong_when_vllm_answers_500_for_bad_audio(server: Service) -> None:
+    """The CLI decodes audio before sending (a corrupt file is exit 3 without a request: see
+    test_client_server.py); a library caller that sends the bytes as they are gets vLLM's 500."""
+    client = CaptionClient(server.base_url, retries=0)
+    with pytest.raises(ServerHTTPError) as caught:
+        client.caption(audio_data_url(CORRUPT_WAV, "audio/wav"), server.model, max_tokens=8)
+    assert caught.value.status == 500 and caught.value.exit_code == ExitCode.HTTP_5XX
+    assert str(caught.value) == (f"{server.base_url}: server error: HTTP 500: Error opening <_io.BytesIO "
+                                 "object>: Error in WAV/W64/RF64 file. Malformed 'fmt ' chunk.")
+    assert client.caption(audio_data_url(SAMPLE.read_bytes(), "audio/wav"), server.model, 8).model
+
+
+def test_client_server_fetch_of_an_unlisted_host_exits_6_quoting_the_allow_list(server: Service) -> None:
+    r = run_client("http://127.0.0.1:9/x.wav", "--server-fetch", "--base-url", server.base_url)
+    assert r.returncode == ExitCode.HTTP_4XX
+    assert ("server refused the request: HTTP 400: The URL must be from one of the allowed domains: "
+            "['no-remote-media.invalid']. Input URL domain: 127.0.0.1") in r.stderr
