@@ -12,9 +12,10 @@
 # ./stop_service.sh stops it. BENCH_PYTHON runs loadgen (default: .venv/bin/python, else python3).
 # Exit codes: 0 swept without errors, 1 the service did not start or requests failed, 2 usage.
 set -euo pipefail
+# shellcheck disable=SC2034 # read by service_lib.sh's messages
 PROG=serve_and_sweep
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=../lib/service_lib.sh
+# shellcheck source=lib/service_lib.sh
 source "$ROOT/lib/service_lib.sh"
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }

@@ -46,8 +46,7 @@ def base_clip(seconds: float) -> array:
 
 def data_url(clip: array, index: int) -> str:
     samples = array("h", clip)
-    for k in range(16):  # unique bytes per request
-        samples[k] = (index * 31 + k * 7) % 97 - 48
+    samples[0], samples[1] = index % 32768, index // 32768 % 32768  # unique bytes per request
     if sys.byteorder != "little":
         samples.byteswap()
     buf = io.BytesIO()
