@@ -206,11 +206,14 @@ leader_alive() {
   [[ -d /proc/$CHILD_PID ]] && [[ $(proc_stat_field "$CHILD_PID" 3) != Z ]]
 }
 
+# The first requests after a start pay Triton's JIT compilation of the MoE and sampling kernels
+# (measured up to 1.9x slower, docs/PERFORMANCE.md); take that cost before users come. CPU
+# (eager) has nothing to compile.
 warm_up() {
-  ((WARMUP_REQUESTS > 0)) || return 0
+  ((WARMUP_REQUESTS > 0)) && [[ $DEVICE == cuda ]] || return 0
   say "warming up with $WARMUP_REQUESTS concurrent requests"
-  "$VLLM_PYTHON" "$KIT_ROOT/tools/warm_up.py" --base-url "$BASE_URL" --requests "$WARMUP_REQUESTS" >>"$LOG_FILE" 2>&1 ||
-    warn "warm-up failed (the service is up; see $LOG_FILE)"
+  CAPTIONER_API_KEY=$API_KEY "$VLLM_PYTHON" "$KIT_ROOT/tools/warm_up.py" --base-url "$BASE_URL" \
+    --requests "$WARMUP_REQUESTS" >>"$LOG_FILE" 2>&1 || warn "warm-up failed (the service is up; see $LOG_FILE)"
 }
 
 main() {
