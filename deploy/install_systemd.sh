@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# install_systemd.sh — install the Captioner as a systemd service, with log rotation.
+#
+# Usage: deploy/install_systemd.sh [--print] [--user NAME] [--name UNIT] [--config FILE] [-h|--help]
+#
+# Fills deploy/captioner.service.in and deploy/captioner.logrotate.in with this kit's absolute
+# path and its configuration (config.env, or FILE; the environment wins, as for start_service.sh),
+# validated first. Writes /etc/systemd/system/UNIT.service and /etc/logrotate.d/UNIT, creates the
+# log folder owned by the service user, and runs `systemctl daemon-reload`. It enables and starts
+# nothing: it prints the commands for that.
+#   --print       write both files to stdout instead; install nothing (no root needed).
+#   --user NAME   the account the service runs as (default: the owner of the kit's folder).
+#   --name UNIT   unit name (default: captioner).
+# SYSTEMD_DIR and LOGROTATE_DIR override /etc/systemd/system and /etc/logrotate.d.
+#
+# Exit codes: 0 done, 1 bad option, bad config, unknown user, or not root without --print.
+# CAPTIONER_DEBUG=1 traces the script.
+set -euo pipefail
+PROG=install_systemd
+# shellcheck source=lib/service_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/service_lib.sh"
+
+fill() { # fill TEMPLATE -> stdout, every @KEY@ replaced
+  sed -e "s|@UNIT@|$UNIT|g" -e "s|@KIT@|$KIT_ROOT|g" -e "s|@USER@|$SERVICE_USER|g" \
+    -e "s|@GROUP@|$SERVICE_GROUP|g" -e "s|@HOST@|$HOST|g" -e "s|@PORT@|$PORT|g" \
+    -e "s|@LOG_DIR@|$LOG_DIR_ABS|g" -e "s|@LOG_FILE@|$LOG_FILE|g" -e "s|@SHUTDOWN_DRAIN@|$SHUTDOWN_DRAIN|g" \
+    -e "s|@STOP_TIMEOUT@|$STOP_TIMEOUT|g" -e "s|@TIMEOUT_STOP@|$((10#$STOP_TIMEOUT + 30))|g" "$1"
+}
+
+main() {
+  local print="" config=""
+  UNIT=captioner SERVICE_USER=""
+  while (($#)); do
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --print) print=1 ;;
+      --user) [[ $# -ge 2 ]] || die "--user needs a NAME"; SERVICE_USER=$2; shift ;;
+      --name) [[ $# -ge 2 ]] || die "--name needs a UNIT"; UNIT=$2; shift ;;
+      --config) [[ $# -ge 2 ]] || die "--config needs a FILE"; config=$2; shift ;;
+      *) die "unknown option '$1' (see --help)" ;;
+    esac
+    shift
+  done
+  debug_setup
+  [[ $UNIT =~ ^[A-Za-z0-9_.@-]+$ ]] || die "--name $UNIT: letters, digits and _ . @ - only"
+  load_config "$config"
+  validate_config
+  [[ -n $SERVICE_USER ]] || SERVICE_USER=$(stat -c %U "$KIT_ROOT")
+  id "$SERVICE_USER" >/dev/null 2>&1 || die "user $SERVICE_USER does not exist (create it, or pass --user)"
+  SERVICE_GROUP=$(id -gn "$SERVICE_USER")
+  [[ $KIT_ROOT != *[[:space:]\|]* ]] || die "the kit's path $KIT_ROOT has spaces or '|': systemd units cannot name it; move the kit"
+
+  local dir=$KIT_ROOT/deploy
+  if [[ -n $print ]]; then
+    fill "$dir/captioner.service.in"
+    fill "$dir/captioner.logrotate.in"
+    return 0
+  fi
+  ((EUID == 0)) || die "must run as root to install (or use --print)"
+  local unit_dir=${SYSTEMD_DIR:-/etc/systemd/system} rotate_dir=${LOGROTATE_DIR:-/etc/logrotate.d}
+  install -d -o "$SERVICE_USER" -g "$SERVICE_GROUP" -m 0750 "$LOG_DIR_ABS"
+  install -d -o "$SERVICE_USER" -g "$SERVICE_GROUP" "$KIT_ROOT/.cache"
+  fill "$dir/captioner.service.in" >"$unit_dir/$UNIT.service"
+  fill "$dir/captioner.logrotate.in" >"$rotate_dir/$UNIT"
+  chmod 0644 "$unit_dir/$UNIT.service" "$rotate_dir/$UNIT"
+  say "wrote $unit_dir/$UNIT.service and $rotate_dir/$UNIT (runs as $SERVICE_USER)"
+  if [[ -d /run/systemd/system ]]; then
+    systemctl daemon-reload
+    say "next: systemctl enable --now $UNIT; journal: journalctl -u $UNIT; log: $LOG_FILE"
+  else
+    say "systemd is not running here: the files are written, nothing reloaded"
+  fi
+}
+
+main "$@"
