@@ -1,11 +1,11 @@
 """Caption many inputs: concurrency, several servers, resumable JSONL output.
 
-Two thread pools. Item workers read, decode and split one input each (at most one
-decode per core at a time); every request
-to a server goes through the request pool, so no more than `concurrency` requests are
-in flight however inputs split into windows, and a long file's windows are captioned
-in parallel. Requests go round-robin over the servers. Records reach the caller in
-the main thread, one at a time, as inputs finish.
+Two thread pools. Item workers read, probe and (when longer than a window) decode
+and split one input each; every request to a server goes through the request pool,
+so no more than `concurrency` requests are in flight however inputs split into
+windows, and a long file's windows are captioned in parallel. Requests go
+round-robin over the servers. Records reach the caller in the main thread, one at a
+time, as inputs finish.
 
 Resume: the JSONL output file is the state. A record is appended with one write
 followed by fsync, so an interrupted run leaves whole records and at most one torn
@@ -41,9 +41,6 @@ from captioner.inputs import InputItem, load_bytes
 from captioner.records import Record, Segment, join_captions
 
 RECORD_PREFIX = b'{"source":'  # every line this client writes starts so
-# Decoding is CPU-bound and briefly holds a whole file as float32: no more at once than
-# there are cores, however many inputs wait on the server.
-_DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 2)
 
 
 @dataclass
@@ -165,8 +162,7 @@ def process_item(
             record.usage = vars(caption.usage)
         else:
             data = load_bytes(item, stdin, download_session)
-            with _DECODE_SLOTS:
-                prepared = prepare(data, item.name, options.segment_seconds)
+            prepared = prepare(data, item.name, options.segment_seconds)
             del data
             captions = _caption_windows(prepared.windows, options, ring, request_pool, on_text)
             record.duration = prepared.duration

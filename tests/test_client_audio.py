@@ -8,10 +8,12 @@ import subprocess
 import wave
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
-from captioner.audio import decode, plan_windows, prepare
+import captioner.audio
+from captioner.audio import decode, plan_windows, prepare, probe
 from captioner.errors import InputError
 from tests.test_client_support import SR, convert, tone, write_wav
 
@@ -109,3 +111,115 @@ def test_undecodable_input_is_an_input_error_naming_the_file(data: bytes, messag
     with pytest.raises(InputError, match=message) as caught:
         decode(data, "bad.wav")
     assert str(caught.value).startswith("bad.wav: ")
+
+
+def wav_header_without_samples() -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SR)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty input"),
+        (b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4, "cannot decode audio"),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(200)), "cannot decode audio"),
+        (PNG, "no audio stream"),
+        (wav_header_without_samples(), "no audio samples decoded"),
+    ],
+    ids=["empty", "corrupt", "corrupt-fmt-chunk", "png", "valid-wav-header-no-samples"],
+)
+def test_short_path_rejects_non_audio_as_decode_does(
+    monkeypatch: pytest.MonkeyPatch, data: bytes, message: str
+) -> None:
+    monkeypatch.setattr(captioner.audio, "decode", _no_full_decode)
+    with pytest.raises(InputError, match=message) as caught:
+        prepare(data, "bad.wav", 30)
+    assert str(caught.value).startswith("bad.wav: ")
+
+
+def test_flac_cut_inside_its_first_frame_is_an_input_error_without_a_full_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = convert(write_wav(tmp_path / "a.wav", tone(3)), tmp_path / "a.flac").read_bytes()[:100]
+    monkeypatch.setattr(captioner.audio, "decode", _no_full_decode)
+    with pytest.raises(InputError, match="cannot decode audio"):
+        prepare(data, "cut.flac", 30)
+
+
+def _no_full_decode(data: bytes, name: str) -> captioner.audio.Decoded:
+    raise AssertionError(f"{name} was fully decoded")
+
+
+@pytest.mark.parametrize("extension", ["wav", "mp3", "flac", "ogg", "m4a", "webm", "aac"])
+def test_a_short_file_is_not_fully_decoded_and_goes_out_as_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extension: str
+) -> None:
+    path = convert(write_wav(tmp_path / "src.wav", tone(29)), tmp_path / f"a.{extension}")
+    decoded_seconds = decode(path.read_bytes(), path.name).duration
+    monkeypatch.setattr(captioner.audio, "decode", _no_full_decode)
+    prepared = prepare(path.read_bytes(), path.name, 30)
+    assert [w.data for w in prepared.windows] == [path.read_bytes()]
+    assert prepared.duration == pytest.approx(decoded_seconds, abs=0.1)
+
+
+def test_a_file_exactly_as_long_as_the_window_is_not_fully_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_wav(tmp_path / "a.wav", tone(30))
+    monkeypatch.setattr(captioner.audio, "decode", _no_full_decode)
+    assert prepare(path.read_bytes(), path.name, 30).duration == 30
+
+
+def test_a_long_file_is_fully_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_wav(tmp_path / "a.wav", tone(31))
+    calls: list[str] = []
+
+    def counting_decode(data: bytes, name: str) -> captioner.audio.Decoded:
+        calls.append(name)
+        return decode(data, name)
+
+    monkeypatch.setattr(captioner.audio, "decode", counting_decode)
+    assert len(prepare(path.read_bytes(), path.name, 30).windows) == 2
+    assert calls == [path.name]
+
+
+@pytest.mark.parametrize("extension", ["wav", "mp3", "flac", "ogg", "m4a", "webm", "aac", "opus", "aiff"])
+def test_the_probed_duration_is_within_0_1_s_of_the_decoded_one(tmp_path: Path, extension: str) -> None:
+    path = convert(write_wav(tmp_path / "src.wav", tone(7.3)), tmp_path / f"a.{extension}")
+    data = path.read_bytes()
+    probed = probe(data, path.name)
+    assert probed.duration == pytest.approx(decode(data, path.name).duration, abs=0.1)
+    assert probed.mime == decode(data, path.name).mime
+
+
+def test_a_vbr_mp3_without_a_xing_header_is_measured_by_its_packets(tmp_path: Path) -> None:
+    # FFmpeg estimates such a file's length from the bitrate: loud first, quiet after, it
+    # reads as far shorter than it is. The probe counts packets instead.
+    src = write_wav(tmp_path / "src.wav", np.concatenate([tone(10), np.zeros(SR * 21, np.float32)]))
+    path = tmp_path / "vbr.mp3"
+    ffmpeg = ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(src)]
+    subprocess.run([*ffmpeg, "-q:a", "5", "-write_xing", "0", str(path)], check=True)
+    data = path.read_bytes()
+    with av.open(io.BytesIO(data)) as container:
+        assert container.duration / av.time_base < 30  # the estimate
+    assert probe(data, path.name).duration == pytest.approx(decode(data, path.name).duration, abs=0.1)
+    assert len(prepare(data, path.name, 30).windows) == 2
+
+
+@pytest.mark.parametrize("fmt", ["flac", "webm"])
+def test_a_piped_file_whose_header_has_no_length_is_measured_by_its_packets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    src = write_wav(tmp_path / "src.wav", tone(12))
+    piped = subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(src), "-f", fmt, "-"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    monkeypatch.setattr(captioner.audio, "decode", _no_full_decode)
+    assert prepare(piped, f"piped.{fmt}", 30).duration == pytest.approx(12, abs=0.1)
