@@ -231,7 +231,10 @@ def run_batch(
     summary = Summary(files=len(items), skipped=len(items) - len(todo))
     started = time.monotonic()
     concurrency = max(1, options.concurrency)
-    item_pool = ThreadPoolExecutor(min(concurrency + 2, max(len(todo), 1)), "captioner-item")
+    # An item thread waits for its own captions, so `concurrency` threads are busy
+    # waiting; as many again read and probe the next inputs, so a wave of requests that
+    # finish together is replaced at once, not after one probe per free slot.
+    item_pool = ThreadPoolExecutor(min(2 * concurrency, max(len(todo), 1)), "captioner-item")
     request_pool = ThreadPoolExecutor(concurrency, "captioner-request")
     downloads = requests.Session()
     try:
