@@ -6,7 +6,10 @@ audio at all (the model then answers a text prompt it was never trained on). Thi
 
 - refuses a POST body over CAPTIONER_MAX_REQUEST_BYTES with 413, before reading it when the
   Content-Length says so, else as soon as the streamed body passes the limit;
-- refuses a /v1/chat/completions request whose messages hold no audio part with 400.
+- refuses a /v1/chat/completions request whose messages hold no audio part with 400;
+- turns the 500 "cannot schedule new futures after shutdown" that vLLM answers to requests arriving
+  while it drains (SIGTERM, SHUTDOWN_DRAIN) into 503 + Retry-After, which clients retry: a restart
+  under a running batch then costs the batch a wait, not failed inputs.
 
 Errors use vLLM's own JSON shape, so clients (and the OpenAI SDK) read them like vLLM's.
 Loaded with `--middleware request_guard.RequestGuard` and PYTHONPATH=<kit>/lib.
@@ -33,6 +36,11 @@ NO_AUDIO = (
 )
 
 
+# vLLM 0.32's words when a request reaches it after shutdown began (its media thread pool is closed).
+SHUTTING_DOWN_MARKERS = (b"cannot schedule new futures after shutdown",)
+SHUTTING_DOWN = "the server is shutting down (stop or restart in progress); retry in a few seconds"
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -51,7 +59,9 @@ def has_audio_part(body: Any) -> bool:
     return False
 
 
-async def error_response(send: Send, status: int, kind: str, message: str) -> None:
+async def error_response(
+    send: Send, status: int, kind: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     payload = json.dumps(
         {"error": {"message": message, "type": kind, "param": None, "code": status}}
     ).encode()
@@ -60,9 +70,33 @@ async def error_response(send: Send, status: int, kind: str, message: str) -> No
         "status": status,
         "headers": [(b"content-type", b"application/json"),
                     (b"content-length", str(len(payload)).encode()),
-                    (b"connection", b"close")],
+                    (b"connection", b"close"), *(extra or [])],
     })  # fmt: skip
     await send({"type": "http.response.body", "body": payload})
+
+
+def shutdown_aware(send: Send) -> Send:
+    """A `send` that holds back a 500 until its body shows whether it is vLLM shutting down."""
+    held: list[Message] = []
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start" and message.get("status") == 500:
+            held.append(message)
+            return
+        if not held:
+            await send(message)
+            return
+        held.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            body = b"".join(m.get("body", b"") for m in held[1:])
+            if any(marker in body for marker in SHUTTING_DOWN_MARKERS):
+                await error_response(send, 503, "ServiceUnavailable", SHUTTING_DOWN, [(b"retry-after", b"5")])
+            else:
+                for m in held:
+                    await send(m)
+            held.clear()
+
+    return wrapped
 
 
 class RequestGuard:
@@ -110,7 +144,21 @@ class RequestGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, replay, shutdown_aware(tracked))
+        except Exception as exc:
+            # vLLM's handler for uncaught exceptions sits outside this middleware (Starlette's
+            # ServerErrorMiddleware): a shutdown error reaches us raised, not as a 500.
+            if started or not any(m.decode() in str(exc) for m in SHUTTING_DOWN_MARKERS):
+                raise
+            await error_response(send, 503, "ServiceUnavailable", SHUTTING_DOWN, [(b"retry-after", b"5")])
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []

@@ -33,7 +33,7 @@ import requests
 from tests.service import ROOT, SAMPLE, Service, started
 
 sys.path.insert(0, str(ROOT / "lib"))
-from request_guard import NO_AUDIO, RequestGuard, has_audio_part  # noqa: E402
+from request_guard import NO_AUDIO, SHUTTING_DOWN, RequestGuard, has_audio_part  # noqa: E402
 
 KEY = "sec-key-456"
 MAX_AUDIO_SECONDS = 7  # the sample clip is 5.6 s
@@ -193,6 +193,40 @@ def test_guard_caps_declared_and_streamed_bodies_and_passes_the_rest_untouched()
     status, body, read = _asgi_call(RequestGuard(None, max_bytes=0), "/v1/chat/completions",  # type: ignore[arg-type]
                                     [b'{"messages": [{"role": "user", "content": "hi"}]}'], [])
     assert status == 400 and read is None and json.loads(body)["error"]["message"] == NO_AUDIO
+
+
+def test_guard_turns_vllms_500_while_shutting_down_into_a_retryable_503() -> None:
+    def app_answering(status: int, text: bytes) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": text})
+        return app
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    vllm_500 = b'{"error":{"message":"cannot schedule new futures after shutdown","code":500}}'
+    asyncio.run(RequestGuard(app_answering(500, vllm_500), max_bytes=0)(scope, receive, send))
+    assert sent[0]["status"] == 503 and (b"retry-after", b"5") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["message"] == SHUTTING_DOWN
+    sent.clear()
+    other_500 = b'{"error":{"message":"Error opening <_io.BytesIO object>","code":500}}'
+    asyncio.run(RequestGuard(app_answering(500, other_500), max_bytes=0)(scope, receive, send))
+    assert sent[0]["status"] == 500 and sent[1]["body"] == other_500
+
+    async def raising(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    sent.clear()
+    asyncio.run(RequestGuard(raising, max_bytes=0)(scope, receive, send))
+    assert sent[0]["status"] == 503
 
 
 # --- loopback bind -------------------------------------------------------------------------------

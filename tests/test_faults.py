@@ -1,0 +1,204 @@
+"""Faults against the real server, each survived with nothing lost: kill -9 of the engine, SIGTERM
+under load (the drain window lets in-flight captions finish), an unwritable log folder, and a
+server restarted under a running batch (the client's retries carry it through).
+
+Covered elsewhere: kill -9 of the API server, concurrent starts, stale and reused PID files
+(test_service_lifecycle.py); a port already taken (tests/bats/start_service.bats); a batch
+interrupted and resumed (test_client_server.py). The decoy standing in for the 8002 service must be
+alive and unsignalled after every test here too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.service import ROOT, SAMPLE, Service
+
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("decoy_untouched")]
+
+ENGINE_COMM = "VLLM::EngineCor"  # "VLLM::EngineCore", cut to 15 characters by the kernel
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def health(svc: Service) -> int | None:
+    """/health's status, or None when nothing answers."""
+    try:
+        return requests.get(f"{svc.base_url}/health", timeout=5).status_code
+    except requests.RequestException:
+        return None
+
+
+def test_kill9_of_the_engine_health_fails_status_says_so_stop_cleans_up_next_start_works(
+        fresh_service: Service) -> None:
+    svc = fresh_service
+    svc.start()
+    engines = [p for p in svc.leftovers() if comm(p).startswith(ENGINE_COMM)]
+    assert len(engines) == 1, [(p, comm(p)) for p in svc.leftovers()]
+    os.kill(engines[0], signal.SIGKILL)
+    # vLLM notices a dead engine: /health answers 503, then its watchdog ends the API server.
+    seen: list[int | None] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        code = health(svc)
+        if not seen or seen[-1] != code:
+            seen.append(code)
+        if code != 200:
+            break
+        time.sleep(0.2)
+    assert seen[-1] in (503, None), f"/health answers: {seen}"
+    print(f"/health after kill -9 of the engine: {seen}")
+    status = svc.status()
+    assert status.returncode == 1, status.stdout + status.stderr
+    assert ("the engine is dead" in status.stdout or "API server pid" in status.stdout
+            or "not answering" in status.stdout), status.stdout
+    stop = svc.stop()
+    assert stop.returncode == 0, stop.stderr
+    assert svc.leftovers() == []
+    svc.start()
+    assert svc.caption(SAMPLE.read_bytes()).status_code == 200
+
+
+def test_sigterm_under_load_lets_in_flight_captions_finish_within_the_drain_window(
+        tmp_path: Path) -> None:
+    svc = Service(tmp_path / "logs", overrides={
+        "SHUTDOWN_DRAIN": "60", "STOP_TIMEOUT": "90", "MAX_TOKENS": "3000", "MAX_NUM_SEQS": "8"})
+    tokens, n = 1500, 6
+    results: list[Any] = [None] * n
+    try:
+        svc.start()
+
+        def one(i: int) -> None:
+            try:
+                r = svc.caption(SAMPLE.read_bytes(), max_tokens=tokens, ignore_eos=True)
+                results[i] = (r.status_code, r.json().get("usage", {}).get("completion_tokens"))
+            except requests.RequestException as exc:
+                results[i] = (type(exc).__name__, None)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until the engine is working on them
+            metrics = requests.get(f"{svc.base_url}/metrics", timeout=10).text
+            running = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                          if line.startswith("vllm:num_requests_running"))
+            if running >= n:
+                break
+            time.sleep(0.2)
+        stop_started = time.monotonic()
+        stop = svc.stop()
+        stop_seconds = time.monotonic() - stop_started
+        for t in threads:
+            t.join(timeout=120)
+        print(f"stop took {stop_seconds:.1f}s; results {results}")
+        assert stop.returncode == 0, stop.stderr
+        assert "SIGKILL" not in stop.stderr and "still running" not in stop.stderr, stop.stderr
+        assert results == [(200, tokens)] * n
+        assert svc.leftovers() == []
+    finally:
+        svc.stop()
+        svc.force_cleanup()
+
+
+def test_unwritable_log_dir_is_refused_in_one_line_and_nothing_is_launched(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a regular file where a folder should be")
+    svc = Service(tmp_path / "pidfiles", overrides={"LOG_DIR": str(blocker / "logs"),
+                                                   "PID_FILE": str(tmp_path / "pidfiles" / "service.pid")})
+    started = time.monotonic()
+    r = svc.start(check=False)
+    assert r.returncode == 1
+    assert r.stderr == (f"start_service: LOG_DIR={blocker}/logs cannot be created ({blocker}/logs)\n")
+    assert time.monotonic() - started < 15
+    assert not svc.pid_file.exists()
+    assert health(svc) is None, "something answers on the service's port"
+
+
+def test_read_only_log_dir_is_refused_in_one_line_and_nothing_is_launched(tmp_path: Path) -> None:
+    """A log folder on a read-only mount (root can write through permissions, not through `ro`)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private read-only bind mount")
+    logs = tmp_path / "ro-logs"
+    logs.mkdir()
+    svc = Service(tmp_path / "state", overrides={"LOG_DIR": str(logs),
+                                                "PID_FILE": str(tmp_path / "state" / "service.pid")})
+    # The mount lives in a private mount namespace that ends with the command.
+    wrapped = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+               'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2"', "sh", str(logs),
+               str(ROOT / "start_service.sh")]
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.strip()}")
+    r = subprocess.run(wrapped, env=svc.env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == f"start_service: LOG_DIR={logs} is not writable ({logs})\n"
+    assert not svc.pid_file.exists() and list(logs.iterdir()) == []
+    assert health(svc) is None
+
+
+# The client's retries: urllib3 backs off 0, 1, 2, 4, 8, 16, 32, 64 s (factor 0.5) — 8 retries
+# wait about 2 minutes in all, more than a restart of the tiny model under load takes.
+RESTART_RETRIES = "8"
+
+
+def test_server_restarted_under_a_running_batch_every_input_captioned_exactly_once(tmp_path: Path) -> None:
+    svc = Service(tmp_path / "logs", overrides={"SHUTDOWN_DRAIN": "2"})
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    total = 300
+    for i in range(total):
+        shutil.copy(SAMPLE, folder / f"{i:03d}.wav")
+    out = tmp_path / "out.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+    env["CAPTIONER_CONFIG"] = "/nonexistent/config.env"
+    batch: subprocess.Popen[str] | None = None
+    try:
+        svc.start()
+        batch = subprocess.Popen(
+            [sys.executable, str(ROOT / "test_client.py"), str(folder), "-o", str(out), "--base-url",
+             svc.base_url, "--max-tokens", "64", "--concurrency", "1", "--retries", RESTART_RETRIES],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 4):
+            assert batch.poll() is None, f"the batch ended before the restart: {batch.stderr}"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        restart_started = time.monotonic()
+        assert svc.stop().returncode == 0
+        done_at_stop = out.read_bytes().count(b"\n")
+        svc.start()
+        restart_seconds = time.monotonic() - restart_started
+        _, stderr = batch.communicate(timeout=300)
+        print(f"restart took {restart_seconds:.1f}s; {done_at_stop} of {total} done at the stop; "
+              f"client said: {stderr!r}")
+        assert done_at_stop < total, "the batch finished before the restart: nothing was proved"
+        assert batch.returncode == 0, stderr
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(r["source"] for r in records) == sorted(str(p) for p in folder.iterdir())
+        assert all(r["error"] is None for r in records)
+        assert f"{total} files: {total} captioned, 0 failed" in stderr
+        assert svc.status().returncode == 0
+    finally:
+        if batch is not None and batch.poll() is None:
+            batch.kill()
+            batch.wait()
+        svc.stop()
+        svc.force_cleanup()
