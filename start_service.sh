@@ -178,7 +178,7 @@ launch() {
   local i
   for ((i = 0; i < 50; i++)); do
     [[ $(proc_stat_field "$CHILD_PID" 6 || true) == "$CHILD_PID" ]] && break
-    [[ -d /proc/$CHILD_PID ]] || fail_start "vLLM exited at once"
+    leader_alive || fail_start "vLLM exited during start-up (see the log lines below)"
     sleep 0.1
   done
   write_pid_file "$CHILD_PID"
