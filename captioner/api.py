@@ -1,9 +1,17 @@
 """HTTP calls to one caption server (vLLM's OpenAI-compatible API).
 
 Retries are urllib3's `Retry`: connection failures and 502/503/504 (a restarting
-server or a proxy in front of one) are retried with exponential backoff. Read
-timeouts and dropped connections after the request went out are not: the server
-may already be working on it, and a retry would double its load.
+server or a proxy in front of one) are retried with exponential backoff. A read
+timeout is not: the server is still working on the caption, and a retry would
+double its load.
+
+A connection the server closed or reset before any byte of an answer (a kept-alive
+connection reused just as a draining or restarting server closed it) is retried
+too, with the same backoff, by `CaptionClient._request` rather than urllib3:
+urllib3 files it under "read" errors together with read timeouts, so letting
+urllib3 retry it would resend slow captions as well. A caption request has no side
+effects, so resending one the server may have started costs at most some work.
+An answer cut off after it began is not resent.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ProtocolError
 from urllib3.util.retry import Retry
 
 from captioner.errors import (
@@ -106,6 +115,8 @@ class CaptionClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
+        self.retries = retries
+        self.backoff = backoff
         self.session = requests.Session()
         retry = Retry(
             total=retries,
@@ -191,10 +202,17 @@ class CaptionClient:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = self.base_url + path
-        try:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
-        except requests.RequestException as exc:
-            raise self._transport_error(exc) from exc
+        dropped = 0
+        while True:
+            try:
+                response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+                break
+            except requests.RequestException as exc:
+                if dropped < self.retries and closed_before_answer(exc):
+                    dropped += 1
+                    time.sleep(backoff_seconds(dropped, self.backoff))
+                    continue
+                raise self._transport_error(exc) from exc
         if response.status_code >= 400:
             try:
                 body: Any = response.json()
@@ -240,6 +258,29 @@ class CaptionClient:
             f"Check with ./status_service.sh on its host; from another machine open a tunnel "
             f"first: ssh -N -L {port}:127.0.0.1:{port} host"
         )
+
+
+def backoff_seconds(retry: int, factor: float) -> float:
+    """The pause before the `retry`-th retry (1-based), as urllib3's `Retry` computes it."""
+    return 0.0 if retry <= 1 else factor * 2 ** (retry - 1)
+
+
+def closed_before_answer(exc: BaseException) -> bool:
+    """True for a request the server dropped (closed, reset) before any byte of an answer.
+
+    requests raises ConnectionError(ProtocolError('Connection aborted.', cause)) for it;
+    a read timeout is a ReadTimeout (or a ConnectionError wrapping ReadTimeoutError when
+    streaming), and an answer cut off midway a ChunkedEncodingError: neither matches.
+    """
+    if not isinstance(exc, requests.ConnectionError) or not exc.args:
+        return False
+    error = exc.args[0]
+    if isinstance(error, MaxRetryError):
+        error = error.reason
+    if not isinstance(error, ProtocolError) or len(error.args) < 2:
+        return False
+    # RemoteDisconnected ("closed connection without response") is a ConnectionResetError.
+    return isinstance(error.args[1], (ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
 
 
 def _http_error(status: int, body: Any, base_url: str = "") -> ServerHTTPError:

@@ -228,3 +228,34 @@ def test_default_base_url_and_concurrency_follow_the_service_config(
         monkeypatch.setenv("CAPTIONER_CONFIG", str(config))
         assert call(str(clip)) == ExitCode.OK
     assert len(stub.requests) == 1
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_connection_dropped_before_an_answer_is_resent_and_the_batch_goes_on(
+    tmp_path: Path, how: str
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        write_wav(folder / f"{i}.wav", tone(1, 300 + 100 * i))
+    out = tmp_path / "out.jsonl"
+    with StubServer(drops=[how, how]) as stub:
+        code = call(str(folder), "-o", str(out), "--base-url", stub.base_url, "--concurrency", "1")
+    assert code == ExitCode.OK
+    assert len(stub.requests) == 5  # two dropped, then each of the three answered once
+    assert [json.loads(x)["error"] for x in out.read_text().splitlines()] == [None] * 3
+
+
+def test_connection_dropped_more_often_than_retries_fails_as_closed_mid_request(
+    clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with StubServer(drops=["close"] * 3) as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "--retries", "2") == ExitCode.CONNECTION
+    assert len(stub.requests) == 3
+    assert "the server closed the connection mid-request" in capsys.readouterr().err
+
+
+def test_read_timeout_is_not_resent(clip: Path) -> None:
+    with StubServer(delay=1) as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "--timeout", "0.3") == ExitCode.TIMEOUT
+    assert len(stub.requests) == 1

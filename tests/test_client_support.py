@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import threading
 import wave
@@ -92,7 +94,9 @@ class StubServer:
     """An OpenAI-compatible stand-in on 127.0.0.1 whose answers a test scripts.
 
     `replies` is consumed per chat request: (status, body) pairs; when empty, every
-    request gets a 200 with `caption`. `api_key` makes it demand a Bearer key.
+    request gets a 200 with `caption`. `api_key` makes it demand a Bearer key. `drops`
+    is consumed first: "close" or "reset" ends the connection without a byte of an
+    answer (FIN, or RST), as a server that restarts or drains under a request does.
     """
 
     caption: str = "a stub caption"
@@ -102,6 +106,7 @@ class StubServer:
     chunk_delay: float = 0.0  # pause between streamed pieces
     requests: list[dict[str, Any]] = field(default_factory=list)
     on_request: Callable[[dict[str, Any]], None] | None = None
+    drops: list[str] = field(default_factory=list)
 
     def __enter__(self) -> Self:
         stub = self
@@ -136,6 +141,9 @@ class StubServer:
                 stub.requests.append(body)
                 if stub.on_request:
                     stub.on_request(body)
+                if stub.drops:
+                    self._drop(stub.drops.pop(0))
+                    return
                 if stub.delay:
                     threading.Event().wait(stub.delay)
                 if stub.replies:
@@ -145,6 +153,13 @@ class StubServer:
                     self._stream()
                 else:
                     self._send(200, completion(stub.caption))
+
+            def _drop(self, how: str) -> None:
+                self.close_connection = True
+                if how == "reset":  # linger 0: close() sends RST, the client sees ECONNRESET
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))  # fmt: skip
+                    self.connection.close()
 
             def _stream(self) -> None:
                 # Chunked, like vLLM: each event is one HTTP chunk.
