@@ -5,6 +5,11 @@ server or a proxy in front of one) are retried with exponential backoff. A read
 timeout is not: the server is still working on the caption, and a retry would
 double its load.
 
+The default, 7 retries with backoff 0, 1, 2, 4, 8, 16, 30 s (factor 0.5, each pause
+capped at 30 s), waits about a minute in all: long enough to ride through a restart
+of the server on the tiny CPU model (~30 s); a GPU server loading the 30B model
+takes minutes, so set --retries higher there, or rerun the batch (it resumes).
+
 A connection the server closed or reset before any byte of an answer (a kept-alive
 connection reused just as a draining or restarting server closed it) is retried
 too, with the same backoff, by `CaptionClient._request` rather than urllib3:
@@ -39,6 +44,9 @@ from captioner.errors import (
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8003"
 RETRY_STATUSES = (502, 503, 504)
+DEFAULT_RETRIES = 7
+DEFAULT_BACKOFF = 0.5  # seconds: the pauses are 0, 1, 2, 4, ... (urllib3's formula)
+BACKOFF_MAX = 30.0  # longest single pause
 
 
 @dataclass
@@ -109,8 +117,8 @@ class CaptionClient:
         api_key: str | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
-        retries: int = 3,
-        backoff: float = 0.5,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
         pool_size: int = 8,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -127,19 +135,32 @@ class CaptionClient:
             status_forcelist=RETRY_STATUSES,
             allowed_methods=None,  # POST too: a 503 or refused connection ran nothing
             backoff_factor=backoff,
+            backoff_max=BACKOFF_MAX,
             raise_on_status=False,
         )
         adapter = HTTPAdapter(max_retries=retry, pool_maxsize=max(pool_size, 1))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        # One try, no retries: to tell a user at once that the server is not answering
+        # before the retries wait for it (see `list_models`).
+        self._one_try = requests.Session()
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
+            self._one_try.headers["Authorization"] = f"Bearer {api_key}"
 
     def close(self) -> None:
         self.session.close()
+        self._one_try.close()
 
-    def list_models(self) -> list[str]:
-        data = self._json(self._request("GET", "/v1/models"))
+    @property
+    def retry_wait(self) -> float:
+        """Seconds the retries of one request may pause in all (Retry-After aside)."""
+        return retry_wait(self.retries, self.backoff)
+
+    def list_models(self, retry: bool = True) -> list[str]:
+        """The served models; `retry=False` makes a single try (refused: at once)."""
+        session = self.session if retry else self._one_try
+        data = self._json(self._request("GET", "/v1/models", session=session))
         return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
 
     def caption(self, audio_url: str, model: str, max_tokens: int | None = None) -> Caption:
@@ -200,15 +221,18 @@ class CaptionClient:
         except requests.RequestException as exc:
             raise self._transport_error(exc) from exc
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+    def _request(
+        self, method: str, path: str, session: requests.Session | None = None, **kwargs: Any
+    ) -> requests.Response:
         url = self.base_url + path
+        session = session or self.session
         dropped = 0
         while True:
             try:
-                response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+                response = session.request(method, url, timeout=self.timeout, **kwargs)
                 break
             except requests.RequestException as exc:
-                if dropped < self.retries and closed_before_answer(exc):
+                if session is self.session and dropped < self.retries and closed_before_answer(exc):
                     dropped += 1
                     time.sleep(backoff_seconds(dropped, self.backoff))
                     continue
@@ -262,7 +286,12 @@ class CaptionClient:
 
 def backoff_seconds(retry: int, factor: float) -> float:
     """The pause before the `retry`-th retry (1-based), as urllib3's `Retry` computes it."""
-    return 0.0 if retry <= 1 else factor * 2 ** (retry - 1)
+    return 0.0 if retry <= 1 else min(BACKOFF_MAX, factor * 2 ** (retry - 1))
+
+
+def retry_wait(retries: int, factor: float = DEFAULT_BACKOFF) -> float:
+    """All the pauses of `retries` retries: 61 s for the default 7."""
+    return sum(backoff_seconds(n, factor) for n in range(1, retries + 1))
 
 
 def closed_before_answer(exc: BaseException) -> bool:

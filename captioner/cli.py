@@ -20,7 +20,15 @@ from typing import Any
 from tqdm import tqdm
 
 from captioner import __version__
-from captioner.api import DEFAULT_BASE_URL, CaptionClient
+from captioner.api import (
+    BACKOFF_MAX,
+    DEFAULT_BACKOFF,
+    DEFAULT_BASE_URL,
+    DEFAULT_RETRIES,
+    RETRY_STATUSES,
+    CaptionClient,
+    retry_wait,
+)
 from captioner.batch import (
     BatchOptions,
     ClientRing,
@@ -35,6 +43,8 @@ from captioner.errors import (
     CaptionerError,
     ExitCode,
     InputError,
+    ServerConnectionError,
+    ServerHTTPError,
     UsageError,
     exit_code_for,
 )
@@ -63,6 +73,9 @@ INPUT is a file, a folder (searched recursively for audio), - for stdin, or an
 http(s) URL; several may be given. With no INPUT the sample clip is captioned.
 """
 
+DEFAULT_WAIT = retry_wait(DEFAULT_RETRIES)
+WAIT_10 = retry_wait(10)
+
 EPILOG = f"""\
 defaults from the environment, then config.env (or $CAPTIONER_CONFIG):
   CAPTIONER_BASE_URL    server URL(s), space- or comma-separated; else
@@ -70,6 +83,12 @@ defaults from the environment, then config.env (or $CAPTIONER_CONFIG):
   CAPTIONER_API_KEY     API key, else API_KEY as the service uses it
   CAPTIONER_CONCURRENCY requests in flight, else MAX_NUM_SEQS (the server's batch
                         size) times the number of servers, else {DEFAULT_CONCURRENCY}
+
+retries: refused or dropped connections and HTTP 502/503/504 are retried after
+  pauses of 0, 1, 2, 4 ... s, each at most {BACKOFF_MAX:g} s (or the server's Retry-After):
+  --retries {DEFAULT_RETRIES} (the default) waits up to {DEFAULT_WAIT:g} s in all, \
+--retries 10 up to {WAIT_10:g} s
+  (a GPU server loading the model may need it); a read timeout is never retried
 
 exit codes: 0 ok, 1 some inputs failed, 2 usage, 3 input unreadable, 4 cannot
 connect, 5 timeout, 6 server refused (4xx), 7 server error (5xx), 130 Ctrl-C
@@ -145,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for a connection (default 10)",
     )  # fmt: skip
     p.add_argument(
-        "--retries", type=int, default=3, metavar="N",
-        help="retries on refused connections and HTTP 502/503/504, with backoff (default 3)",
+        "--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+        help="retries on refused or dropped connections and HTTP 502/503/504, with "
+        f"backoff (default {DEFAULT_RETRIES}: up to {DEFAULT_WAIT:g} s in all; "
+        "0 fails at once; see below)",
     )  # fmt: skip
     p.add_argument(
         "--prompt", metavar="TEXT",
@@ -244,6 +265,7 @@ def run(args: argparse.Namespace) -> ExitCode:
             connect_timeout=args.connect_timeout,
             read_timeout=args.timeout,
             retries=max(args.retries, 0),
+            backoff=DEFAULT_BACKOFF,
             pool_size=concurrency,
         )
         for url in base_urls
@@ -320,7 +342,7 @@ def choose_model(requested: str | None, clients: list[CaptionClient]) -> str:
     """The model to ask for; also the check that every server answers and accepts the key."""
     model = requested
     for client in clients:
-        served = client.list_models()
+        served = list_models_saying_when_waiting(client)
         if not served:
             raise UsageError(f"{client.base_url} serves no model")
         if model is None:
@@ -332,6 +354,27 @@ def choose_model(requested: str | None, clients: list[CaptionClient]) -> str:
     assert model is not None
     log.debug("model %s on %s", model, ", ".join(c.base_url for c in clients))
     return model
+
+
+def list_models_saying_when_waiting(client: CaptionClient) -> list[str]:
+    """`client.list_models()`, with one line on stderr before the retries wait a while.
+
+    A server that is down or restarting is waited for (up to a minute by default) so a
+    batch started during a restart goes ahead; a user who mistyped the URL is told why
+    nothing happens, and how not to wait.
+    """
+    try:
+        return client.list_models(retry=False)
+    except (ServerConnectionError, ServerHTTPError) as exc:
+        retryable = isinstance(exc, ServerConnectionError) or exc.status in RETRY_STATUSES
+        if not retryable or client.retries == 0:
+            raise
+        if client.retry_wait > 0:
+            log.warning(
+                "%s is not answering; retrying for up to %g s (--retries %d; 0 fails at once)",
+                client.base_url, client.retry_wait, client.retries,
+            )  # fmt: skip
+    return client.list_models()
 
 
 def stream_one(item: InputItem, options: BatchOptions, ring: ClientRing) -> ExitCode:

@@ -11,8 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
+from urllib3.exceptions import NewConnectionError
+from urllib3.util.retry import Retry
 
-from captioner.cli import main
+from captioner.api import BACKOFF_MAX, DEFAULT_BACKOFF, DEFAULT_RETRIES, retry_wait
+from captioner.cli import build_parser, main
 from captioner.config import Settings, read_config_file
 from captioner.errors import (
     CaptionerError,
@@ -259,3 +262,27 @@ def test_read_timeout_is_not_resent(clip: Path) -> None:
     with StubServer(delay=1) as stub:
         assert call(str(clip), "--base-url", stub.base_url, "--timeout", "0.3") == ExitCode.TIMEOUT
     assert len(stub.requests) == 1
+
+
+def test_default_retries_wait_about_a_minute_as_urllib3_counts_it() -> None:
+    assert build_parser().parse_args([]).retries == DEFAULT_RETRIES == 7
+    retry = Retry(total=DEFAULT_RETRIES, backoff_factor=DEFAULT_BACKOFF, backoff_max=BACKOFF_MAX)
+    pauses = []
+    for _ in range(DEFAULT_RETRIES):
+        retry = retry.increment("GET", "/", error=NewConnectionError(None, "refused"))  # type: ignore[arg-type]
+        pauses.append(retry.get_backoff_time())
+    assert pauses == [0, 1, 2, 4, 8, 16, 30]
+    assert retry_wait(DEFAULT_RETRIES) == sum(pauses) == 61
+    assert "up to 61 s in all" in build_parser().format_help()
+
+
+def test_unreachable_server_says_once_how_long_it_retries_then_exits_4(
+    clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = call(str(clip), "--base-url", "http://127.0.0.1:9", "--retries", "2")
+    assert code == ExitCode.CONNECTION
+    # Only our own lines: a stub of an earlier test may still print its thread's traceback.
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("captioner: ")]
+    assert lines[0] == ("captioner: warning: http://127.0.0.1:9 is not answering; "
+                        "retrying for up to 1 s (--retries 2; 0 fails at once)")  # fmt: skip
+    assert len(lines) == 2 and "connection refused" in lines[1]
