@@ -44,6 +44,13 @@ from captioner.errors import (
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8003"
 RETRY_STATUSES = (502, 503, 504)
+# vLLM's messages for the client mistakes it answers with HTTP 500 (docs/RELIABILITY.md,
+# "Bad input"): audio that soundfile/libsndfile or the decoders cannot open, local files.
+BAD_INPUT_500 = re.compile(
+    r"^Error opening |Failed to decode|Cannot load local files|"
+    r"allowed-local-media-path|file://",
+    re.IGNORECASE,
+)
 DEFAULT_RETRIES = 7
 DEFAULT_BACKOFF = 0.5  # seconds: the pauses are 0, 1, 2, 4, ... (urllib3's formula)
 BACKOFF_MAX = 30.0  # longest single pause
@@ -324,5 +331,11 @@ def _http_error(status: int, body: Any, base_url: str = "") -> ServerHTTPError:
     hint = ""
     if status in (401, 403):
         hint = " (wrong or missing API key? set --api-key or CAPTIONER_API_KEY)"
-    kind = "server error" if status >= 500 else "server refused the request"
-    return ServerHTTPError(status, f"{where}{kind}: HTTP {status}: {text}{hint}")
+    bad_input = status == 500 and BAD_INPUT_500.search(text) is not None
+    if bad_input:
+        kind = "server could not use the input"
+    elif status >= 500:
+        kind = "server error"
+    else:
+        kind = "server refused the request"
+    return ServerHTTPError(status, f"{where}{kind}: HTTP {status}: {text}{hint}", bad_input)

@@ -91,7 +91,8 @@ retries: refused or dropped connections and HTTP 502/503/504 are retried after
   (a GPU server loading the model may need it); a read timeout is never retried
 
 exit codes: 0 ok, 1 some inputs failed, 2 usage, 3 input unreadable, 4 cannot
-connect, 5 timeout, 6 server refused (4xx), 7 server error (5xx), 130 Ctrl-C
+connect, 5 timeout, 6 server refused (4xx, or vLLM's 500 for unusable input),
+7 server error (other 5xx), 130 Ctrl-C
 """
 
 

@@ -3,6 +3,13 @@
 Every failure the client knows about is a `CaptionerError` subclass with a one-line
 message fit for an operator; `exit_code_for` is the only place that turns an
 exception into a process exit status.
+
+vLLM (0.32) answers some client mistakes with HTTP 500: audio it cannot decode
+("Error opening <_io.BytesIO object>: ... Malformed 'fmt ' chunk."), a file:// URL
+("Cannot load local files without --allowed-local-media-path"). Those, told apart
+by vLLM's message (`api.BAD_INPUT_500`), exit 6 like the 400 vLLM gives other
+undecodable audio: the server refused the input, and a retry or a look at the
+server will not help. Every other 5xx exits 7.
 """
 
 from __future__ import annotations
@@ -54,10 +61,12 @@ class ServerTimeoutError(CaptionerError):
 class ServerHTTPError(CaptionerError):
     """The server answered with an HTTP error status; `message` holds its own words."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, bad_input: bool = False) -> None:
         super().__init__(message)
         self.status = status
-        self.exit_code = ExitCode.HTTP_5XX if status >= 500 else ExitCode.HTTP_4XX
+        self.bad_input = bad_input  # a 5xx that vLLM gives for a client's mistake
+        server_failed = status >= 500 and not bad_input
+        self.exit_code = ExitCode.HTTP_5XX if server_failed else ExitCode.HTTP_4XX
 
 
 def exit_code_for(exc: BaseException) -> ExitCode:

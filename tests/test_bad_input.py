@@ -122,8 +122,9 @@ def test_client_says_plainly_what_was_wrong_when_vllm_answers_500_for_bad_audio(
     client = CaptionClient(server.base_url, retries=0)
     with pytest.raises(ServerHTTPError) as caught:
         client.caption(audio_data_url(CORRUPT_WAV, "audio/wav"), server.model, max_tokens=8)
-    assert caught.value.status == 500 and caught.value.exit_code == ExitCode.HTTP_5XX
-    assert str(caught.value) == (f"{server.base_url}: server error: HTTP 500: Error opening <_io.BytesIO "
+    assert caught.value.status == 500 and caught.value.exit_code == ExitCode.HTTP_4XX
+    assert str(caught.value) == (f"{server.base_url}: server could not use the input: HTTP 500: "
+                                 "Error opening <_io.BytesIO "
                                  "object>: Error in WAV/W64/RF64 file. Malformed 'fmt ' chunk.")
     assert client.caption(audio_data_url(SAMPLE.read_bytes(), "audio/wav"), server.model, 8).model
 

@@ -286,3 +286,33 @@ def test_unreachable_server_says_once_how_long_it_retries_then_exits_4(
     assert lines[0] == ("captioner: warning: http://127.0.0.1:9 is not answering; "
                         "retrying for up to 1 s (--retries 2; 0 fails at once)")  # fmt: skip
     assert len(lines) == 2 and "connection refused" in lines[1]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Error opening <_io.BytesIO object>: Error in WAV/W64/RF64 file. Malformed 'fmt ' chunk.",
+        "Cannot load local files without `--allowed-local-media-path`.",
+        "Failed to decode audio: invalid data found when processing input",
+    ],
+    ids=["corrupt-audio", "file-url", "decode-failure"],
+)
+def test_vllm_500_for_bad_input_exits_6_saying_the_server_could_not_use_it(
+    clip: Path, capsys: pytest.CaptureFixture[str], message: str
+) -> None:
+    with StubServer(replies=[(500, {"error": {"message": message, "code": 500}})]) as stub:
+        assert call(str(clip), "--base-url", stub.base_url) == ExitCode.HTTP_4XX
+    err = capsys.readouterr().err
+    assert f"{stub.base_url}: server could not use the input: HTTP 500: {message}" in err
+    assert len(stub.requests) == 1  # a client mistake: not retried
+
+
+def test_vllm_500_for_bad_input_does_not_stop_a_batch(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        write_wav(folder / f"{i}.wav", tone(1, 300 + 100 * i))
+    bad = (500, {"error": {"message": "Error opening <_io.BytesIO object>: Format not recognised."}})
+    with StubServer(replies=[bad]) as stub:
+        code = call(str(folder), "--base-url", stub.base_url, "--concurrency", "1")
+    assert code == ExitCode.FAILURES and len(stub.requests) == 3
