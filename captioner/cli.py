@@ -61,6 +61,7 @@ from captioner.records import Record
 log = logging.getLogger("captioner")
 
 DEFAULT_CONCURRENCY = 8
+DEFAULT_SEGMENT_SECONDS = 30.0
 PROMPT_REFUSED = (
     "--prompt: the Captioner takes no text prompt; it describes the audio alone, "
     "so requests carry audio only (drop --prompt)"
@@ -83,6 +84,8 @@ defaults from the environment, then config.env (or $CAPTIONER_CONFIG):
   CAPTIONER_API_KEY     API key, else API_KEY as the service uses it
   CAPTIONER_CONCURRENCY requests in flight, else MAX_NUM_SEQS (the server's batch
                         size) times the number of servers, else {DEFAULT_CONCURRENCY}
+  MAX_AUDIO_SECONDS     the server's audio cap: --segment-seconds defaults to it
+                        where it is below {DEFAULT_SEGMENT_SECONDS:g}
 
 retries: refused or dropped connections and HTTP 502/503/504 are retried after
   pauses of 0, 1, 2, 4 ... s, each at most {BACKOFF_MAX:g} s (or the server's Retry-After):
@@ -139,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", metavar="KEY", help="API key (default: see below)")
     p.add_argument("--model", help="served model name (default: the server's first, from /v1/models)")
     p.add_argument(
-        "--segment-seconds", type=positive_float, default=30.0, metavar="S",
-        help="split audio longer than S seconds into windows (default 30; the model "
-        "is at its best on 30 s or less)",
+        "--segment-seconds", type=positive_float, metavar="S",
+        help=f"split audio longer than S seconds into windows (default {DEFAULT_SEGMENT_SECONDS:g}, "
+        "or the server's MAX_AUDIO_SECONDS if lower; the model is at its best on 30 s or less)",
     )  # fmt: skip
     p.add_argument(
         "--max-tokens", type=positive_int, metavar="N",
@@ -274,7 +277,7 @@ def run(args: argparse.Namespace) -> ExitCode:
     model = choose_model(args.model, clients)
     options = BatchOptions(
         model=model,
-        segment_seconds=args.segment_seconds,
+        segment_seconds=choose_segment_seconds(args, settings),
         max_tokens=args.max_tokens,
         concurrency=concurrency,
         server_fetch=args.server_fetch,
@@ -337,6 +340,25 @@ def choose_concurrency(args: argparse.Namespace, settings: Settings, servers: in
             if number >= 1:
                 return number * scale
     return DEFAULT_CONCURRENCY * servers
+
+
+def choose_segment_seconds(args: argparse.Namespace, settings: Settings) -> float:
+    """--segment-seconds, else 30 s, or MAX_AUDIO_SECONDS where that is lower.
+
+    The server refuses audio longer than MAX_AUDIO_SECONDS, so windows longer than
+    that would all be refused. Read from the shared configuration, like MAX_NUM_SEQS.
+    """
+    if args.segment_seconds:
+        return float(args.segment_seconds)
+    value = settings.get("MAX_AUDIO_SECONDS")
+    if value:
+        try:
+            cap = float(value)
+        except ValueError:
+            raise UsageError(f"MAX_AUDIO_SECONDS={value}: expected a number of seconds") from None
+        if cap > 0:
+            return min(DEFAULT_SEGMENT_SECONDS, cap)
+    return DEFAULT_SEGMENT_SECONDS
 
 
 def choose_model(requested: str | None, clients: list[CaptionClient]) -> str:

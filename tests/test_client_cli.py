@@ -33,7 +33,7 @@ from tests.test_client_support import StubServer, parse_srt, tone, write_wav
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("CAPTIONER_BASE_URL", "CAPTIONER_API_KEY", "CAPTIONER_CONCURRENCY",
-                 "API_KEY", "MAX_NUM_SEQS", "PORT"):  # fmt: skip
+                 "API_KEY", "MAX_NUM_SEQS", "MAX_AUDIO_SECONDS", "PORT"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     # Not the kit's own config.env: these tests must not depend on an operator's settings.
     monkeypatch.setenv("CAPTIONER_CONFIG", "/nonexistent/config.env")
@@ -316,3 +316,40 @@ def test_vllm_500_for_bad_input_does_not_stop_a_batch(tmp_path: Path) -> None:
     with StubServer(replies=[bad]) as stub:
         code = call(str(folder), "--base-url", stub.base_url, "--concurrency", "1")
     assert code == ExitCode.FAILURES and len(stub.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("config", "argv", "windows"),
+    [
+        ("MAX_AUDIO_SECONDS=7\n", [], [(0, 7), (7, 14), (14, 20)]),
+        ("MAX_AUDIO_SECONDS=600\n", [], [(0, 20)]),
+        ("MAX_AUDIO_SECONDS=7\n", ["--segment-seconds", "10"], [(0, 10), (10, 20)]),
+        ("", [], [(0, 20)]),
+    ],
+    ids=["cap-below-30", "cap-above-30", "flag-wins", "no-cap"],
+)  # fmt: skip
+def test_default_windows_are_no_longer_than_the_servers_max_audio_seconds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    config: str, argv: list[str], windows: list[tuple[int, int]],
+) -> None:  # fmt: skip
+    clip = write_wav(tmp_path / "long.wav", tone(20))
+    (tmp_path / "config.env").write_text(config)
+    monkeypatch.setenv("CAPTIONER_CONFIG", str(tmp_path / "config.env"))
+    with StubServer() as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "-f", "json", *argv) == ExitCode.OK
+    record = json.loads(capsys.readouterr().out)
+    record = record[0] if isinstance(record, list) else record
+    assert [(s["start"], s["end"]) for s in record["segments"]] == windows
+    assert len(stub.requests) == len(windows)
+
+
+def test_max_audio_seconds_from_the_environment_wins_over_the_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clip = write_wav(tmp_path / "long.wav", tone(20))
+    (tmp_path / "config.env").write_text("MAX_AUDIO_SECONDS=600\n")
+    monkeypatch.setenv("CAPTIONER_CONFIG", str(tmp_path / "config.env"))
+    monkeypatch.setenv("MAX_AUDIO_SECONDS", "12.5")
+    with StubServer() as stub:
+        assert call(str(clip), "--base-url", stub.base_url) == ExitCode.OK
+    assert len(stub.requests) == 2
