@@ -154,8 +154,8 @@ def test_read_only_log_dir_is_refused_in_one_line_and_nothing_is_launched(tmp_pa
     assert health(svc) is None
 
 
-# The client's retries: urllib3 backs off 0, 1, 2, 4, 8, 16, 32, 64 s (factor 0.5) — 8 retries
-# wait about 2 minutes in all, more than a restart of the tiny model under load takes.
+# The client's retries back off 0, 1, 2, 4, 8, 16, 30, 30 s (at most 30 s each): 8 retries wait
+# 91 s in all, a margin over the ~33 s restart of the tiny model (the default 7 waits 61 s).
 RESTART_RETRIES = "8"
 
 
