@@ -20,10 +20,12 @@ model's audio encoder works at.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
 import wave
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -99,19 +101,26 @@ class PreparedAudio:
     windows: list[Window]
 
 
+@contextlib.contextmanager
+def _open_audio(data: bytes, name: str) -> Iterator[tuple[av.container.InputContainer, av.AudioStream]]:
+    """The container and its first audio stream; `InputError` for empty input or no audio stream.
+    FFmpeg errors pass through for the caller to word."""
+    if not data:
+        raise InputError(f"{name}: empty input (0 bytes)")
+    with av.open(io.BytesIO(data), mode="r") as container:
+        if not container.streams.audio:
+            raise InputError(f"{name}: no audio stream ({container.format.name} data, not audio)")
+        yield container, container.streams.audio[0]
+
+
 def probe(data: bytes, name: str) -> Probed:
     """Check that `data` is audio (its first frame decodes) and read its duration cheaply.
 
     The same `InputError`s as `decode` for input that is not audio, without decoding
     more than the first frame.
     """
-    if not data:
-        raise InputError(f"{name}: empty input (0 bytes)")
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.audio:
-                raise InputError(f"{name}: no audio stream ({container.format.name} data, not audio)")
-            stream = container.streams.audio[0]
+        with _open_audio(data, name) as (container, stream):
             container_name = container.format.name
             duration = None
             if _HEADER_DURATION_FORMATS.intersection(container_name.split(",")):
@@ -149,13 +158,8 @@ def _header_duration(container: av.container.InputContainer, stream: av.AudioStr
 
 def decode(data: bytes, name: str) -> Decoded:
     """Decode any FFmpeg-readable audio to mono float32 at 16 kHz; `InputError` if not audio."""
-    if not data:
-        raise InputError(f"{name}: empty input (0 bytes)")
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.audio:
-                raise InputError(f"{name}: no audio stream ({container.format.name} data, not audio)")
-            stream = container.streams.audio[0]
+        with _open_audio(data, name) as (container, stream):
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             chunks: list[Samples] = []
             for frame in container.decode(stream):
