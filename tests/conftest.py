@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,14 @@ import pytest
 from tests.service import ROOT, TINY_MODEL, Service, started
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # A SIGTERM (a CI time limit, `timeout`) must still run the fixtures' teardown, which stops the
+    # servers the run started; by default it would end pytest on the spot and leave them running.
+    signal.signal(signal.SIGTERM, _interrupt)
     if not (TINY_MODEL / "config.json").exists():
         # The model is a build product (make model-tiny); build it once rather than fail.
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "tools" / "make_tiny_model.py"),

@@ -57,10 +57,17 @@ def service_env(log_dir: Path, port: int, **overrides: str) -> dict[str, str]:
 def script(
     name: str, env: dict[str, str], timeout: float = START_TIMEOUT + 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(ROOT / name)], env=env, capture_output=True, text=True, timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    """Run one of the kit's scripts. Interrupted (Ctrl-C, SIGTERM), it gets SIGTERM, not the
+    SIGKILL subprocess.run would send, so start_service.sh can stop what it was starting."""
+    with subprocess.Popen([str(ROOT / name)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.terminate()
+            proc.communicate(timeout=60)
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def session_pids(sid: int) -> list[int]:
@@ -154,6 +161,8 @@ class Service:
         """Last resort after a failed test: SIGKILL whatever is left of this service's session."""
         import signal
 
+        if self.pid is None and self.pid_file.exists():
+            self.pid = int(self.read_pid_file().get("pid", "0")) or None
         for pid in self.leftovers():
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -163,9 +172,10 @@ class Service:
 
 
 def started(service: Service):  # type: ignore[no-untyped-def]
-    """Context manager body for fixtures: start, yield, stop — and never leave a process behind."""
-    service.start()
+    """Context manager body for fixtures: start, yield, stop — and never leave a process behind,
+    also when the start itself is interrupted."""
     try:
+        service.start()
         yield service
     finally:
         service.stop()
