@@ -142,21 +142,21 @@ CHILD_PID=
 cleanup_failed_start() {
   [[ -n $CHILD_PID ]] || return 0
   CHILD_PID=
-  STOP_TIMEOUT=10 terminate_service leader || warn "could not stop every process of the failed start: $(service_pids | tr '\n' ' ')"
+  STOP_TIMEOUT=10 terminate_service leader || say "could not stop every process of the failed start: $(service_pids | tr '\n' ' ')"
   rm -f "$PID_FILE_ABS"
 }
 
 on_signal() {
   trap - INT TERM
-  warn "interrupted: stopping the server that was starting"
+  say "interrupted: stopping the server that was starting"
   cleanup_failed_start
   exit 130
 }
 
 fail_start() { # fail_start MESSAGE
-  warn "$1"
+  say "$1"
   if [[ -s $LOG_FILE ]]; then
-    warn "last lines of $LOG_FILE:"
+    say "last lines of $LOG_FILE:"
     tail -n 25 "$LOG_FILE" | sed 's/^/    /' >&2
   fi
   cleanup_failed_start
@@ -213,7 +213,7 @@ warm_up() {
   ((WARMUP_REQUESTS > 0)) && [[ $DEVICE == cuda ]] || return 0
   say "warming up with $WARMUP_REQUESTS concurrent requests"
   CAPTIONER_API_KEY=$API_KEY "$VLLM_PYTHON" "$KIT_ROOT/tools/warm_up.py" --base-url "$BASE_URL" \
-    --requests "$WARMUP_REQUESTS" >>"$LOG_FILE" 2>&1 || warn "warm-up failed (the service is up; see $LOG_FILE)"
+    --requests "$WARMUP_REQUESTS" >>"$LOG_FILE" 2>&1 || say "warm-up failed (the service is up; see $LOG_FILE)"
 }
 
 main() {

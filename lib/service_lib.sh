@@ -31,17 +31,13 @@ NO_REMOTE_MEDIA_HOST=no-remote-media.invalid
 # The oldest vLLM with every fix we rely on (audio decode caps, media SSRF and API-key fixes).
 MIN_VLLM_VERSION=0.24.0
 
+say() { # progress, warnings and errors all go to stderr as "PROG: message"
+  echo "$PROG: $*" >&2
+}
+
 die() {
-  echo "$PROG: $*" >&2
+  say "$*"
   exit 1
-}
-
-warn() {
-  echo "$PROG: $*" >&2
-}
-
-say() {
-  echo "$PROG: $*" >&2
 }
 
 usage() { # the calling script's header comment, up to `set -euo pipefail`
@@ -311,11 +307,11 @@ terminate_service() {
   if [[ -n ${1:-} ]]; then
     kill -TERM "$PF_PID" 2>/dev/null || true
     wait_service_gone "$STOP_TIMEOUT" && return 0
-    warn "still running after ${STOP_TIMEOUT}s (STOP_TIMEOUT); sending SIGTERM to the whole service"
+    say "still running after ${STOP_TIMEOUT}s (STOP_TIMEOUT); sending SIGTERM to the whole service"
   fi
   signal_service TERM
   wait_service_gone 10 && return 0
-  warn "sending SIGKILL to $(service_pids | wc -l) remaining process(es)"
+  say "sending SIGKILL to $(service_pids | wc -l) remaining process(es)"
   signal_service KILL
   wait_service_gone 10
 }
