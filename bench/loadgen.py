@@ -15,6 +15,12 @@ weightless model decodes most ids to ""), total latency, output tokens from the 
 A run is bounded in count (--requests) and time (--max-seconds: no new request after it) and
 only ever targets this host (127.0.0.1 / localhost / ::1).
 
+Every run also counts how many distinct token sequences its requests produced (vLLM's
+`return_token_ids`). With random (dummy) weights, greedy requests all decode the same tokens,
+every token of a step routes to the same few experts and the step reads a fraction of the
+weights: such a run is ~1.45x too fast. A level whose requests produced fewer distinct sequences
+than a quarter of them is marked `collapsed` and named in a warning; never publish its figures.
+
 The JSON holds `meta` (settings, host) and one entry of `runs` per level with throughput
 (captions/s, audio-seconds/s, output tokens/s), latency / ttft / tpot percentiles and every
 request's own timings. Progress goes to stderr; results to --output (or stdout).
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import math
@@ -130,6 +137,7 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     chunks: int = 0
+    sequence: str | None = None  # digest of the output token ids, when the server returns them
     error: str | None = None
 
 
@@ -142,6 +150,7 @@ def request_body(settings: Settings, audio_url: str) -> dict[str, Any]:
         "max_tokens": settings.max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
+        "return_token_ids": True,
     }
     if settings.ignore_eos:
         body["ignore_eos"] = True
@@ -164,6 +173,7 @@ async def one_request(
                 result.error = f"HTTP {resp.status}: {text}"
                 return result
             buffer = b""
+            token_ids: list[int] = []
             async for raw in resp.content:
                 buffer += raw
                 if not buffer.endswith(b"\n"):
@@ -182,6 +192,7 @@ async def one_request(
                     if result.ttft is None:
                         result.ttft = time.perf_counter() - started
                     result.chunks += 1
+                    token_ids.extend(event["choices"][0].get("token_ids") or ())
                 usage = event.get("usage")
                 if usage:
                     result.output_tokens = int(usage.get("completion_tokens") or 0)
@@ -193,6 +204,8 @@ async def one_request(
             result.ok = True
             if not result.output_tokens:  # a server without usage in the stream: count chunks
                 result.output_tokens = result.chunks
+            if token_ids:
+                result.sequence = hashlib.sha256(repr(token_ids).encode()).hexdigest()[:16]
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:300]
     return result
@@ -271,6 +284,19 @@ def distribution(values: list[float]) -> dict[str, float | None]:
     }
 
 
+def distinct_sequences(results: list[RequestResult]) -> int | None:
+    """How many different token sequences the successful requests produced (None: not returned)."""
+    sequences = [r.sequence for r in results if r.ok]
+    if not sequences or None in sequences:
+        return None
+    return len(set(sequences))
+
+
+def collapsed(ok: int, distinct: int | None) -> bool:
+    """Fewer distinct sequences than a quarter of the requests: the batch decoded the same tokens."""
+    return distinct is not None and ok >= 4 and distinct * 4 < ok
+
+
 def summarize(
     results: list[RequestResult], wall: float, settings: Settings, **level: Any
 ) -> dict[str, Any]:
@@ -285,10 +311,13 @@ def summarize(
         for r in ok
         if r.latency is not None and r.ttft is not None and r.output_tokens > 1
     ]
+    distinct = distinct_sequences(results)
     return {
         **level,
         "requests": len(results),
         "ok": len(ok),
+        "distinct_sequences": distinct,
+        "collapsed": collapsed(len(ok), distinct),
         "errors": len(results) - len(ok),
         "error_samples": sorted({r.error for r in results if r.error})[:5],
         "wall_s": wall,
@@ -358,6 +387,8 @@ async def run_plan(settings: Settings, plan: Plan, progress: bool = False) -> di
         runs.append(summary)
         if progress:
             print(one_line(summary), file=sys.stderr, flush=True)
+            if summary["collapsed"]:
+                print(collapse_warning(summary), file=sys.stderr, flush=True)
     return {"meta": run_meta(settings, plan), "runs": runs}
 
 
@@ -381,12 +412,20 @@ def one_line(run: dict[str, Any]) -> str:
     def f(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
 
+    distinct = "?" if run["distinct_sequences"] is None else run["distinct_sequences"]
     return (
         f"{level:>10} n={run['requests']:<4} err={run['errors']:<3} "
         f"{run['captions_per_s']:6.2f} cap/s {run['output_tokens_per_s']:8.0f} tok/s "
         f"p50 {f(lat['p50'])} p95 {f(lat['p95'])} p99 {f(lat['p99'])} s  "
-        f"ttft p50 {f(ttft['p50'])} p95 {f(ttft['p95'])} s"
+        f"ttft p50 {f(ttft['p50'])} p95 {f(ttft['p95'])} s  distinct {distinct}/{run['ok']}"
+        + ("  COLLAPSED" if run["collapsed"] else "")
     )
+
+
+def collapse_warning(run: dict[str, Any]) -> str:
+    return (f"loadgen: WARNING: {run['ok']} requests produced only {run['distinct_sequences']} distinct "
+            "token sequences: the batch collapsed (greedy on random weights?), so its speed is not a "
+            "real caption load's; do not publish these figures")
 
 
 def parse_levels(text: str) -> list[float]:
@@ -431,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", choices=AUDIO_KINDS, default="speechlike")
     p.add_argument("--max-tokens", type=int, default=400, help="caption length in tokens")
     p.add_argument("--no-ignore-eos", action="store_true", help="let captions end at EOS (lengths vary)")
-    p.add_argument("--greedy", action="store_true", help="temperature 0 (default: the server's sampling)")
+    p.add_argument("--greedy", action="store_true",
+                   help="temperature 0 (default: the server's sampling); on random weights every request "
+                        "then decodes the same tokens: never for speed figures")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--api-key", default=os.environ.get("CAPTIONER_API_KEY"))
     p.add_argument("--seed", type=int, default=0)

@@ -54,6 +54,9 @@ def test_loadgen_closed_sweep_and_open_loop(server: Any) -> None:
         check_run(run, 4, 2.0)
         # ignore_eos + max_tokens: every caption has exactly the asked length.
         assert {r["output_tokens"] for r in run["per_request"]} == {8}
+        # The server returned every request's token ids; sampled captions of different clips differ.
+        assert all(r["sequence"] for r in run["per_request"])
+        assert run["distinct_sequences"] == 4 and not run["collapsed"]
 
     plan = loadgen.Plan("open", [20.0], requests=3, max_seconds=120)
     result = asyncio.run(loadgen.run_plan(settings, plan))
@@ -127,6 +130,38 @@ def test_summary_of_failures_and_percentiles() -> None:
     assert run["latency_s"]["p50"] == pytest.approx(2.5)
     assert run["span_s"] == pytest.approx(0.3 + 4.0)
     assert run["tpot_s"]["p50"] == pytest.approx((2.5 - 0.1) / 9)
+
+
+def results_with_sequences(sequences: list[str | None]) -> list[loadgen.RequestResult]:
+    return [loadgen.RequestResult(index=i, start=0.0, ok=True, ttft=0.1, latency=1.0, output_tokens=8,
+                                  sequence=s) for i, s in enumerate(sequences)]
+
+
+def test_a_level_whose_requests_decoded_the_same_tokens_is_marked_collapsed() -> None:
+    settings = loadgen.Settings(base_url="http://127.0.0.1:1")
+    run = loadgen.summarize(results_with_sequences(["a"] * 11 + ["b"]), 1.0, settings,
+                            mode="closed", concurrency=12)
+    assert (run["distinct_sequences"], run["collapsed"]) == (2, True)
+    assert loadgen.one_line(run).endswith("distinct 2/12  COLLAPSED")
+    assert loadgen.collapse_warning(run).startswith(
+        "loadgen: WARNING: 12 requests produced only 2 distinct token sequences: the batch collapsed")
+
+
+def test_a_level_of_different_captions_is_not_collapsed_and_unknown_is_not_guessed() -> None:
+    settings = loadgen.Settings(base_url="http://127.0.0.1:1")
+    run = loadgen.summarize(results_with_sequences(list("abcdefgh")), 1.0, settings, mode="closed",
+                            concurrency=8)
+    assert (run["distinct_sequences"], run["collapsed"]) == (8, False)
+    assert loadgen.one_line(run).endswith("distinct 8/8")
+    # A quarter is the line: 8 requests with 2 sequences are not collapsed, with 1 they are.
+    assert not loadgen.summarize(results_with_sequences(list("abababab")), 1.0, settings,
+                                 mode="closed", concurrency=8)["collapsed"]
+    assert loadgen.summarize(results_with_sequences(["a"] * 8), 1.0, settings, mode="closed",
+                             concurrency=8)["collapsed"]
+    unknown = loadgen.summarize(results_with_sequences([None] * 8), 1.0, settings, mode="closed",
+                                concurrency=8)
+    assert (unknown["distinct_sequences"], unknown["collapsed"]) == (None, False)
+    assert "distinct ?/8" in loadgen.one_line(unknown)
 
 
 def test_plot_writes_png(tmp_path: Path) -> None:
