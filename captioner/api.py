@@ -10,20 +10,28 @@ capped at 30 s), waits about a minute in all: long enough to ride through a rest
 of the server on the tiny CPU model (~30 s); a GPU server loading the 30B model
 takes minutes, so set --retries higher there, or rerun the batch (it resumes).
 
-A connection the server closed or reset before any byte of an answer (a kept-alive
-connection reused just as a draining or restarting server closed it) is retried
-too, with the same backoff, by `CaptionClient._request` rather than urllib3:
-urllib3 files it under "read" errors together with read timeouts, so letting
-urllib3 retry it would resend slow captions as well. A caption request has no side
-effects, so resending one the server may have started costs at most some work.
-An answer cut off after it began is not resent.
+A connection the server closed or reset before any byte of an answer is retried by
+the same `Retry` (`CaptionRetry`), counted like a refused connection, with the same
+backoff: urllib3 files it under "read" errors together with read timeouts, and a
+read timeout must not be resent (slow captions would be sent twice). A caption
+request has no side effects, so resending one the server may have started costs at
+most some work. An answer cut off after it began is not resent.
+
+One case is resent even with --retries 0, at once: a *reused* keep-alive connection
+that the server closed while it sat idle in the pool (vLLM closes the connection
+after some errors, e.g. its 500 for undecodable audio, a moment after answering).
+Nothing reached the server on it, so this is not a retry but the pool's own
+bookkeeping, as in browsers and Go's net/http. Each stale pooled connection is
+resent over once; a fresh connection never is, so it cannot loop.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +40,8 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import MaxRetryError, ProtocolError
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ProtocolError
 from urllib3.util.retry import Retry
 
 from captioner.errors import (
@@ -41,6 +50,8 @@ from captioner.errors import (
     ServerHTTPError,
     ServerTimeoutError,
 )
+
+log = logging.getLogger("captioner")
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8003"
 RETRY_STATUSES = (502, 503, 504)
@@ -115,6 +126,82 @@ def build_chat_request(
     return body
 
 
+# Whether the connection the current thread's request went out on came from the pool
+# already used (a kept-alive connection) rather than freshly opened. A request runs in
+# one thread from `_get_conn` to `Retry.increment`, so a thread-local carries it.
+_connection = threading.local()
+
+
+def _mark_reuse(conn: Any) -> Any:
+    # A pooled connection that was never connected, or that urllib3 found dropped and
+    # closed in `_get_conn`, has no socket: it will be a fresh connection.
+    _connection.reused = getattr(conn, "sock", None) is not None
+    return conn
+
+
+class _ReuseTrackingHTTPPool(HTTPConnectionPool):
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        return _mark_reuse(super()._get_conn(timeout))
+
+
+class _ReuseTrackingHTTPSPool(HTTPSConnectionPool):
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        return _mark_reuse(super()._get_conn(timeout))
+
+
+class CaptionRetry(Retry):
+    """urllib3's `Retry`, plus: a request the server dropped before answering is retried
+    like a refused connection, and one dropped on a stale kept-alive connection is
+    resent at once without counting (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pause = True
+
+    def _is_connection_error(self, err: Exception) -> bool:
+        return super()._is_connection_error(err) or dropped_before_answer(err)
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> CaptionRetry:
+        if error is not None and getattr(_connection, "reused", False) and dropped_before_answer(error):
+            _connection.reused = False
+            log.debug("%s: kept-alive connection was closed by the server; resending", url)
+            resend = self.new()
+            resend._pause = False
+            return resend
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+    def sleep(self, response: Any = None) -> None:
+        if self._pause:
+            super().sleep(response)
+
+
+class CaptionAdapter(HTTPAdapter):
+    """requests' adapter on connection pools that know a reused connection from a new one."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _ReuseTrackingHTTPPool,
+            "https": _ReuseTrackingHTTPSPool,
+        }
+
+
+def normalize_base_url(url: str) -> str:
+    """The server's root URL: trailing slashes and an OpenAI-style `/v1` dropped."""
+    url = url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")].rstrip("/")
+    return url
+
+
 class CaptionClient:
     """One server: a pooled, retrying `requests.Session` plus the calls we make."""
 
@@ -128,12 +215,12 @@ class CaptionClient:
         backoff: float = DEFAULT_BACKOFF,
         pool_size: int = 8,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url = normalize_base_url(base_url)
         self.timeout = (connect_timeout, read_timeout)
         self.retries = retries
         self.backoff = backoff
         self.session = requests.Session()
-        retry = Retry(
+        retry = CaptionRetry(
             total=retries,
             connect=retries,
             read=False,  # False, not 0: re-raise the read error itself, not MaxRetryError
@@ -145,12 +232,15 @@ class CaptionClient:
             backoff_max=BACKOFF_MAX,
             raise_on_status=False,
         )
-        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=max(pool_size, 1))
+        adapter = CaptionAdapter(max_retries=retry, pool_maxsize=max(pool_size, 1))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         # One try, no retries: to tell a user at once that the server is not answering
         # before the retries wait for it (see `list_models`).
         self._one_try = requests.Session()
+        one_try = CaptionAdapter(max_retries=CaptionRetry(total=0, read=False, other=0, redirect=False))
+        self._one_try.mount("http://", one_try)
+        self._one_try.mount("https://", one_try)
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
             self._one_try.headers["Authorization"] = f"Bearer {api_key}"
@@ -233,17 +323,10 @@ class CaptionClient:
     ) -> requests.Response:
         url = self.base_url + path
         session = session or self.session
-        dropped = 0
-        while True:
-            try:
-                response = session.request(method, url, timeout=self.timeout, **kwargs)
-                break
-            except requests.RequestException as exc:
-                if session is self.session and dropped < self.retries and closed_before_answer(exc):
-                    dropped += 1
-                    time.sleep(backoff_seconds(dropped, self.backoff))
-                    continue
-                raise self._transport_error(exc) from exc
+        try:
+            response = session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise self._transport_error(exc) from exc
         if response.status_code >= 400:
             try:
                 body: Any = response.json()
@@ -301,18 +384,11 @@ def retry_wait(retries: int, factor: float = DEFAULT_BACKOFF) -> float:
     return sum(backoff_seconds(n, factor) for n in range(1, retries + 1))
 
 
-def closed_before_answer(exc: BaseException) -> bool:
-    """True for a request the server dropped (closed, reset) before any byte of an answer.
-
-    requests raises ConnectionError(ProtocolError('Connection aborted.', cause)) for it;
-    a read timeout is a ReadTimeout (or a ConnectionError wrapping ReadTimeoutError when
-    streaming), and an answer cut off midway a ChunkedEncodingError: neither matches.
-    """
-    if not isinstance(exc, requests.ConnectionError) or not exc.args:
-        return False
-    error = exc.args[0]
-    if isinstance(error, MaxRetryError):
-        error = error.reason
+def dropped_before_answer(error: BaseException) -> bool:
+    """True for urllib3's error for a request the server dropped (closed, reset) before
+    any byte of an answer: ProtocolError('Connection aborted.', cause). A read timeout is
+    a ReadTimeoutError and an answer cut off midway a ProtocolError of another cause
+    (IncompleteRead, InvalidChunkLength): neither matches."""
     if not isinstance(error, ProtocolError) or len(error.args) < 2:
         return False
     # RemoteDisconnected ("closed connection without response") is a ConnectionResetError.

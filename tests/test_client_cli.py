@@ -14,7 +14,7 @@ import pytest
 from urllib3.exceptions import NewConnectionError
 from urllib3.util.retry import Retry
 
-from captioner.api import BACKOFF_MAX, DEFAULT_BACKOFF, DEFAULT_RETRIES, retry_wait
+from captioner.api import BACKOFF_MAX, DEFAULT_BACKOFF, DEFAULT_RETRIES, CaptionClient, retry_wait
 from captioner.cli import build_parser, main
 from captioner.config import Settings, read_config_file
 from captioner.errors import (
@@ -27,7 +27,7 @@ from captioner.errors import (
     UsageError,
     exit_code_for,
 )
-from tests.test_client_support import StubServer, parse_srt, tone, write_wav
+from tests.test_client_support import IdleClosingServer, StubServer, parse_srt, tone, write_wav
 
 
 @pytest.fixture(autouse=True)
@@ -353,3 +353,18 @@ def test_max_audio_seconds_from_the_environment_wins_over_the_config_file(
     with StubServer() as stub:
         assert call(str(clip), "--base-url", stub.base_url) == ExitCode.OK
     assert len(stub.requests) == 2
+
+
+def test_a_kept_alive_connection_the_server_reset_is_resent_once_even_with_retries_0() -> None:
+    with IdleClosingServer() as server:
+        client = CaptionClient(server.base_url, retries=0)
+        first = client.caption("data:audio/wav;base64,AAAA", "m")
+        second = client.caption("data:audio/wav;base64,AAAA", "m")  # on the kept-alive connection
+    assert first.text == second.text == "fresh answer"
+    assert (server.requests, server.connections) == (3, 2)  # reset once, resent on a new one
+
+
+def test_a_fresh_connection_reset_before_an_answer_is_not_resent_with_retries_0(clip: Path) -> None:
+    with StubServer(drops=["reset"]) as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "--retries", "0") == ExitCode.CONNECTION
+    assert len(stub.requests) == 1

@@ -209,3 +209,59 @@ def completion(text: str) -> dict[str, Any]:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
         "usage": usage_of(len(text.split())),
     }
+
+
+class IdleClosingServer:
+    """A raw HTTP/1.1 server that keeps connections alive, answers the first request on
+    each, and resets (RST, no byte of an answer) any later request on the same
+    connection: what a client sees when it reuses a kept-alive connection that the
+    server has just closed. `requests` counts the requests that arrived, `connections`
+    the connections accepted."""
+
+    def __init__(self, caption: str = "fresh answer") -> None:
+        self.caption = caption
+        self.requests = 0
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.base_url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def __enter__(self) -> Self:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        served = 0
+        while True:
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                byte = reader.read(1)
+                if not byte:
+                    conn.close()
+                    return
+                head += byte
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)) if b"ength" in head else 0
+            reader.read(length)
+            self.requests += 1
+            if served:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                return
+            served += 1
+            data = json.dumps(completion(self.caption)).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
