@@ -92,7 +92,8 @@ build_args() {
     --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS"
     --load-format "$LOAD_FORMAT"
     --override-generation-config "$gen" --shutdown-timeout "$SHUTDOWN_DRAIN"
-    --api-server-count "$API_SERVER_COUNT" --middleware request_guard.RequestGuard)
+    --api-server-count "$API_SERVER_COUNT" --middleware request_guard.RequestGuard
+    --h11-max-incomplete-event-size "$MAX_HEADER_BYTES")
   mm_args
   VLLM_ARGS+=("${MM_ARGS[@]}")
   # shellcheck disable=SC2206 # host names, split on spaces on purpose
@@ -114,8 +115,12 @@ export_service_env() {
   [[ -n $API_KEY ]] || unset VLLM_API_KEY
   export VLLM_MEDIA_URL_ALLOW_REDIRECTS=0
   export VLLM_MAX_AUDIO_DECODE_DURATION_S=$MAX_AUDIO_SECONDS VLLM_MAX_AUDIO_DECODE_BYTES=$MAX_AUDIO_BYTES
-  # lib/request_guard.py (loaded by --middleware): body size cap, no chat request without audio.
+  # lib/request_guard.py (loaded by --middleware): routes, key, Host, body cap, audio only, fetches.
   export CAPTIONER_MAX_REQUEST_BYTES=$MAX_REQUEST_BYTES PYTHONPATH=$KIT_ROOT/lib${PYTHONPATH:+:$PYTHONPATH}
+  export CAPTIONER_ALLOWED_HOSTS=$ALLOWED_HOSTS CAPTIONER_EXTRA_ROUTES=$EXTRA_ROUTES
+  export CAPTIONER_REQUEST_TIMEOUT=$REQUEST_TIMEOUT CAPTIONER_ALLOWED_MEDIA_DOMAINS=$ALLOWED_MEDIA_DOMAINS
+  # A fetch the operator allowed gets one attempt and 10 s in all (vLLM retries 3 times, each longer).
+  export VLLM_AUDIO_FETCH_TIMEOUT=10 VLLM_MEDIA_FETCH_MAX_RETRIES=1
   # A caption request has no use for thousands of samples (vLLM allows n up to 16384).
   export VLLM_MAX_N_SEQUENCES=16
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1

@@ -1,26 +1,54 @@
 """Request guard: an ASGI middleware that start_service.sh loads into vLLM's API server.
 
-vLLM 0.32 has no request body limit (uvicorn's h11 `max_incomplete_event_size` bounds headers
-only: a body arrives as a stream of Data events), and it captions a chat request that carries no
-audio at all (the model then answers a text prompt it was never trained on). This guard:
+On a shared host 127.0.0.1 is open to every local account, so the API key is the boundary
+between colleagues; vLLM's own `--api-key` guards /v1 only, reads whole bodies, and serves many
+routes the kit never documents (one runs chat completions with no key). Everything arriving at
+the API server passes here first, cheapest check first, and nothing vLLM does starts before:
 
-- refuses a POST body over CAPTIONER_MAX_REQUEST_BYTES with 413, before reading it when the
-  Content-Length says so, else as soon as the streamed body passes the limit;
-- refuses a /v1/chat/completions request whose messages hold no audio part with 400;
-- turns the 500 "cannot schedule new futures after shutdown" that vLLM answers to requests arriving
-  while it drains (SIGTERM, SHUTDOWN_DRAIN) into 503 + Retry-After, which clients retry: a restart
-  under a running batch then costs the batch a wait, not failed inputs.
+1. Host: loopback names and addresses (any port: an SSH tunnel picks the local port) and the
+   names in CAPTIONER_ALLOWED_HOSTS; any other Host header gets 421 (DNS rebinding).
+2. More than MAX_HEADER_COUNT headers: 431. (Header *bytes* are capped by the HTTP parser:
+   see GuardedH11Protocol below.)
+3. The key (VLLM_API_KEY, when set) on every route but /health, from the Authorization header,
+   compared in constant time, before one byte of the body is read: 401.
+4. Routes: only ROUTES reach vLLM (CAPTIONER_EXTRA_ROUTES opens more, `all` every one); any
+   other path is 404, a known path with another method 405.
+5. Bodies: over CAPTIONER_MAX_REQUEST_BYTES is 413, from the Content-Length or while streaming
+   (the body is never read whole before that decision).
+6. /v1/chat/completions: JSON nested deeper than MAX_JSON_DEPTH is 400 (not a 500 and a
+   traceback); audio only means one user message whose content is audio parts only, and only
+   the request fields a caption needs (no tools, templates or documents carrying text); an
+   http(s) audio_url is refused at once (no DNS) when CAPTIONER_ALLOWED_MEDIA_DOMAINS is empty,
+   else its host must be listed and, unless the operator listed `localhost` or the address
+   itself, resolve to public addresses only. vLLM's errors for such a request are replaced by
+   one that does not say what was at the address.
+7. vLLM's 500 "cannot schedule new futures after shutdown" (a request that arrives while it
+   drains) becomes 503 + Retry-After, which clients retry.
 
-Errors use vLLM's own JSON shape, so clients (and the OpenAI SDK) read them like vLLM's.
-Loaded with `--middleware request_guard.RequestGuard` and PYTHONPATH=<kit>/lib.
+Client mistakes cost one access-log line each (uvicorn's), never a traceback. Errors use vLLM's
+JSON shape. Loaded with `--middleware request_guard.RequestGuard` and PYTHONPATH=<kit>/lib.
+
+Importing this module also makes uvicorn's "auto" HTTP implementation GuardedH11Protocol: vLLM
+0.32 has no option to pick uvicorn's parser, and "auto" means httptools, which has no header
+size limit (one client sending a 100 MB header line stalled /health for 20 s) and, like h11 in
+uvicorn, no timeout for a connection that never finishes its request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import json
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+import socket
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import h11
+import uvicorn.config
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -28,13 +56,53 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+
+class Route(NamedTuple):
+    methods: frozenset[str]
+    public: bool  # answered without the API key
+
+
+# What the kit documents; nothing else reaches vLLM. The web page, when it comes, adds GET "/"
+# here and its assets to PUBLIC_PREFIXES (public: a browser fetches them before it has a key).
+ROUTES: dict[str, Route] = {
+    "/v1/chat/completions": Route(frozenset({"POST"}), False),
+    "/v1/models": Route(frozenset({"GET"}), False),
+    "/health": Route(frozenset({"GET"}), True),
+    "/metrics": Route(frozenset({"GET"}), False),
+    "/version": Route(frozenset({"GET"}), False),
+}
+PUBLIC_PREFIXES: tuple[str, ...] = ()
+
 CHAT_PATH = "/v1/chat/completions"
 AUDIO_PART_TYPES = frozenset({"audio_url", "input_audio"})
+# Request fields a caption request may carry: sampling and output controls. Everything that can
+# put text into the prompt (tools, functions, documents, chat_template*, continue_final_message,
+# ...) or ask for more than a caption is refused.
+CHAT_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "min_p", "n", "seed", "stop", "stop_token_ids", "stream", "stream_options", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "min_tokens", "user", "logprobs", "top_logprobs",
+    "request_id", "priority", "skip_special_tokens", "include_stop_str_in_output",
+})  # fmt: skip
+MAX_JSON_DEPTH = 32  # a caption request is 6 deep
+MAX_HEADER_COUNT = 100
+MAX_HEADER_BYTES = 65536  # also passed to vLLM as --h11-max-incomplete-event-size
+DNS_TIMEOUT = 5.0
+
 NO_AUDIO = (
     "this server captions audio: the request holds no audio part (send one audio_url or "
     "input_audio part; the Captioner takes no text prompt)"
 )
-
+AUDIO_ONLY = (
+    "this server captions audio only: send one user message whose content is audio parts "
+    "and nothing else"
+)
+NO_REMOTE_MEDIA = (
+    "this server fetches no URL (ALLOWED_MEDIA_DOMAINS is empty): send the audio inline as a "
+    "data: URL or input_audio (test_client.py does)"
+)
+MEDIA_FETCH_FAILED = "could not fetch or decode the audio at the URL"
+UNAUTHORIZED = "missing or wrong API key: send the header 'Authorization: Bearer <API_KEY>'"
 
 # vLLM 0.32's words when a request reaches it after shutdown began (its media thread pool is closed).
 SHUTTING_DOWN_MARKERS = (b"cannot schedule new futures after shutdown",)
@@ -43,6 +111,91 @@ SHUTTING_DOWN = "the server is shutting down (stop or restart in progress); retr
 
 class BodyTooLarge(Exception):
     pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Refusal(Exception):
+    """A request the guard answers itself: status, vLLM's error type, message."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+def bad_request(message: str) -> Refusal:
+    return Refusal(400, "BadRequestError", message)
+
+
+# --- pure checks (unit-tested without a server) ---------------------------------------------
+
+
+def split_list(value: str | None) -> list[str]:
+    return [v.strip().lower() for v in (value or "").replace(" ", ",").split(",") if v.strip()]
+
+
+def host_name(host: str) -> str:
+    """The name of a Host header value, without its port: `[::1]:8003` -> `::1`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host
+
+
+def is_loopback_name(name: str) -> bool:
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(host: bytes | None, extra: Iterable[str] = ()) -> bool:
+    """Loopback names and addresses, or a name the operator listed; any port."""
+    if not host:
+        return False
+    try:
+        name = host_name(host.decode("ascii"))
+    except UnicodeDecodeError:
+        return False
+    return is_loopback_name(name) or name in set(extra)
+
+
+def key_matches(authorization: bytes | None, key: str) -> bool:
+    """Constant-time comparison of the Authorization header with `Bearer <key>`."""
+    return hmac.compare_digest(authorization or b"", f"Bearer {key}".encode())
+
+
+def route_for(path: str, method: str, extra: Iterable[str] = ()) -> Route | None:
+    """The documented route for a path, an operator-opened one, or None."""
+    route = ROUTES.get(path)
+    if route is not None:
+        return route
+    if any(path.startswith(p) for p in PUBLIC_PREFIXES):
+        return Route(frozenset({"GET", "HEAD"}), True)
+    opened = set(extra)
+    if "all" in opened or path in opened:
+        return Route(frozenset({method}), False)
+    return None
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            depth = max(depth, level)
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            depth = max(depth, level)
+            stack.extend((v, level + 1) for v in item)
+    return depth
 
 
 def has_audio_part(body: Any) -> bool:
@@ -57,6 +210,60 @@ def has_audio_part(body: Any) -> bool:
                 if isinstance(part, dict) and part.get("type") in AUDIO_PART_TYPES:
                     return True
     return False
+
+
+def audio_only_problem(body: Any) -> str | None:
+    """Why a parsed chat request is not audio-only (None when it is, or when it is no chat
+    request at all: vLLM's own validation answers that one)."""
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return None
+    if not has_audio_part(body):
+        return NO_AUDIO
+    extra = sorted(set(body) - CHAT_FIELDS)
+    if extra:
+        return f"{AUDIO_ONLY}; these request fields are not accepted: {', '.join(extra)}"
+    messages = body["messages"]
+    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
+        return f"{AUDIO_ONLY} (no system, assistant or other messages)"
+    unknown = sorted(set(messages[0]) - {"role", "content"})
+    if unknown:
+        return f"{AUDIO_ONLY}; these message fields are not accepted: {', '.join(unknown)}"
+    for part in messages[0]["content"]:
+        if not isinstance(part, dict) or part.get("type") not in AUDIO_PART_TYPES:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            return f"{AUDIO_ONLY} (this one holds a part of type {kind!s})"
+    return None
+
+
+def remote_audio_urls(body: Any) -> list[str]:
+    """The http(s) URLs of a chat request's audio_url parts (an audio-only request)."""
+    urls = []
+    for part in body["messages"][0]["content"]:
+        spec = part.get("audio_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if isinstance(url, str) and url.split(":", 1)[0].strip().lower() in ("http", "https"):
+            urls.append(url)
+    return urls
+
+
+def is_public_address(address: str) -> bool:
+    return ipaddress.ip_address(address.split("%", 1)[0]).is_global
+
+
+def explicitly_named(host: str, allowed: Iterable[str]) -> bool:
+    """The operator named this host as an address or `localhost`: its private address is meant."""
+    return host in set(allowed) and (host == "localhost" or _is_ip(host))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+# --- ASGI -----------------------------------------------------------------------------------
 
 
 async def error_response(
@@ -75,14 +282,18 @@ async def error_response(
     await send({"type": "http.response.body", "body": payload})
 
 
-def shutdown_aware(send: Send) -> Send:
-    """A `send` that holds back a 500 until its body shows whether it is vLLM shutting down."""
+def shutdown_aware(send: Send, hide_errors: bool = False) -> Send:
+    """A `send` that holds back an error until its body shows whether it is vLLM shutting down
+    (then 503). With hide_errors, any 4xx/5xx becomes MEDIA_FETCH_FAILED (400): for requests
+    that made the server fetch a URL, whose errors would tell what is at the address."""
     held: list[Message] = []
 
     async def wrapped(message: Message) -> None:
-        if message["type"] == "http.response.start" and message.get("status") == 500:
-            held.append(message)
-            return
+        if message["type"] == "http.response.start":
+            status = message.get("status", 200)
+            if status == 500 or (hide_errors and status >= 400):
+                held.append(message)
+                return
         if not held:
             await send(message)
             return
@@ -91,6 +302,8 @@ def shutdown_aware(send: Send) -> Send:
             body = b"".join(m.get("body", b"") for m in held[1:])
             if any(marker in body for marker in SHUTTING_DOWN_MARKERS):
                 await error_response(send, 503, "ServiceUnavailable", SHUTTING_DOWN, [(b"retry-after", b"5")])
+            elif hide_errors:
+                await error_response(send, 400, "BadRequestError", MEDIA_FETCH_FAILED)
             else:
                 for m in held:
                     await send(m)
@@ -100,11 +313,20 @@ def shutdown_aware(send: Send) -> Send:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, max_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int | None = None, api_key: str | None = None,
+                 extra_routes: str | None = None, allowed_hosts: str | None = None,
+                 media_domains: str | None = None) -> None:
+        def setting(given: str | None, name: str) -> list[str]:
+            return split_list(os.environ.get(name) if given is None else given)
+
         self.app = app
         if max_bytes is None:
             max_bytes = int(os.environ.get("CAPTIONER_MAX_REQUEST_BYTES") or 0)
         self.max_bytes = max_bytes if max_bytes > 0 else None
+        self.api_key = os.environ.get("VLLM_API_KEY") if api_key is None else api_key
+        self.extra_routes = setting(extra_routes, "CAPTIONER_EXTRA_ROUTES")
+        self.allowed_hosts = setting(allowed_hosts, "CAPTIONER_ALLOWED_HOSTS")
+        self.media_domains = setting(media_domains, "CAPTIONER_ALLOWED_MEDIA_DOMAINS")
 
     def too_large(self, size: int) -> str:
         return (
@@ -112,27 +334,103 @@ class RequestGuard:
             "(MAX_REQUEST_BYTES); send shorter audio, or split it (test_client.py sends 30 s windows)"
         )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+    def check_head(self, scope: Scope) -> Route:
+        """Everything decided from the request line and headers, before any body is read."""
+        headers = scope.get("headers") or []
+        if len(headers) > MAX_HEADER_COUNT:
+            raise Refusal(431, "RequestHeaderFieldsTooLarge",
+                          f"{len(headers)} headers: the server takes at most {MAX_HEADER_COUNT}")
+        by_name = dict(headers)
+        if not host_allowed(by_name.get(b"host"), self.allowed_hosts):
+            raise Refusal(421, "MisdirectedRequest",
+                          "Host header not served here: use 127.0.0.1 or localhost, or add the name "
+                          "to ALLOWED_HOSTS")
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        route = route_for(path, method, self.extra_routes)
+        if (route is None or not route.public) and self.api_key:
+            if not key_matches(by_name.get(b"authorization"), self.api_key):
+                raise Refusal(401, "Unauthorized", UNAUTHORIZED)
+        if route is None:
+            raise Refusal(404, "NotFoundError", f"no route {path} here (this server captions audio: "
+                          f"POST {CHAT_PATH})")
+        if method not in route.methods:
+            raise Refusal(405, "MethodNotAllowed", f"{path} takes {', '.join(sorted(route.methods))}")
+        declared = by_name.get(b"content-length")
         if self.max_bytes is not None and declared is not None and declared.isdigit():
             if int(declared) > self.max_bytes:
-                await error_response(send, 413, "RequestEntityTooLarge", self.too_large(int(declared)))
-                return
+                raise Refusal(413, "RequestEntityTooLarge", self.too_large(int(declared)))
+        return route
+
+    async def check_chat(self, body: bytes) -> list[str]:
+        """A chat request's checks; the http(s) URLs it makes the server fetch."""
+        try:
+            parsed = json.loads(body)
+        except RecursionError:
+            raise bad_request(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+        except ValueError:
+            return []  # vLLM answers malformed JSON itself (400)
+        if json_depth(parsed) > MAX_JSON_DEPTH:
+            raise bad_request(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        problem = audio_only_problem(parsed)
+        if problem:
+            raise bad_request(problem)
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("messages"), list):
+            return []
+        urls = remote_audio_urls(parsed)
+        for url in urls:
+            await self.check_media_url(url)
+        return urls
+
+    async def check_media_url(self, url: str) -> None:
+        if not self.media_domains:
+            raise bad_request(NO_REMOTE_MEDIA)
+        try:
+            host = (urlsplit(url).hostname or "").lower()
+        except ValueError:
+            raise bad_request("malformed audio URL") from None
+        if host not in self.media_domains:
+            raise bad_request(f"the audio URL's host is not in ALLOWED_MEDIA_DOMAINS ({host})")
+        if explicitly_named(host, self.media_domains):
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            lookup = loop.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+            infos = await asyncio.wait_for(lookup, DNS_TIMEOUT)
+        except (OSError, asyncio.TimeoutError):
+            raise bad_request(MEDIA_FETCH_FAILED) from None
+        if not infos or not all(is_public_address(str(info[4][0])) for info in infos):
+            raise bad_request(
+                f"the audio URL's host {host} resolves to a loopback, link-local or private address; "
+                "the server fetches those only when ALLOWED_MEDIA_DOMAINS names the address itself")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
+            return
+        try:
+            self.check_head(scope)
+        except Refusal as r:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await error_response(send, r.status, r.kind, r.message)
+            return
+        if scope["type"] == "websocket" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
         try:
             body = await self._read_body(receive)
         except BodyTooLarge as exc:
             await error_response(send, 413, "RequestEntityTooLarge", self.too_large(int(str(exc))))
             return
+        except ClientGone:
+            return
+        urls: list[str] = []
         if scope.get("path") == CHAT_PATH:
             try:
-                parsed = json.loads(body)
-            except ValueError:
-                parsed = None  # vLLM answers malformed JSON itself
-            if not has_audio_part(parsed):
-                await error_response(send, 400, "BadRequestError", NO_AUDIO)
+                urls = await self.check_chat(body)
+            except Refusal as r:
+                await error_response(send, r.status, r.kind, r.message)
                 return
 
         sent = False
@@ -152,7 +450,7 @@ class RequestGuard:
             await send(message)
 
         try:
-            await self.app(scope, replay, shutdown_aware(tracked))
+            await self.app(scope, replay, shutdown_aware(tracked, hide_errors=bool(urls)))
         except Exception as exc:
             # vLLM's handler for uncaught exceptions sits outside this middleware (Starlette's
             # ServerErrorMiddleware): a shutdown error reaches us raised, not as a 500.
@@ -166,7 +464,7 @@ class RequestGuard:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                break  # client went away; the app sees an empty body and its own disconnect
+                raise ClientGone()
             chunk = message.get("body", b"")
             size += len(chunk)
             if self.max_bytes is not None and size > self.max_bytes:
@@ -175,3 +473,64 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+# --- the HTTP parser: h11 with a header cap and a deadline for unfinished requests ------------
+
+REQUEST_TIMEOUT = float(os.environ.get("CAPTIONER_REQUEST_TIMEOUT") or 30)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol (header bytes capped by --h11-max-incomplete-event-size) that
+    also closes a connection whose request is unfinished after REQUEST_TIMEOUT: no complete
+    header REQUEST_TIMEOUT s after its first byte (or after the connection opened), or no
+    body byte for REQUEST_TIMEOUT s while the app waits for one. uvicorn's keep-alive timeout
+    covers only the wait *between* requests."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._guard_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._guard_arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            self._guard_arm()  # idle deadline: restarts with every chunk
+        elif state is h11.IDLE:
+            if self._guard_timer is None:
+                self._guard_arm()  # header deadline: from the first byte, not restarted
+        else:
+            self._guard_disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard_disarm()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        self._guard_disarm()
+        super().on_response_complete()
+
+    def _guard_arm(self) -> None:
+        self._guard_disarm()
+        self._guard_timer = self.loop.call_later(REQUEST_TIMEOUT, self._guard_expired)
+
+    def _guard_disarm(self) -> None:
+        if self._guard_timer is not None:
+            self._guard_timer.cancel()
+            self._guard_timer = None
+
+    def _guard_expired(self) -> None:
+        self._guard_timer = None
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:  # the app is slow to read, not the client to send
+            self._guard_arm()
+            return
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+            self.logger.warning("request_guard: closed a connection from %s: request unfinished after %g s",
+                                self.client, REQUEST_TIMEOUT)
+            self.transport.close()
+
+
+uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedH11Protocol"

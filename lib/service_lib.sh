@@ -11,7 +11,8 @@ CONFIG_VARS=(
   MODEL_PATH SERVED_MODEL_NAME LOAD_FORMAT HOST PORT API_KEY DEVICE DTYPE TENSOR_PARALLEL_SIZE
   DATA_PARALLEL_SIZE GPU_MEMORY_UTIL CPU_KVCACHE_GB MAX_MODEL_LEN MAX_NUM_SEQS
   MAX_NUM_BATCHED_TOKENS API_SERVER_COUNT TEMPERATURE TOP_P TOP_K MAX_TOKENS
-  ALLOWED_MEDIA_DOMAINS MAX_AUDIO_SECONDS MAX_AUDIO_BYTES MAX_REQUEST_BYTES LOG_DIR LOG_KEEP PID_FILE
+  ALLOWED_MEDIA_DOMAINS MAX_AUDIO_SECONDS MAX_AUDIO_BYTES MAX_REQUEST_BYTES ALLOWED_HOSTS
+  EXTRA_ROUTES REQUEST_TIMEOUT LOG_DIR LOG_KEEP PID_FILE
   START_TIMEOUT SHUTDOWN_DRAIN STOP_TIMEOUT WARMUP_REQUESTS VLLM_PYTHON EXTRA_VLLM_ARGS
 )
 declare -A CONFIG_DEFAULTS=(
@@ -21,6 +22,7 @@ declare -A CONFIG_DEFAULTS=(
   [MAX_MODEL_LEN]=32768 [MAX_NUM_SEQS]=128 [MAX_NUM_BATCHED_TOKENS]="" [API_SERVER_COUNT]=1
   [TEMPERATURE]=0.6 [TOP_P]=0.95 [TOP_K]=20 [MAX_TOKENS]=16384 [ALLOWED_MEDIA_DOMAINS]=""
   [MAX_AUDIO_SECONDS]=600 [MAX_AUDIO_BYTES]=268435456 [MAX_REQUEST_BYTES]=268435456
+  [ALLOWED_HOSTS]="" [EXTRA_ROUTES]="" [REQUEST_TIMEOUT]=30
   [LOG_DIR]=logs [LOG_KEEP]=5 [PID_FILE]=""
   [START_TIMEOUT]=1800 [SHUTDOWN_DRAIN]=30 [STOP_TIMEOUT]=60 [WARMUP_REQUESTS]=128
   [VLLM_PYTHON]="" [EXTRA_VLLM_ARGS]=""
@@ -28,6 +30,9 @@ declare -A CONFIG_DEFAULTS=(
 # Sent to the server when no remote media host is allowed: vLLM treats an empty allow-list as
 # "allow every host", so we allow one host that can never resolve (.invalid is reserved, RFC 2606).
 NO_REMOTE_MEDIA_HOST=no-remote-media.invalid
+# Largest request head (request line + headers) the HTTP parser buffers; uvicorn answers 400 past
+# it. Must match MAX_HEADER_BYTES in lib/request_guard.py.
+MAX_HEADER_BYTES=65536
 # The oldest vLLM with every fix we rely on (audio decode caps, media SSRF and API-key fixes).
 MIN_VLLM_VERSION=0.24.0
 
@@ -189,6 +194,10 @@ validate_config() {
   check_int MAX_AUDIO_SECONDS 1
   check_int MAX_AUDIO_BYTES 1024
   check_int MAX_REQUEST_BYTES 1024
+  [[ $ALLOWED_HOSTS =~ ^[A-Za-z0-9.,\ -]*$ ]] || bad ALLOWED_HOSTS "host names separated by commas, e.g. gpu-host.example.com"
+  [[ $EXTRA_ROUTES == all || $EXTRA_ROUTES =~ ^(/[A-Za-z0-9/_.-]*)?([,\ ]+/[A-Za-z0-9/_.-]*)*$ ]] ||
+    bad EXTRA_ROUTES "all, or paths separated by commas, e.g. /tokenize,/v1/completions"
+  check_int REQUEST_TIMEOUT 1 3600
   [[ -n $LOG_DIR ]] || bad LOG_DIR "must name a folder"
   check_int LOG_KEEP 0 1000
   check_int START_TIMEOUT 1

@@ -46,6 +46,12 @@ refused() { # refused "exact message" — start fails with it and never launches
   SHUTDOWN_DRAIN=30 STOP_TIMEOUT=30 refused 'start_service: STOP_TIMEOUT="30" is invalid: must exceed SHUTDOWN_DRAIN (30 s), or in-flight requests are killed mid-drain'
 }
 
+@test "the request guard's settings are checked: Host names, extra routes, request timeout" {
+  ALLOWED_HOSTS='evil$(id)' refused 'start_service: ALLOWED_HOSTS="evil$(id)" is invalid: host names separated by commas, e.g. gpu-host.example.com'
+  EXTRA_ROUTES=tokenize refused 'start_service: EXTRA_ROUTES="tokenize" is invalid: all, or paths separated by commas, e.g. /tokenize,/v1/completions'
+  REQUEST_TIMEOUT=0 refused 'start_service: REQUEST_TIMEOUT="0" is invalid: expected an integer from 1 to 3600'
+}
+
 @test "a missing model folder says to run make model" {
   MODEL_PATH=$T/nowhere refused "start_service: MODEL_PATH=$T/nowhere: no such folder ($T/nowhere); run 'make model' to download the weights"
 }

@@ -22,6 +22,15 @@ teardown() { common_teardown; }
   grep -qx 'VLLM_NO_USAGE_STATS=1' "$T/env"
   grep -qx 'VLLM_HOST_IP=127.0.0.1' "$T/env"
   grep -qx 'VLLM_MAX_AUDIO_DECODE_DURATION_S=600' "$T/env"
+  # The request guard, and the header cap of the HTTP parser it selects (h11).
+  [[ $args == *$'--middleware\nrequest_guard.RequestGuard\n--h11-max-incomplete-event-size\n65536\n'* ]]
+  grep -qx 'CAPTIONER_MAX_REQUEST_BYTES=268435456' "$T/env"
+  grep -qx 'CAPTIONER_REQUEST_TIMEOUT=30' "$T/env"
+  grep -qx 'CAPTIONER_ALLOWED_HOSTS=' "$T/env"
+  grep -qx 'CAPTIONER_EXTRA_ROUTES=' "$T/env"
+  grep -qx 'CAPTIONER_ALLOWED_MEDIA_DOMAINS=' "$T/env"
+  grep -qx 'VLLM_MEDIA_FETCH_MAX_RETRIES=1' "$T/env"
+  grep -qx 'VLLM_AUDIO_FETCH_TIMEOUT=10' "$T/env"
 }
 
 @test "argv: vLLM before 0.27 gets the audio-only limit its thinker accepts and the guarded template" {
@@ -49,6 +58,7 @@ teardown() { common_teardown; }
   [ "$status" -eq 0 ]
   args=$(cat "$T/args")
   [[ $args == *$'--allowed-media-domains\na.example.com\nb.example.com\n'* ]]
+  grep -qx 'CAPTIONER_ALLOWED_MEDIA_DOMAINS=a.example.com,b.example.com' "$T/env"
   [[ $args == *$'--tensor-parallel-size\n2\n--gpu-memory-utilization\n0.95\n'* ]]
   [[ $args == *$'--max-log-len\n100\n--seed\n1' ]]
   [[ $args != *enforce-eager* ]]
