@@ -56,10 +56,14 @@ log = logging.getLogger("captioner")
 DEFAULT_BASE_URL = "http://127.0.0.1:8003"
 RETRY_STATUSES = (502, 503, 504)
 # vLLM's messages for the client mistakes it answers with HTTP 500 (docs/RELIABILITY.md,
-# "Bad input"): audio that soundfile/libsndfile or the decoders cannot open, local files.
+# "Bad input"): audio its decoders cannot read, whatever the codec — libsndfile's
+# LibsndfileError ("Error opening <...>: ...", or "Error : flac decoder lost sync." for a
+# truncated FLAC), FFmpeg's "Invalid data found ...", torchcodec/PyAV's "Invalid or
+# corrupted audio data" — and local files.
 BAD_INPUT_500 = re.compile(
-    r"^Error opening |Failed to decode|Cannot load local files|"
-    r"allowed-local-media-path|file://",
+    r"^Error( opening [^:]*)? ?: |Failed to decode|Invalid data found|"
+    r"Invalid or corrupted audio|No audio found|decoder lost sync|psf_fseek|"
+    r"Cannot load local files|allowed-local-media-path|file://",
     re.IGNORECASE,
 )
 DEFAULT_RETRIES = 7

@@ -15,10 +15,6 @@ by rewriting the file atomically, and the run skips every source already in it.
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
@@ -28,19 +24,25 @@ from typing import BinaryIO
 
 import requests
 
-from captioner.api import Caption, CaptionClient, Usage, audio_data_url
+from captioner.api import Caption, Usage, audio_data_url
 from captioner.audio import Window, prepare
 from captioner.errors import (
     CaptionerError,
     ExitCode,
-    UsageError,
     exit_code_for,
     is_fatal,
 )
 from captioner.inputs import InputItem, load_bytes
+from captioner.output import RECORD_PREFIX, ResumeInfo, StateFile
 from captioner.records import Record, Segment, join_captions
+from captioner.servers import ServerPool
 
-RECORD_PREFIX = b'{"source":'  # every line this client writes starts so
+__all__ = ["RECORD_PREFIX", "JsonlWriter", "ResumeInfo", "load_finished"]
+
+
+def plural(count: int, word: str) -> str:
+    """`1 file`, `2 files`."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 @dataclass
@@ -50,6 +52,10 @@ class BatchOptions:
     max_tokens: int | None = None
     concurrency: int = 8
     server_fetch: bool = False
+    # A long input's progress: called with its number of windows once it is split, then
+    # once per window captioned (from worker threads).
+    on_windows: Callable[[int], None] | None = None
+    on_window_done: Callable[[], None] | None = None
 
 
 @dataclass
@@ -92,7 +98,7 @@ class Summary:
 
     def line(self) -> str:
         text = (
-            f"{self.files} files: {self.done} captioned, {self.failed} failed"
+            f"{plural(self.files, 'file')}: {self.done} captioned, {self.failed} failed"
             + (f", {self.skipped} skipped (already in output)" if self.skipped else "")
             + (f", {self.not_run} not run" if self.not_run > 0 else "")
             + f"; {self.audio_seconds:.1f} s of audio in {self.wall_seconds:.1f} s"
@@ -101,19 +107,7 @@ class Summary:
         return text
 
 
-class ClientRing:
-    """Round-robin over the servers, safe to call from any thread."""
-
-    def __init__(self, clients: Sequence[CaptionClient]) -> None:
-        if not clients:
-            raise ValueError("at least one client")
-        self.clients = list(clients)
-        self._cycle = itertools.cycle(self.clients)
-        self._lock = threading.Lock()
-
-    def next(self) -> CaptionClient:
-        with self._lock:
-            return next(self._cycle)
+ClientRing = ServerPool  # the old name: requests go to the least-busy live server
 
 
 def _call(
@@ -122,10 +116,10 @@ def _call(
     options: BatchOptions,
     on_text: Callable[[str], None] | None = None,
 ) -> Caption:
-    client = ring.next()
     if on_text is not None:
-        return client.caption_stream(audio_url, options.model, on_text, options.max_tokens)
-    return client.caption(audio_url, options.model, options.max_tokens)
+        stream = on_text
+        return ring.call(lambda c: c.caption_stream(audio_url, options.model, stream, options.max_tokens))
+    return ring.call(lambda c: c.caption(audio_url, options.model, options.max_tokens))
 
 
 def _call_window(
@@ -164,6 +158,8 @@ def process_item(
             data = load_bytes(item, stdin, download_session)
             prepared = prepare(data, item.name, options.segment_seconds)
             del data
+            if options.on_windows is not None and len(prepared.windows) > 1:
+                options.on_windows(len(prepared.windows))
             captions = _caption_windows(prepared.windows, options, ring, request_pool, on_text)
             record.duration = prepared.duration
             record.segments = [
@@ -177,11 +173,15 @@ def process_item(
                 usage.add(c.usage)
             record.usage = vars(usage)
     except Exception as exc:  # noqa: BLE001 - one input's failure must not end the batch
-        record.error = (
+        message = (
             str(exc)
             if isinstance(exc, CaptionerError)
             else (f"{item.name}: unexpected {type(exc).__name__}: {exc}")
         )
+        # The same words in the record as on stderr: the input first, once.
+        if item.kind != "stdin" and not message.startswith(item.source):
+            message = f"{item.source}: {message}"
+        record.error = message
         record.exception = exc
         record.exit_code = exit_code_for(exc)
         record.segments, record.caption, record.usage = [], "", None
@@ -202,10 +202,16 @@ def _caption_windows(
             if on_text is not None and i > 0:
                 on_text(" ")
             captions.append(_call_window(ring, window, options, on_text))
+            if options.on_window_done is not None:
+                options.on_window_done()
         return captions
     futures: list[Future[Caption]] = [
         request_pool.submit(_call_window, ring, window, options) for window in windows
     ]
+    if options.on_window_done is not None and len(windows) > 1:
+        done = options.on_window_done
+        for f in futures:
+            f.add_done_callback(lambda f: done() if not f.cancelled() and f.exception() is None else None)
     try:
         return [f.result() for f in futures]
     finally:
@@ -261,99 +267,18 @@ def run_batch(
 # --- resume -----------------------------------------------------------------------
 
 
-@dataclass
-class ResumeInfo:
-    done: set[str] = field(default_factory=set)
-    dropped_partial: bool = False  # a torn last line (a crash mid-write) was removed
-    dropped_failed: int = 0  # failed records removed so they are retried
-    dropped_duplicates: int = 0
-
-    @property
-    def rewritten(self) -> bool:
-        return self.dropped_partial or bool(self.dropped_failed or self.dropped_duplicates)
-
-
 def load_finished(path: Path) -> ResumeInfo:
     """Read an earlier run's JSONL output: which sources are done; repair the file.
 
-    Keeps the first successful record per source, drops failed ones (they will be
-    retried) and a torn line, rewriting the file atomically if anything was dropped.
-    Refuses (`UsageError`) a file that holds lines this client did not write, rather
-    than rewrite somebody's other file.
+    See `output.scan_records`. The file is locked while it is read and repaired.
     """
-    info = ResumeInfo()
     if not path.exists():
-        return info
+        return ResumeInfo()
+    state = StateFile(path)
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the output file: {exc.strerror}") from exc
-    keep: list[bytes] = []
-    for number, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        if not line.startswith(RECORD_PREFIX):
-            raise UsageError(
-                f"{path}: line {number} is not a caption record; this does not look like "
-                "a --format jsonl output file (pick another --output, or delete it)"
-            )
-        try:
-            record = json.loads(line)
-            source = record["source"]
-        except (ValueError, KeyError, TypeError):
-            info.dropped_partial = True  # torn by a crash mid-write
-            continue
-        if record.get("error"):
-            info.dropped_failed += 1
-        elif source in info.done:
-            info.dropped_duplicates += 1
-        else:
-            info.done.add(source)
-            keep.append(line)
-    if info.rewritten or (raw and not raw.endswith(b"\n")):
-        _atomic_write(path, b"".join(line + b"\n" for line in keep))
-    return info
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        return state.load()
     finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+        state.close()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class JsonlWriter:
-    """Appends records to a file, each whole: one write, then fsync."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-
-    def write(self, record: Record) -> None:
-        view = memoryview(record.to_line().encode("utf-8"))
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        os.close(self._fd)
+JsonlWriter = StateFile  # appends records, each whole: one write, then fsync

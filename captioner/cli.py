@@ -7,13 +7,16 @@ errors or returns records.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +30,13 @@ from captioner.api import (
     DEFAULT_RETRIES,
     RETRY_STATUSES,
     CaptionClient,
+    normalize_base_url,
     retry_wait,
 )
 from captioner.batch import (
     BatchOptions,
     ClientRing,
-    JsonlWriter,
-    Summary,
-    load_finished,
+    plural,
     process_item,
     run_batch,
 )
@@ -52,11 +54,11 @@ from captioner.formats import (
     FORMAT_BY_EXTENSION,
     FORMATS,
     SUBTITLE_FORMATS,
-    render,
-    render_text,
 )
 from captioner.inputs import InputItem, resolve_inputs
+from captioner.output import Output
 from captioner.records import Record
+from captioner.servers import short_reason
 
 log = logging.getLogger("captioner")
 
@@ -217,13 +219,37 @@ def setup_logging(debug: bool) -> None:
         urllib3_log.setLevel(logging.DEBUG)
 
 
+def exit_now_on_sigint() -> None:
+    """From here on a Ctrl-C ends the process at once: exit 130, one line, no traceback.
+
+    For the moments a KeyboardInterrupt cannot be handled cleanly: while modules import
+    (test_client.py installs it first) and while an interrupted run cleans up.
+    """
+
+    def interrupted(signum: int, frame: Any) -> None:
+        os.write(2, b"captioner: error: interrupted\n")
+        os._exit(ExitCode.INTERRUPTED)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.debug)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        args = build_parser().parse_args(argv)
+        setup_logging(args.debug)
+        args.resume_command = resume_command(argv)
         return int(run(args))
-    except KeyboardInterrupt:
-        log.error("interrupted")
+    except KeyboardInterrupt as exc:
+        if threading.current_thread() is threading.main_thread():
+            exit_now_on_sigint()  # a second Ctrl-C while this one is handled
+        if not log.handlers:
+            setup_logging(debug)
+        text = str(exc)
+        log.error("interrupted%s", f": {text}" if text else "")
         if threading.active_count() > 1:
             # Worker threads may sit in a socket read for minutes and the interpreter
             # would join them before exiting. Every record written is already fsynced.
@@ -232,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os._exit(ExitCode.INTERRUPTED)
         return ExitCode.INTERRUPTED
     except CaptionerError as exc:
-        log.error("%s", exc, exc_info=args.debug)
+        log.error("%s", exc, exc_info=debug)
         return exit_code_for(exc)
     except BrokenPipeError:
         # stdout closed early (`| head`): not an error worth a message. Point stdout at
@@ -240,10 +266,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitCode.FAILURES
     except Exception as exc:  # the one place unexpected errors end up
-        log.error("unexpected %s: %s", type(exc).__name__, exc, exc_info=args.debug)
-        if not args.debug:
+        log.error("unexpected %s: %s", type(exc).__name__, exc, exc_info=debug)
+        if not debug:
             log.error("rerun with --debug for the traceback")
         return exit_code_for(exc)
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block is done, then raise it.
+
+    A signal mask would not do: any worker thread may take the signal, and Python runs
+    its handler in the main thread at once. So the handler itself is swapped.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that reruns this one (and so resumes it), for the last line."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "test_client.py"
+    python = sys.executable or "python"
+    try:
+        relative = os.path.relpath(python)
+        python = relative if not relative.startswith("..") else "python"
+    except ValueError:
+        python = "python"
+    return shlex.join([python, program, *argv])
 
 
 def run(args: argparse.Namespace) -> ExitCode:
@@ -258,34 +316,43 @@ def run(args: argparse.Namespace) -> ExitCode:
             raise InputError(f"no INPUT given and the sample clip {SAMPLE_CLIP} is missing")
         items = resolve_inputs([str(SAMPLE_CLIP)])
     check_combinations(args, fmt, items)
-
     base_urls = choose_base_urls(args, settings)
-    api_key = args.api_key or settings.get("CAPTIONER_API_KEY") or settings.get("API_KEY")
     concurrency = choose_concurrency(args, settings, len(base_urls))
-    clients = [
-        CaptionClient(
-            url,
-            api_key,
-            connect_timeout=args.connect_timeout,
-            read_timeout=args.timeout,
-            retries=max(args.retries, 0),
-            backoff=DEFAULT_BACKOFF,
-            pool_size=concurrency,
+    segment_seconds = choose_segment_seconds(args, settings)
+    # Checked and locked before the first request: a typo in --output costs nothing.
+    output = Output(fmt, args.output, [i.source for i in items], sys.stdout)
+    try:
+        api_key = args.api_key or settings.get("CAPTIONER_API_KEY") or settings.get("API_KEY")
+        retries = max(args.retries, 0)
+        # Several servers: each retries once, then the pool fails over to another and
+        # waits for a dead one only while every server is out (as long as --retries would).
+        per_server = retries if len(base_urls) == 1 else min(retries, 1)
+        clients = [
+            CaptionClient(
+                url,
+                api_key,
+                connect_timeout=args.connect_timeout,
+                read_timeout=args.timeout,
+                retries=per_server,
+                backoff=DEFAULT_BACKOFF,
+                pool_size=concurrency,
+            )
+            for url in base_urls
+        ]
+        ring = ClientRing(clients, wait=retry_wait(retries))
+        model = choose_model(args.model, clients, ring)
+        options = BatchOptions(
+            model=model,
+            segment_seconds=segment_seconds,
+            max_tokens=args.max_tokens,
+            concurrency=concurrency,
+            server_fetch=args.server_fetch,
         )
-        for url in base_urls
-    ]
-    model = choose_model(args.model, clients)
-    options = BatchOptions(
-        model=model,
-        segment_seconds=choose_segment_seconds(args, settings),
-        max_tokens=args.max_tokens,
-        concurrency=concurrency,
-        server_fetch=args.server_fetch,
-    )
-    ring = ClientRing(clients)
-    if args.stream:
-        return stream_one(items[0], options, ring)
-    return run_many(items, options, ring, fmt, args.output)
+        if args.stream:
+            return stream_one(items[0], options, ring)
+        return run_many(items, options, ring, output, args.resume_command)
+    finally:
+        output.abandon()  # no-op after a finished run
 
 
 def choose_format(args: argparse.Namespace) -> str:
@@ -313,7 +380,7 @@ def choose_base_urls(args: argparse.Namespace, settings: Settings) -> list[str]:
     urls = args.base_url or re.split(r"[\s,]+", settings.get("CAPTIONER_BASE_URL") or "")
     port = settings.get("PORT")
     default = f"http://127.0.0.1:{port}" if port and port.isdigit() else DEFAULT_BASE_URL
-    urls = [u.rstrip("/") for u in urls if u] or [default]
+    urls = [normalize_base_url(u) for u in urls if u] or [default]
     for url in urls:
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--base-url {url}: expected http://HOST:PORT")
@@ -361,11 +428,32 @@ def choose_segment_seconds(args: argparse.Namespace, settings: Settings) -> floa
     return DEFAULT_SEGMENT_SECONDS
 
 
-def choose_model(requested: str | None, clients: list[CaptionClient]) -> str:
-    """The model to ask for; also the check that every server answers and accepts the key."""
+def choose_model(requested: str | None, clients: list[CaptionClient], pool: ClientRing | None = None) -> str:
+    """The model to ask for; also the check that the servers answer and accept the key.
+
+    With several servers, one that does not answer starts out of the rotation (a
+    warning; it is probed again later) and the batch runs on the others; only when none
+    answers is it waited for as for a single server.
+    """
     model = requested
+    answering: list[CaptionClient] = []
     for client in clients:
-        served = list_models_saying_when_waiting(client)
+        if len(clients) == 1:
+            served = list_models_saying_when_waiting(client)
+        else:
+            try:
+                served = client.list_models(retry=False)
+            except ServerConnectionError as exc:
+                if pool is not None:
+                    pool.mark_down(client, short_reason(exc))
+                continue
+            except ServerHTTPError as exc:
+                if exc.status not in RETRY_STATUSES:
+                    raise
+                if pool is not None:
+                    pool.mark_down(client, short_reason(exc))
+                continue
+        answering.append(client)
         if not served:
             raise UsageError(f"{client.base_url} serves no model")
         if model is None:
@@ -374,8 +462,13 @@ def choose_model(requested: str | None, clients: list[CaptionClient]) -> str:
             raise UsageError(
                 f"--model {model}: not served by {client.base_url} (it serves {', '.join(served)})"
             )
+    if not answering:  # none answers: wait for the first as if it were the only one
+        served = list_models_saying_when_waiting(clients[0])
+        model = model or (served[0] if served else None)
+        if model is None:
+            raise UsageError(f"{clients[0].base_url} serves no model")
     assert model is not None
-    log.debug("model %s on %s", model, ", ".join(c.base_url for c in clients))
+    log.debug("model %s on %s", model, ", ".join(c.base_url for c in answering or clients))
     return model
 
 
@@ -417,10 +510,8 @@ def stream_one(item: InputItem, options: BatchOptions, ring: ClientRing) -> Exit
 
 
 def report_failure(record: Record) -> None:
-    message = record.error or "failed"
-    if record.source != "-" and not message.startswith(record.source):
-        message = f"{record.source}: {message}"
-    log.error("%s", message, exc_info=_debug_exc_info(record))
+    # Word for word the record's `error` (process_item puts the input first).
+    log.error("%s", record.error or f"{record.source}: failed", exc_info=_debug_exc_info(record))
 
 
 def _debug_exc_info(record: Record) -> Any:
@@ -430,118 +521,94 @@ def _debug_exc_info(record: Record) -> Any:
     return None
 
 
-class Output:
-    """Where records go: streamed (jsonl, text to stdout) or rendered at the end."""
+class WindowProgress:
+    """A bar over one long input's windows, made once the input is split into several."""
 
-    def __init__(self, fmt: str, path: Path | None, many: bool) -> None:
-        self.fmt, self.path, self.many = fmt, path, many
-        self.records: list[Record] = []
-        self.writer = JsonlWriter(path) if (fmt == "jsonl" and path is not None) else None
-        self.streaming = self.writer is not None or (path is None and fmt in ("jsonl", "text"))
-        self._printed = 0
+    def __init__(self, options: BatchOptions) -> None:
+        self.bar: tqdm[Any] | None = None
+        self.lock = threading.Lock()
+        options.on_windows, options.on_window_done = self.start, self.advance
 
-    def add(self, record: Record) -> None:
-        if self.writer is not None:
-            self.writer.write(record)
-        elif self.streaming:
-            self._print(record)
-        else:
-            self.records.append(record)
+    def start(self, windows: int) -> None:
+        with self.lock:
+            # disable=None: off when stderr is not a terminal.
+            self.bar = tqdm(total=windows, unit="window", file=sys.stderr, disable=None, dynamic_ncols=True)
 
-    def _print(self, record: Record) -> None:
-        if self.fmt == "jsonl":
-            text = record.to_line()
-        else:
-            text = render_text([record], self.many)
-            if text and self._printed:
-                text = "\n" + text
-        if text:
-            self._printed += 1
-            sys.stdout.write(text)
-            sys.stdout.flush()
+    def advance(self) -> None:
+        with self.lock:
+            if self.bar is not None:
+                self.bar.update(1)
 
-    def finish(self, order: list[str]) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            return
-        if self.streaming:
-            return
-        position = {source: i for i, source in enumerate(order)}
-        self.records.sort(key=lambda r: position.get(r.source, len(order)))
-        if self.fmt in SUBTITLE_FORMATS and not any(r.ok for r in self.records):
-            return  # the failure is reported; an empty subtitle file helps nobody
-        text = render(self.records, self.fmt, self.many)
-        if self.path is None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        else:
-            write_file(self.path, text)
+    def update(self, n: int) -> None:
+        pass  # a file done: the windows said it
 
-
-def write_file(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write: {exc.strerror}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    def close(self) -> None:
+        with self.lock:
+            if self.bar is not None:
+                self.bar.close()
 
 
 def run_many(
     items: list[InputItem],
     options: BatchOptions,
     ring: ClientRing,
-    fmt: str,
-    output_path: Path | None,
+    output: Output,
+    resume_cmd: str,
 ) -> ExitCode:
-    many = len(items) > 1
-    done: set[str] = set()
-    if fmt == "jsonl" and output_path is not None:
-        resume = load_finished(output_path)
-        done = resume.done
-        if resume.dropped_partial:
-            log.warning("%s: dropped a torn last line left by an interrupted run", output_path)
-        if resume.dropped_failed:
-            log.info("%s: retrying %d failed inputs", output_path, resume.dropped_failed)
-        if resume.dropped_duplicates:
-            log.warning("%s: dropped %d duplicate records", output_path, resume.dropped_duplicates)
-    try:
-        output = Output(fmt, output_path, many)
-    except OSError as exc:
-        raise UsageError(f"{output_path}: cannot write: {exc.strerror}") from exc
+    resume = output.resume()
+    shown = output.path
+    if resume.dropped_partial:
+        log.warning("%s: dropped a torn last line left by an interrupted run", shown)
+    if resume.dropped_failed:
+        log.info("%s: retrying %s", shown, plural(resume.dropped_failed, "failed input"))
+    if resume.dropped_duplicates:
+        log.warning("%s: dropped %s", shown, plural(resume.dropped_duplicates, "duplicate record"))
+    done = resume.done
     skipping = sum(1 for i in items if i.kind != "stdin" and i.source in done)
     if skipping:
-        log.info("resuming: %d of %d inputs already in %s", skipping, len(items), output_path)
-    progress = tqdm(
+        log.info("resuming: %d of %s already in %s", skipping, plural(len(items), "input"), shown)
+    # None: off when stderr is not a terminal. One input: a bar over its windows, if it has several.
+    progress: Any = tqdm(
         total=len(items) - skipping,
         unit="file",
         file=sys.stderr,
-        disable=None if many else True,  # None: off when stderr is not a terminal
+        disable=None if len(items) > 1 else True,
         dynamic_ncols=True,
     )
+    if len(items) == 1:
+        progress = WindowProgress(options)
+    tally = {"done": skipping, "failed": 0}
 
     def on_record(record: Record) -> None:
-        output.add(record)
+        with sigint_deferred():  # the file and the count agree, whenever Ctrl-C comes
+            output.add(record)
+            tally["done" if record.ok else "failed"] += 1
         if not record.ok:
             report_failure(record)
-        progress.update(1)
+        if len(items) > 1:
+            progress.update(1)
+
+    def where_it_stands() -> str:
+        left = len(items) - tally["done"] - tally["failed"]
+        text = f"{tally['done']} of {plural(len(items), 'input')} done, {tally['failed']} failed, {left} left"
+        if output.resumable:
+            return f"{text}; resume with: {resume_cmd}"
+        return f"{text}; add --output FILE.jsonl to make a batch resumable"
 
     try:
         summary = run_batch(items, options, ring, on_record, skip=done)
-    finally:
+    except KeyboardInterrupt:
         progress.close()
-    output.finish([i.source for i in items])
-    report_summary(summary, many or output_path is not None, output_path, fmt)
-    return summary.exit_code()
-
-
-def report_summary(summary: Summary, show: bool, output_path: Path | None, fmt: str) -> None:
-    # The fatal error's message was already logged with the input it failed.
+        output.abandon()
+        raise KeyboardInterrupt(where_it_stands()) from None
+    progress.close()
     if summary.aborted is not None and summary.not_run > 0:
-        resumable = fmt == "jsonl" and output_path is not None
-        hint = "; rerun the same command to resume" if resumable else ""
-        log.error("batch stopped: %d inputs not run%s", summary.not_run, hint)
-    if show:
+        # The fatal error's message was already logged with the input it failed.
+        output.abandon()
         log.info("%s", summary.line())
+        log.error("batch stopped: %s", where_it_stands())
+        return summary.exit_code()
+    output.finish()
+    if len(items) > 1 or output.path is not None:
+        log.info("%s", summary.line())
+    return summary.exit_code()

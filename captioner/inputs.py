@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -37,8 +37,9 @@ class InputItem:
     """One thing to caption.
 
     `source` is its identity in results and the key that resume matches on: the
-    absolute path for files (so ``./a.wav`` and ``a.wav`` are the same input), the
-    URL as given, or ``-``.
+    real path for files (absolute, symlinks resolved, ``..`` normalised: so
+    ``./a.wav``, ``x/../a.wav`` and a link to it are the same input), the URL as
+    given, or ``-``.
     """
 
     source: str
@@ -91,23 +92,45 @@ def resolve_inputs(args: Iterable[str]) -> list[InputItem]:
                     add(InputItem(str(file), "file"))
             elif path.exists():
                 # Named explicitly: take it whatever its extension; decoding decides.
-                add(InputItem(str(path.absolute()), "file"))
+                add(InputItem(os.path.realpath(path), "file"))
             else:
                 raise InputError(f"{arg}: no such file or folder")
     return items
 
 
 def find_audio_files(folder: Path) -> list[Path]:
-    """Audio files under `folder`, recursively, sorted, hidden entries skipped."""
+    """Audio files under `folder`, recursively, sorted, hidden entries skipped.
+
+    Each file appears once, by its real path, however many links lead to it; linked
+    folders are followed, but a folder already visited (a symlink loop, or two links to
+    one folder) is not walked again.
+    """
     found: list[Path] = []
-    for root, dirs, files in os.walk(folder.absolute(), followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(
-            Path(root) / f
-            for f in sorted(files)
-            if not f.startswith(".") and Path(f).suffix.lower() in AUDIO_EXTENSIONS
-        )
+    seen: set[str] = set()
+    for file in _walk_audio(folder):
+        real = os.path.realpath(file)
+        if real not in seen and os.path.isfile(real):
+            seen.add(real)
+            found.append(Path(real))
     return found
+
+
+def _walk_audio(folder: Path) -> Iterator[str]:
+    visited: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder.absolute(), followlinks=True):
+        try:
+            info = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in visited:
+            dirs[:] = []  # been here: a loop, or another link to the same folder
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and Path(name).suffix.lower() in AUDIO_EXTENSIONS:
+                yield os.path.join(root, name)
 
 
 def load_bytes(

@@ -294,8 +294,10 @@ def test_unreachable_server_says_once_how_long_it_retries_then_exits_4(
         "Error opening <_io.BytesIO object>: Error in WAV/W64/RF64 file. Malformed 'fmt ' chunk.",
         "Cannot load local files without `--allowed-local-media-path`.",
         "Failed to decode audio: invalid data found when processing input",
+        "Error : flac decoder lost sync.",
+        "[Errno 1094995529] Invalid data found when processing input: '<none>'",
     ],
-    ids=["corrupt-audio", "file-url", "decode-failure"],
+    ids=["corrupt-audio", "file-url", "decode-failure", "truncated-flac", "ffmpeg-invalid-data"],
 )
 def test_vllm_500_for_bad_input_exits_6_saying_the_server_could_not_use_it(
     clip: Path, capsys: pytest.CaptureFixture[str], message: str
@@ -368,3 +370,9 @@ def test_a_fresh_connection_reset_before_an_answer_is_not_resent_with_retries_0(
     with StubServer(drops=["reset"]) as stub:
         assert call(str(clip), "--base-url", stub.base_url, "--retries", "0") == ExitCode.CONNECTION
     assert len(stub.requests) == 1
+
+
+def test_a_base_url_ending_in_v1_is_the_same_server(clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with StubServer() as stub:
+        assert call(str(clip), "--base-url", stub.base_url + "/v1/") == ExitCode.OK
+    assert capsys.readouterr().out == "a stub caption\n" and len(stub.requests) == 1

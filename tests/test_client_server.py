@@ -342,3 +342,97 @@ def test_openai_sdk_works_unchanged(server: Any) -> None:
     )
     finish = [c.choices[0].finish_reason for c in stream if c.choices]
     assert finish and finish[-1] in ("length", "stop")
+
+
+def test_interrupted_json_batch_keeps_what_was_done_and_the_same_command_finishes_it(
+    server: Any, tmp_path: Path
+) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(12):
+        shutil.copy(SAMPLE, folder / f"{i:02d}.wav")
+    out = tmp_path / "captions.json"
+    state = tmp_path / "captions.json.partial.jsonl"
+    first = _start_batch(server, folder, out)
+    _interrupt_after(first, state, 2, signal.SIGINT)
+    assert first.returncode == 130 and not out.exists()
+    done = len(records(state))
+    assert first.stderr is not None
+    last = first.stderr.read().decode().strip().splitlines()[-1]
+    assert f"interrupted: {done} of 12 inputs done, 0 failed, {12 - done} left; resume with: " in last
+    second = run_client(str(folder), "-o", str(out), "--concurrency", "1", server=server)
+    assert second.returncode == 0, second.stderr
+    assert f"resuming: {done} of 12 inputs already in {out}" in second.stderr
+    assert [r["source"] for r in json.loads(out.read_text())] == [str(p) for p in sorted(folder.iterdir())]
+    assert not state.exists()
+
+
+def test_a_missing_output_folder_is_refused_before_the_server_is_asked(server: Any, tmp_path: Path) -> None:
+    result = run_client(str(SAMPLE), "-o", str(tmp_path / "typo" / "x.srt"), server=server)
+    assert result.returncode == 2
+    assert result.stderr == (f"captioner: error: --output {tmp_path / 'typo' / 'x.srt'}: the folder "
+                             f"{tmp_path / 'typo'} does not exist (create it first)\n")
+
+
+def test_one_file_under_three_names_and_a_symlink_loop_is_captioned_once(server: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    shutil.copy(SAMPLE, folder / "a.wav")
+    (folder / "loop").symlink_to(folder)
+    (folder / "b.wav").symlink_to(folder / "a.wav")
+    out = tmp_path / "out.jsonl"
+    result = run_client(str(folder), str(folder / "loop" / "a.wav"), str(folder / ".." / "linked" / "a.wav"),
+                        "-o", str(out), server=server)
+    assert result.returncode == 0, result.stderr
+    assert [r["source"] for r in records(out)] == [str(folder / "a.wav")]
+    assert "1 file: 1 captioned, 0 failed" in result.stderr
+
+
+def test_stdout_and_output_file_are_in_input_order_with_the_same_error_text(
+    server: Any, tmp_path: Path
+) -> None:
+    long = write_wav(tmp_path / "a_long.wav", tone(70))  # three windows: finishes last
+    bad = tmp_path / "b_bad.wav"
+    bad.write_bytes(b"not audio" * 30)
+    short = [shutil.copy(SAMPLE, tmp_path / f"c{i}.wav") for i in range(3)]
+    inputs = [str(long), str(bad), *map(str, short)]
+    shown = run_client(*inputs, "-f", "jsonl", server=server)
+    assert shown.returncode == 1
+    got = [json.loads(x) for x in shown.stdout.splitlines()]
+    assert [r["source"] for r in got] == inputs
+    assert f"captioner: error: {got[1]['error']}\n" in shown.stderr
+    out = tmp_path / "out.txt"
+    assert run_client(*inputs, "-o", str(out), server=server).returncode == 1
+    headers = [x[2:] for x in out.read_text(encoding="latin-1").splitlines() if x.startswith("# ")]
+    assert headers == [str(long), *map(str, short)]
+
+
+def test_a_truncated_flac_the_server_cannot_decode_exits_6_like_other_unusable_audio(
+    server: Any, tmp_path: Path
+) -> None:
+    whole = convert(write_wav(tmp_path / "src.wav", tone(20)), tmp_path / "whole.flac")
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 3])  # the header still says 20 s
+    result = run_client(str(cut), server=server)
+    assert result.returncode == 6, result.stderr
+    assert f"captioner: error: {cut}: {server.base_url}: server could not use the input: HTTP 500: " in (
+        result.stderr)
+
+
+def test_a_dead_base_url_next_to_a_live_server_leaves_the_rotation_and_the_batch_completes(
+    server: Any, tmp_path: Path
+) -> None:
+    from tests.service import free_port
+
+    folder = tmp_path / "failover"
+    folder.mkdir()
+    for i in range(6):
+        shutil.copy(SAMPLE, folder / f"{i}.wav")
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "out.jsonl"
+    started = time.monotonic()
+    result = run_client(str(folder), "--base-url", dead, "-o", str(out), server=server)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 120
+    assert sorted(r["source"] for r in records(out)) == sorted(str(p) for p in folder.iterdir())
+    assert f"captioner: warning: {dead} left the rotation (connection refused)" in result.stderr

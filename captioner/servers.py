@@ -1,0 +1,169 @@
+"""Several servers (repeated --base-url): least-busy routing and failover.
+
+Each request goes to the live server with the fewest requests in flight (ties: the
+one sent the fewest so far). A server whose request fails to connect, is dropped
+before an answer, or is answered 502/503/504 (after its own client's retries) leaves
+the rotation with a warning, and the request goes to another server at once. It is
+probed again after `PROBE_AFTER` seconds (doubling, at most `PROBE_MAX`): one
+request is let through, and if it succeeds the server is back. When every server is
+out, a request waits for the next probe, for as long as the retries of one server
+would wait (`--retries`); only then does it fail, with the last server's error.
+
+For one host behind several GPUs, or a fleet, use vLLM's router instead
+(deploy/router.sh): health checks and load-aware routing for every client at once.
+This is for ad-hoc setups such as a few SSH tunnels.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from captioner.errors import CaptionerError, ServerConnectionError, ServerHTTPError
+
+log = logging.getLogger("captioner")
+
+PROBE_AFTER = 5.0  # seconds out of the rotation before the first probe
+PROBE_MAX = 60.0
+FAILOVER_STATUSES = (502, 503, 504)
+
+T = TypeVar("T")
+
+
+def is_server_down(exc: BaseException) -> bool:
+    """Errors that say the server (not the input) is the problem: try another one."""
+    if isinstance(exc, ServerConnectionError):
+        return True
+    return isinstance(exc, ServerHTTPError) and exc.status in FAILOVER_STATUSES
+
+
+def short_reason(exc: CaptionerError) -> str:
+    """`connection refused`, `HTTP 503: ...`: the gist of why a server failed, for one line."""
+    text = str(exc)
+    if isinstance(exc, ServerHTTPError):
+        return text[text.find("HTTP ") :][:120] if "HTTP " in text else text[:120]
+    if ": " in text and text.startswith("cannot connect to "):
+        return text.split(": ", 1)[1].split(". ", 1)[0]
+    return text.split("; ", 1)[0][:120]
+
+
+@dataclass
+class _Server:
+    client: Any  # CaptionClient (or a stand-in with `base_url`)
+    in_flight: int = 0
+    sent: int = 0
+    down_until: float = 0.0  # monotonic time of the next probe; 0: in the rotation
+    pause: float = PROBE_AFTER
+    probing: bool = False
+
+    @property
+    def live(self) -> bool:
+        return self.down_until == 0.0
+
+
+class ServerPool:
+    """The servers of a batch; `call(fn)` runs `fn(client)` on the best one, failing over."""
+
+    def __init__(self, clients: Sequence[Any], wait: float = 60.0) -> None:
+        if not clients:
+            raise ValueError("at least one client")
+        self.clients = list(clients)
+        self.servers = [_Server(c) for c in clients]
+        self.wait = wait  # how long a request waits while every server is out
+        self._lock = threading.Condition()
+
+    def next(self) -> Any:
+        """The least-busy live server's client (no bookkeeping: for one-off calls)."""
+        with self._lock:
+            live = [s for s in self.servers if s.live] or self.servers
+            return min(live, key=lambda s: (s.in_flight, s.sent)).client
+
+    def mark_down(self, client: Any, reason: str) -> None:
+        with self._lock:
+            for server in self.servers:
+                if server.client is client:
+                    self._take_out(server, reason)
+
+    def call(self, fn: Callable[[Any], T]) -> T:
+        if len(self.servers) == 1:
+            return fn(self.servers[0].client)
+        tried: set[int] = set()
+        deadline: float | None = None
+        last: CaptionerError | None = None
+        while True:
+            server = self._acquire(tried, deadline)
+            if server is None:
+                assert last is not None
+                raise last  # every server out for longer than the retries wait
+            try:
+                result = fn(server.client)
+            except CaptionerError as exc:
+                if not is_server_down(exc):
+                    self._release(server, ok=True)  # the input's problem, not the server's
+                    raise
+                last = exc
+                self._release(server, ok=False, reason=short_reason(exc))
+                tried.add(id(server))
+                if deadline is None and all(id(s) in tried or not s.live for s in self.servers):
+                    deadline = time.monotonic() + self.wait
+                continue
+            except BaseException:
+                self._release(server, ok=True)
+                raise
+            self._release(server, ok=True)
+            return result
+
+    def _acquire(self, tried: set[int], deadline: float | None) -> _Server | None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                live = [s for s in self.servers if s.live and id(s) not in tried]
+                if not live:
+                    live = [s for s in self.servers if s.live]  # tried, but back or still up
+                due = [s for s in self.servers if not s.live and not s.probing and s.down_until <= now]
+                if due:
+                    server = min(due, key=lambda s: s.down_until)
+                    server.probing = True
+                elif live:
+                    server = min(live, key=lambda s: (s.in_flight, s.sent))
+                else:
+                    if deadline is not None and now >= deadline:
+                        return None
+                    waiting = [s.down_until for s in self.servers if not s.probing]
+                    until = min(waiting) if waiting else now + 1.0
+                    if deadline is not None:
+                        until = min(until, deadline)
+                    self._lock.wait(max(0.05, until - now))
+                    continue
+                server.in_flight += 1
+                server.sent += 1
+                return server
+
+    def _release(self, server: _Server, ok: bool, reason: str = "") -> None:
+        with self._lock:
+            server.in_flight -= 1
+            if ok:
+                if not server.live:
+                    log.warning("%s answers again: back in the rotation", server.client.base_url)
+                server.down_until, server.pause, server.probing = 0.0, PROBE_AFTER, False
+            elif server.probing:
+                server.probing = False
+                server.pause = min(PROBE_MAX, server.pause * 2)
+                server.down_until = time.monotonic() + server.pause
+            elif server.live:
+                self._take_out(server, reason)
+            self._lock.notify_all()
+
+    def _take_out(self, server: _Server, reason: str) -> None:
+        if not server.live:
+            return
+        server.down_until = time.monotonic() + server.pause
+        others = sum(1 for s in self.servers if s.live)
+        log.warning(
+            "%s left the rotation (%s); probing it again in %g s; %d of %d servers in use",
+            server.client.base_url, reason, server.pause, others, len(self.servers),
+        )  # fmt: skip

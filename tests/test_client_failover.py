@@ -1,0 +1,124 @@
+"""Several --base-url: least-busy routing and failover (stub servers; the real-server
+case is in test_client_server.py, the router in test_router.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from captioner.cli import main
+from captioner.errors import ExitCode, ServerConnectionError
+from captioner.servers import ServerPool
+from tests.service import free_port
+from tests.test_client_support import StubServer, tone, write_wav
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CAPTIONER_BASE_URL", "CAPTIONER_API_KEY", "CAPTIONER_CONCURRENCY",
+                 "API_KEY", "MAX_NUM_SEQS", "MAX_AUDIO_SECONDS", "PORT"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CAPTIONER_CONFIG", "/nonexistent/config.env")
+
+
+def folder_of(tmp_path: Path, count: int) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(count):
+        write_wav(folder / f"{i:02d}.wav", tone(0.5, 200 + 30 * i))
+    return folder
+
+
+def sources(path: Path) -> list[str]:
+    return [json.loads(x)["source"] for x in path.read_text().splitlines()]
+
+
+def test_a_dead_server_among_two_is_left_out_with_a_warning_and_the_batch_finishes_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = folder_of(tmp_path, 6)
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "out.jsonl"
+    started = time.monotonic()
+    with StubServer() as live:
+        code = main([str(folder), "--base-url", dead, "--base-url", live.base_url, "-o", str(out)])
+    assert code == ExitCode.OK and time.monotonic() - started < 20  # no minute-long wait
+    assert len(live.requests) == 6 and sorted(sources(out)) == sorted(str(p) for p in folder.iterdir())
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "left the rotation" in x]
+    assert warnings == [f"captioner: warning: {dead} left the rotation (connection refused); "
+                        "probing it again in 5 s; 1 of 2 servers in use"]
+
+
+def test_a_server_answering_503_again_and_again_leaves_the_rotation_and_the_other_does_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = folder_of(tmp_path, 8)
+    busy = (503, {"error": {"message": "draining"}})
+    out = tmp_path / "out.jsonl"
+    with StubServer(replies=[busy] * 100) as draining, StubServer() as live:
+        code = main([str(folder), "--base-url", draining.base_url, "--base-url", live.base_url,
+                     "-o", str(out), "-c", "2"])  # fmt: skip
+    assert code == ExitCode.OK
+    assert len(live.requests) == 8 and len(draining.requests) <= 4  # one request, retried once, ...
+    assert sorted(sources(out)) == sorted(str(p) for p in folder.iterdir())
+    assert f"{draining.base_url} left the rotation (HTTP 503: draining)" in capsys.readouterr().err
+
+
+def test_a_server_that_stops_mid_batch_gets_no_more_requests_and_every_input_is_captioned_once(
+    tmp_path: Path,
+) -> None:
+    folder = folder_of(tmp_path, 12)
+    out = tmp_path / "out.jsonl"
+    with StubServer(delay=0.1) as stopping, StubServer(delay=0.1) as live:
+        def stop_after_three(body: object) -> None:
+            if len(stopping.requests) == 3:
+                threading.Thread(target=stopping.__exit__, args=(None, None, None)).start()
+
+        stopping.on_request = stop_after_three
+        code = main([str(folder), "--base-url", stopping.base_url, "--base-url", live.base_url,
+                     "-o", str(out), "-c", "2"])  # fmt: skip
+    assert code == ExitCode.OK
+    assert sorted(sources(out)) == sorted(str(p) for p in folder.iterdir())  # each once
+    assert len(live.requests) >= 9
+
+
+def test_requests_go_to_the_least_busy_server() -> None:
+    class Slow:
+        def __init__(self, name: str, seconds: float) -> None:
+            self.base_url, self.seconds, self.calls = name, seconds, 0
+
+        def work(self) -> str:
+            self.calls += 1
+            time.sleep(self.seconds)
+            return self.base_url
+
+    slow, fast = Slow("slow", 0.5), Slow("fast", 0.05)
+    pool = ServerPool([slow, fast])
+    threads = [threading.Thread(target=lambda: pool.call(lambda c: c.work())) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)  # arrivals spread over 0.4 s: the slow one is still busy with its first
+    for t in threads:
+        t.join()
+    assert (slow.calls, fast.calls) == (1, 3)
+
+
+def test_when_every_server_is_down_a_request_fails_after_the_retries_wait() -> None:
+    class Down:
+        def __init__(self, name: str) -> None:
+            self.base_url, self.calls = name, 0
+
+        def work(self) -> str:
+            self.calls += 1
+            raise ServerConnectionError(f"cannot connect to {self.base_url}: connection refused. Is ...")
+
+    a, b = Down("a"), Down("b")
+    pool = ServerPool([a, b], wait=0.3)
+    started = time.monotonic()
+    with pytest.raises(ServerConnectionError):
+        pool.call(lambda c: c.work())
+    assert 0.3 <= time.monotonic() - started < 3 and (a.calls, b.calls) == (1, 1)
