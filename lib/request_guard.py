@@ -453,10 +453,15 @@ class RequestGuard:
             await self.app(scope, replay, shutdown_aware(tracked, hide_errors=bool(urls)))
         except Exception as exc:
             # vLLM's handler for uncaught exceptions sits outside this middleware (Starlette's
-            # ServerErrorMiddleware): a shutdown error reaches us raised, not as a 500.
-            if started or not any(m.decode() in str(exc) for m in SHUTTING_DOWN_MARKERS):
+            # ServerErrorMiddleware): a shutdown error, or a fetch that failed, reaches us raised.
+            if started:
                 raise
-            await error_response(send, 503, "ServiceUnavailable", SHUTTING_DOWN, [(b"retry-after", b"5")])
+            if any(m.decode() in str(exc) for m in SHUTTING_DOWN_MARKERS):
+                await error_response(send, 503, "ServiceUnavailable", SHUTTING_DOWN, [(b"retry-after", b"5")])
+            elif urls:  # the exception's text would tell what is at the address; no traceback either
+                await error_response(send, 400, "BadRequestError", MEDIA_FETCH_FAILED)
+            else:
+                raise
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
