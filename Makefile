@@ -12,7 +12,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 TINY := models/tiny-captioner
 CPU_STAMP := .venv/.cpu-ready
-SHELL_SCRIPTS := start_service.sh stop_service.sh status_service.sh install.sh lib/service_lib.sh tools/demo.sh deploy/install_systemd.sh
+SHELL_SCRIPTS := start_service.sh stop_service.sh status_service.sh install.sh lib/service_lib.sh tools/demo.sh deploy/install_systemd.sh deploy/router.sh
 
 # The CPU lock is for the project's machines (Python 3.11, x86_64, torch's CPU wheel in
 # TORCH_CPU_WHEELS); the GPU lock is universal: any Python >= 3.10 on the GPU host.

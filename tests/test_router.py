@@ -1,0 +1,105 @@
+"""vLLM's router (deploy/router.sh) in front of two real services: one stops mid-batch, and the
+batch finishes through the router with every input captioned exactly once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.service import ROOT, SAMPLE, Service, free_port
+from tests.test_client_server import client_command, client_env
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
+    services = (Service(tmp_path_factory.mktemp("router-a")), Service(tmp_path_factory.mktemp("router-b")))
+    errors: list[BaseException] = []
+
+    def start(service: Service) -> None:
+        try:
+            service.start()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=start, args=(s,)) for s in services]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        yield services
+    finally:
+        for service in services:
+            service.stop()
+            service.force_cleanup()
+
+
+@pytest.fixture
+def router(two_services: tuple[Service, Service], tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    log = (tmp_path / "router.log").open("w")
+    proc = subprocess.Popen([str(ROOT / "deploy" / "router.sh"), "--port", str(port),
+                             *(s.base_url for s in two_services)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "router.log").read_text()[-2000:]
+            try:
+                if requests.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the router did not answer within 60 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+# vllm-router 0.1.17 re-serializes every chat request with seven fields of its own at their defaults
+# (no_stop_trim, ignore_eos, continue_final_message, return_hidden_states: false; separate_reasoning,
+# stream_reasoning, include_reasoning: true), and lib/request_guard.py refuses fields outside its
+# CHAT_FIELDS with a 400, so every caption through the router is refused. Strict: once the guard
+# accepts those fields at those values, this passes, xfail turns into a failure, and the marker goes.
+@pytest.mark.xfail(strict=True, reason="request guard refuses the fields vllm-router adds (issue #10 note)")
+def test_a_batch_through_the_router_survives_one_service_stopping_and_captions_each_input_once(
+    two_services: tuple[Service, Service], router: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for i in range(24):
+        shutil.copy(SAMPLE, folder / f"{i:02d}.wav")
+    out = tmp_path / "out.jsonl"
+    batch = subprocess.Popen(
+        client_command(str(folder), "-o", str(out), "--concurrency", "2", "--base-url", router,
+                       "--max-tokens", "16"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(), cwd=ROOT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out.exists() and out.read_text().count("\n") >= 4):
+        assert batch.poll() is None, batch.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    stopped = two_services[1].stop()  # mid-batch: drains, then every process of it goes
+    assert stopped.returncode == 0, stopped.stderr
+    _, err = batch.communicate(timeout=600)
+    assert batch.returncode == 0, err
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["source"] for r in records] == [str(p) for p in sorted(folder.iterdir())]  # each once
+    assert all(r["error"] is None for r in records)
+    assert "24 files: 24 captioned, 0 failed" in err
