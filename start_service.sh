@@ -53,6 +53,13 @@ check_model() {
 
 check_port() {
   local holder
+  if [[ -n $UNIX_SOCKET ]]; then
+    [[ -e $UNIX_SOCKET_ABS ]] || return 0
+    [[ -S $UNIX_SOCKET_ABS ]] || die "UNIX_SOCKET=$UNIX_SOCKET_ABS exists and is not a socket"
+    [[ $(http_status /health 2) == 000 ]] || die "UNIX_SOCKET=$UNIX_SOCKET_ABS is in use by a running server"
+    rm -f "$UNIX_SOCKET_ABS" # left by a server that is gone: vLLM cannot bind over it
+    return 0
+  fi
   if holder=$(port_holder "$PORT"); then
     die "port $PORT is already in use by $holder; choose another PORT or stop that process"
   fi
@@ -98,6 +105,7 @@ build_args() {
   VLLM_ARGS+=("${MM_ARGS[@]}")
   # shellcheck disable=SC2206 # host names, split on spaces on purpose
   VLLM_ARGS+=(--allowed-media-domains $domains)
+  [[ -z $UNIX_SOCKET ]] || VLLM_ARGS+=(--uds "$UNIX_SOCKET_ABS")
   [[ -z $MAX_NUM_BATCHED_TOKENS ]] || VLLM_ARGS+=(--max-num-batched-tokens "$MAX_NUM_BATCHED_TOKENS")
   if [[ $DEVICE == cuda ]]; then
     VLLM_ARGS+=(--tensor-parallel-size "$TENSOR_PARALLEL_SIZE" --gpu-memory-utilization "$GPU_MEMORY_UTIL")
@@ -127,6 +135,8 @@ export_service_env() {
   export VLLM_HOST_IP=${VLLM_HOST_IP:-127.0.0.1}
   export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$KIT_ROOT/.cache/vllm}
   export PYTHONUNBUFFERED=1
+  # The socket vLLM creates: owner and group only (its group: the folder's, when setgid).
+  [[ -z $UNIX_SOCKET ]] || umask 007
   if [[ $DEVICE == cpu ]]; then
     export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=$CPU_KVCACHE_GB
   fi
@@ -216,6 +226,10 @@ leader_alive() {
 # (eager) has nothing to compile.
 warm_up() {
   ((WARMUP_REQUESTS > 0)) && [[ $DEVICE == cuda ]] || return 0
+  if [[ -n $UNIX_SOCKET ]]; then
+    say "warm-up skipped: tools/warm_up.py speaks TCP only (UNIX_SOCKET is set)"
+    return 0
+  fi
   say "warming up with $WARMUP_REQUESTS concurrent requests"
   CAPTIONER_API_KEY=$API_KEY "$VLLM_PYTHON" "$KIT_ROOT/tools/warm_up.py" --base-url "$BASE_URL" \
     --requests "$WARMUP_REQUESTS" >>"$LOG_FILE" 2>&1 || say "warm-up failed (the service is up; see $LOG_FILE)"

@@ -51,7 +51,7 @@ main() {
     *) echo "health:   HTTP $health"; exit 1 ;;
   esac
   # /metrics needs the key when one is set; it goes to curl on stdin, not in argv (ps shows argv).
-  metrics=$(printf '%s' "${API_KEY:+Authorization: Bearer $API_KEY}" | curl -s -m 5 -H @- "$BASE_URL/metrics" 2>/dev/null || true)
+  metrics=$(printf '%s' "${API_KEY:+Authorization: Bearer $API_KEY}" | curl -s -m 5 -H @- "${CURL_SOCKET[@]}" "$HTTP_URL/metrics" 2>/dev/null || true)
   echo "requests: $(metric vllm:num_requests_running "$metrics") running, $(metric vllm:num_requests_waiting "$metrics") waiting"
   exit 0
 }

@@ -12,7 +12,7 @@ CONFIG_VARS=(
   DATA_PARALLEL_SIZE GPU_MEMORY_UTIL CPU_KVCACHE_GB MAX_MODEL_LEN MAX_NUM_SEQS
   MAX_NUM_BATCHED_TOKENS API_SERVER_COUNT TEMPERATURE TOP_P TOP_K MAX_TOKENS
   ALLOWED_MEDIA_DOMAINS MAX_AUDIO_SECONDS MAX_AUDIO_BYTES MAX_REQUEST_BYTES ALLOWED_HOSTS
-  EXTRA_ROUTES REQUEST_TIMEOUT LOG_DIR LOG_KEEP PID_FILE
+  EXTRA_ROUTES REQUEST_TIMEOUT UNIX_SOCKET LOG_DIR LOG_KEEP PID_FILE
   START_TIMEOUT SHUTDOWN_DRAIN STOP_TIMEOUT WARMUP_REQUESTS VLLM_PYTHON EXTRA_VLLM_ARGS
 )
 declare -A CONFIG_DEFAULTS=(
@@ -22,7 +22,7 @@ declare -A CONFIG_DEFAULTS=(
   [MAX_MODEL_LEN]=32768 [MAX_NUM_SEQS]=128 [MAX_NUM_BATCHED_TOKENS]="" [API_SERVER_COUNT]=1
   [TEMPERATURE]=0.6 [TOP_P]=0.95 [TOP_K]=20 [MAX_TOKENS]=16384 [ALLOWED_MEDIA_DOMAINS]=""
   [MAX_AUDIO_SECONDS]=600 [MAX_AUDIO_BYTES]=268435456 [MAX_REQUEST_BYTES]=268435456
-  [ALLOWED_HOSTS]="" [EXTRA_ROUTES]="" [REQUEST_TIMEOUT]=30
+  [ALLOWED_HOSTS]="" [EXTRA_ROUTES]="" [REQUEST_TIMEOUT]=30 [UNIX_SOCKET]=""
   [LOG_DIR]=logs [LOG_KEEP]=5 [PID_FILE]=""
   [START_TIMEOUT]=1800 [SHUTDOWN_DRAIN]=30 [STOP_TIMEOUT]=60 [WARMUP_REQUESTS]=128
   [VLLM_PYTHON]="" [EXTRA_VLLM_ARGS]=""
@@ -139,6 +139,12 @@ derive_config() {
     *) HEALTH_HOST=$HOST ;;
   esac
   BASE_URL="http://$HEALTH_HOST:$PORT"
+  # With UNIX_SOCKET the server listens on that socket alone (no TCP port); curl goes through it.
+  HTTP_URL=$BASE_URL CURL_SOCKET=() UNIX_SOCKET_ABS=""
+  if [[ -n $UNIX_SOCKET ]]; then
+    UNIX_SOCKET_ABS=$(abs_path "$UNIX_SOCKET")
+    BASE_URL="unix:$UNIX_SOCKET_ABS" HTTP_URL=http://localhost CURL_SOCKET=(--unix-socket "$UNIX_SOCKET_ABS")
+  fi
 }
 
 # --- validation: every value, before anything is launched -------------------------------------
@@ -198,6 +204,8 @@ validate_config() {
   [[ $EXTRA_ROUTES == all || $EXTRA_ROUTES =~ ^(/[A-Za-z0-9/_.-]*)?([,\ ]+/[A-Za-z0-9/_.-]*)*$ ]] ||
     bad EXTRA_ROUTES "all, or paths separated by commas, e.g. /tokenize,/v1/completions"
   check_int REQUEST_TIMEOUT 1 3600
+  [[ -z $UNIX_SOCKET || ($UNIX_SOCKET =~ ^[A-Za-z0-9/_.-]+$ && ${#UNIX_SOCKET_ABS} -lt 100) ]] ||
+    bad UNIX_SOCKET "a socket path of letters, digits and / _ . - (under 100 characters in all)"
   [[ -n $LOG_DIR ]] || bad LOG_DIR "must name a folder"
   check_int LOG_KEEP 0 1000
   check_int START_TIMEOUT 1
@@ -347,5 +355,5 @@ port_holder() {
 }
 
 http_status() { # http_status PATH -> HTTP code, 000 when unreachable
-  curl -s -o /dev/null -m "${2:-5}" -w '%{http_code}' "$BASE_URL$1" 2>/dev/null || true
+  curl -s -o /dev/null -m "${2:-5}" -w '%{http_code}' "${CURL_SOCKET[@]}" "$HTTP_URL$1" 2>/dev/null || true
 }

@@ -17,9 +17,11 @@ import math
 import os
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import wave
@@ -915,3 +917,90 @@ def test_allowed_remote_fetch_private_names_refused_deadline_and_errors_that_say
     assert {(status, message) for status, message, _ in answers.values()} == {(400, MEDIA_FETCH_FAILED)}
     assert answers["slow"][2] < 10 + 5  # one attempt, 10 s in all (VLLM_AUDIO_FETCH_TIMEOUT)
     _good(hardened, KEY)
+
+
+class TcpToUnix:
+    """What `ssh -N -L PORT:/path/to/socket host` does: a local TCP port forwarded to the socket."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.path)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _connect_as(uid: int, groups: str, path: str) -> str:
+    """Connect to a UNIX socket as another user (setpriv): 'connected' or the error's name."""
+    probe = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1])\n"
+             " print('connected')\nexcept OSError as e:\n print(type(e).__name__)")
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", groups, sys.executable, "-c",
+                           probe, path], capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_unix_socket_only_the_services_group_reaches_and_an_ssh_style_forward_captions(
+        tmp_path: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to connect as another user")
+    group = 4242
+    folder = Path(tempfile.mkdtemp(prefix="captioner-uds-", dir="/tmp"))
+    os.chown(folder, 0, group)
+    folder.chmod(0o2750)  # setgid: the socket vLLM creates gets the folder's group
+    sock = folder / "api.sock"
+    svc = Service(tmp_path / "logs", overrides={"UNIX_SOCKET": str(sock)})
+    forward = None
+    try:
+        svc.start()
+        st = sock.stat()
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o770, oct(st.st_mode)
+        assert st.st_gid == group
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{svc.port}"], capture_output=True,
+                                   text=True).stdout
+        assert listening.strip() == "", listening  # no TCP port at all
+        assert _connect_as(65534, "--clear-groups", str(sock)) == "PermissionError"
+        assert _connect_as(65534, f"--groups={group}", str(sock)) == "connected"
+        status = svc.status()
+        assert status.returncode == 0 and f"unix:{sock}" in status.stdout and "health:   ok" in status.stdout
+        forward = TcpToUnix(str(sock))
+        url = f"http://127.0.0.1:{forward.port}"
+        assert requests.get(f"{url}/health", timeout=10).status_code == 200
+        assert requests.post(f"{url}/tokenize", json={}, timeout=10).status_code == 404  # the guard is there
+        ok = run_client(str(SAMPLE), "--base-url", url, "--max-tokens", "8")
+        assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
+    finally:
+        if forward:
+            forward.close()
+        svc.stop()
+        svc.force_cleanup()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -33,6 +33,14 @@ teardown() { common_teardown; }
   grep -qx 'VLLM_AUDIO_FETCH_TIMEOUT=10' "$T/env"
 }
 
+@test "argv: UNIX_SOCKET makes vLLM listen on that socket (--uds)" {
+  STUB_EXIT=0 UNIX_SOCKET=$T/api.sock run "$KIT/start_service.sh" --foreground
+  [ "$status" -eq 0 ]
+  [[ $(cat "$T/args") == *$'--uds\n'"$T/api.sock"$'\n'* ]]
+  STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
+  [[ $(cat "$T/args") != *--uds* ]]
+}
+
 @test "argv: vLLM before 0.27 gets the audio-only limit its thinker accepts and the guarded template" {
   printf '{"chat_template": "MODEL-TEMPLATE"}' >"$T/model/tokenizer_config.json"
   STUB_EXIT=0 STUB_VLLM_VERSION=0.26.0 run "$KIT/start_service.sh" --foreground
