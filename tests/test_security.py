@@ -4,6 +4,11 @@ Loopback bind (unreachable from a second loopback address and from a network nam
 key, no server-side fetching by default (a decoy web server counts hits), an allow-list that holds
 and follows no redirect, file:// refused, image and video parts refused, the audio duration cap,
 the request body cap, and the API key kept out of every process's command line.
+Round 2 (issue #9), the request guard: only the documented routes, the key on every route but
+/health before the body is read, memory flat under unauthenticated uploads, /health responsive
+during a 100 MB header, unfinished requests closed, deep JSON 400 without a traceback, audio only,
+the Host allow-list, remote-fetch rules, and the optional UNIX socket. Each server test ends with a
+good caption that must still succeed.
 The minimum vLLM version check is tests/bats/start_service.bats ("vLLM older than 0.24.0 ...").
 """
 
