@@ -94,11 +94,55 @@ class Window:
     mime: str
 
 
-@dataclass(frozen=True)
 class PreparedAudio:
-    duration: float
-    mime: str
-    windows: list[Window]
+    """What to send for one input: its windows, made one at a time.
+
+    Short audio is one window, the input's own bytes. Long audio keeps its decoded
+    samples as 16-bit PCM (half the float32) and the planned cuts; each window's WAV
+    is encoded only when asked for (`window(i)`), so a 7-minute file holds 13 MB, not
+    its 14 encoded windows as well, and `release()` lets it go once the last window
+    is out.
+    """
+
+    def __init__(
+        self,
+        duration: float,
+        mime: str,
+        windows: list[Window] | None = None,
+        pcm: npt.NDArray[np.int16] | None = None,
+        ranges: list[tuple[int, int]] | None = None,
+    ) -> None:
+        self.duration = duration
+        self.mime = mime
+        self._windows = windows
+        self._pcm = pcm
+        self.spans = (
+            [(w.start, w.end) for w in windows]
+            if windows is not None
+            else [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in ranges or []]
+        )
+        self._ranges = ranges or []
+
+    @property
+    def count(self) -> int:
+        return len(self.spans)
+
+    def window(self, index: int) -> Window:
+        if self._windows is not None:
+            return self._windows[index]
+        if self._pcm is None:
+            raise RuntimeError("window() after release()")
+        start, end = self._ranges[index]
+        return Window(start / SAMPLE_RATE, end / SAMPLE_RATE, pcm_wav(self._pcm[start:end]), "audio/wav")
+
+    @property
+    def windows(self) -> list[Window]:
+        return [self.window(i) for i in range(self.count)]
+
+    def release(self) -> None:
+        """Drop the audio (the spans stay): every window has been made."""
+        self._windows = None if self._windows is None else []
+        self._pcm = None
 
 
 @contextlib.contextmanager
@@ -168,7 +212,8 @@ def decode(data: bytes, name: str) -> Decoded:
             container_name = container.format.name
     except av.FFmpegError as exc:
         raise InputError(f"{name}: cannot decode audio: {_ffmpeg_reason(exc)}") from exc
-    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    samples = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+    del chunks
     if samples.size == 0:
         raise InputError(f"{name}: no audio samples decoded (empty or truncated file)")
     return Decoded(samples, mime_for_container(container_name), container_name)
@@ -231,9 +276,14 @@ def plan_windows(samples: Samples, max_seconds: float) -> list[tuple[int, int]]:
     return ranges
 
 
-def encode_wav(samples: Samples) -> bytes:
+def to_pcm16(samples: Samples) -> npt.NDArray[np.int16]:
+    scaled = np.clip(samples, -1.0, 1.0)  # one float32 temporary, scaled in place
+    scaled *= 32767.0
+    return scaled.astype("<i2")
+
+
+def pcm_wav(pcm: npt.NDArray[np.int16]) -> bytes:
     """16-bit PCM mono WAV at SAMPLE_RATE."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as out:
         out.setnchannels(1)
@@ -241,6 +291,11 @@ def encode_wav(samples: Samples) -> bytes:
         out.setframerate(SAMPLE_RATE)
         out.writeframes(pcm.tobytes())
     return buffer.getvalue()
+
+
+def encode_wav(samples: Samples) -> bytes:
+    """16-bit PCM mono WAV at SAMPLE_RATE."""
+    return pcm_wav(to_pcm16(samples))
 
 
 def prepare(data: bytes, name: str, max_seconds: float) -> PreparedAudio:
@@ -257,13 +312,8 @@ def prepare(data: bytes, name: str, max_seconds: float) -> PreparedAudio:
         if decoded.duration <= max_seconds:
             window = Window(0.0, decoded.duration, data, decoded.mime)
             return PreparedAudio(decoded.duration, decoded.mime, [window])
-        windows = [
-            Window(
-                start / SAMPLE_RATE,
-                end / SAMPLE_RATE,
-                encode_wav(decoded.samples[start:end]),
-                "audio/wav",
-            )
-            for start, end in plan_windows(decoded.samples, max_seconds)
-        ]
-    return PreparedAudio(decoded.duration, decoded.mime, windows)
+        ranges = plan_windows(decoded.samples, max_seconds)
+        pcm = to_pcm16(decoded.samples)
+        duration, mime = decoded.duration, decoded.mime
+        del decoded  # the float32 samples: twice the PCM
+    return PreparedAudio(duration, mime, pcm=pcm, ranges=ranges)

@@ -1,23 +1,25 @@
-"""Caption many inputs: concurrency, several servers, resumable JSONL output.
+"""Caption many inputs: concurrency, several servers, bounded memory.
 
-Two thread pools. Item workers read, probe and (when longer than a window) decode
-and split one input each; every request to a server goes through the request pool,
-so no more than `concurrency` requests are in flight however inputs split into
-windows, and a long file's windows are captioned in parallel. Requests go
-round-robin over the servers. Records reach the caller in the main thread, one at a
-time, as inputs finish.
-
-Resume: the JSONL output file is the state. A record is appended with one write
-followed by fsync, so an interrupted run leaves whole records and at most one torn
-last line; `load_finished` drops that line (and failed records, so they are retried)
-by rewriting the file atomically, and the run skips every source already in it.
+Two thread pools. A few reader threads read, probe and (when longer than a window)
+decode one input at a time and queue its windows; `concurrency` request threads send
+them, so no more than `concurrency` requests are in flight however inputs split into
+windows, and a long file's windows are captioned in parallel. Readers take a request
+slot before reading an input or encoding a window, so nothing is read further ahead
+than requests are in flight, and no thread waits for an input's captions: the last
+window to come back completes the record. Requests go to the least-busy live server
+(servers.py). Records reach the caller in the main thread, one at a time, as inputs
+finish; output.py keeps them (resume, input order).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -158,35 +160,40 @@ def process_item(
             data = load_bytes(item, stdin, download_session)
             prepared = prepare(data, item.name, options.segment_seconds)
             del data
-            if options.on_windows is not None and len(prepared.windows) > 1:
-                options.on_windows(len(prepared.windows))
+            if options.on_windows is not None and prepared.count > 1:
+                options.on_windows(prepared.count)
             captions = _caption_windows(prepared.windows, options, ring, request_pool, on_text)
-            record.duration = prepared.duration
-            record.segments = [
-                Segment(w.start, w.end, c.text.strip())
-                for w, c in zip(prepared.windows, captions, strict=True)
-            ]
-            record.caption = join_captions(record.segments)
-            record.model = captions[0].model
-            usage = Usage()
-            for c in captions:
-                usage.add(c.usage)
-            record.usage = vars(usage)
+            _fill(record, prepared.duration, prepared.spans, captions)
     except Exception as exc:  # noqa: BLE001 - one input's failure must not end the batch
-        message = (
-            str(exc)
-            if isinstance(exc, CaptionerError)
-            else (f"{item.name}: unexpected {type(exc).__name__}: {exc}")
-        )
-        # The same words in the record as on stderr: the input first, once.
-        if item.kind != "stdin" and not message.startswith(item.source):
-            message = f"{item.source}: {message}"
-        record.error = message
-        record.exception = exc
-        record.exit_code = exit_code_for(exc)
-        record.segments, record.caption, record.usage = [], "", None
+        _fail(record, item, exc)
     record.latency = time.monotonic() - started
     return record
+
+
+def _fill(record: Record, duration: float, spans: list[tuple[float, float]], captions: list[Caption]) -> None:
+    record.duration = duration
+    record.segments = [Segment(a, b, c.text.strip()) for (a, b), c in zip(spans, captions, strict=True)]
+    record.caption = join_captions(record.segments)
+    record.model = captions[0].model
+    usage = Usage()
+    for c in captions:
+        usage.add(c.usage)
+    record.usage = vars(usage)
+
+
+def _fail(record: Record, item: InputItem, exc: BaseException) -> None:
+    message = (
+        str(exc)
+        if isinstance(exc, CaptionerError)
+        else (f"{item.name}: unexpected {type(exc).__name__}: {exc}")
+    )
+    # The same words in the record as on stderr: the input first, once.
+    if item.kind != "stdin" and not message.startswith(item.source):
+        message = f"{item.source}: {message}"
+    record.error = message
+    record.exception = exc
+    record.exit_code = exit_code_for(exc)
+    record.segments, record.caption, record.usage, record.duration = [], "", None, None
 
 
 def _caption_windows(
@@ -219,6 +226,166 @@ def _caption_windows(
             f.cancel()  # after a failure, windows not yet sent are not worth sending
 
 
+class _Stopped(Exception):
+    """The batch stopped (fatal error, Ctrl-C) while an input waited for a request slot."""
+
+
+class _Slots:
+    """Windows in memory at once (encoded, queued or in flight): `concurrency` plus a
+    little read-ahead. An input takes a slot before it is read, and one per further
+    window before that window is encoded; a slot comes back when its request ends."""
+
+    def __init__(self, count: int, stop: threading.Event) -> None:
+        self._free = threading.Semaphore(count)
+        self._stop = stop
+
+    def take(self) -> None:
+        while not self._free.acquire(timeout=0.2):
+            if self._stop.is_set():
+                raise _Stopped
+        if self._stop.is_set():
+            self._free.release()
+            raise _Stopped
+
+    def give(self) -> None:
+        self._free.release()
+
+
+class _Collect:
+    """One input whose windows are out: gathers their captions as they come back and
+    hands the finished record over (from whichever thread completes it)."""
+
+    def __init__(
+        self,
+        record: Record,
+        item: InputItem,
+        started: float,
+        finish: Callable[[Record], None],
+        duration: float | None,
+        spans: list[tuple[float, float]],
+        options: BatchOptions,
+    ) -> None:
+        self.record, self.item, self.started, self.finish = record, item, started, finish
+        self.duration, self.spans, self.options = duration, spans, options
+        self.captions: dict[int, Caption] = {}
+        self.error: BaseException | None = None
+        self.futures: list[Future[Caption]] = []
+        self.sent: int | None = None  # set once every window that will go out has gone
+        self.ended = 0
+        self.lock = threading.Lock()
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def add(self, future: Future[Caption]) -> None:
+        with self.lock:
+            self.futures.append(future)
+
+    def window_done(self, index: int, slots: _Slots, future: Future[Caption]) -> None:
+        slots.give()
+        cancel: list[Future[Caption]] = []
+        with self.lock:
+            self.ended += 1
+            if not future.cancelled():
+                error = future.exception()
+                if error is None:
+                    self.captions[index] = future.result()
+                    if self.options.on_window_done is not None and len(self.spans) > 1:
+                        self.options.on_window_done()
+                elif self.error is None:
+                    self.error = error
+                    cancel = list(self.futures)  # the other windows are not worth sending
+            complete = self.sent is not None and self.ended == self.sent
+        for f in cancel:
+            f.cancel()
+        if complete:
+            self._complete()
+
+    def all_sent(self, count: int) -> None:
+        with self.lock:
+            self.sent = count
+            complete = self.ended == count
+        if complete:
+            self._complete()
+
+    def _complete(self) -> None:
+        record = self.record
+        if self.error is not None or len(self.captions) != len(self.spans):
+            _fail(record, self.item, self.error or _Stopped("not all windows were captioned"))
+        elif self.duration is None:  # --server-fetch: one caption, no timings
+            caption = self.captions[0]
+            record.caption, record.model = caption.text.strip(), caption.model
+            record.usage = vars(caption.usage)
+        else:
+            _fill(record, self.duration, self.spans, [self.captions[i] for i in range(len(self.spans))])
+        record.latency = time.monotonic() - self.started
+        self.finish(record)
+
+
+def _start_item(
+    item: InputItem,
+    options: BatchOptions,
+    ring: ClientRing,
+    request_pool: Executor,
+    slots: _Slots,
+    finish: Callable[[Record], None],
+    stdin: BinaryIO | None,
+    downloads: requests.Session,
+) -> None:
+    """Read, probe or decode one input and send its windows; never waits for captions.
+
+    Reads only when a request slot is free, so inputs are read no further ahead than
+    requests are in flight; a long input's windows are encoded one at a time, each when
+    a slot frees, and its decoded audio is dropped once the last one is out.
+    """
+    started = time.monotonic()
+    record = Record(source=item.source, model=options.model)
+    held = False
+    try:
+        slots.take()
+        held = True
+        if item.kind == "url" and options.server_fetch:
+            collect = _Collect(record, item, started, finish, None, [(0.0, 0.0)], options)
+            future = request_pool.submit(_call, ring, item.source, options)
+            held = False
+            collect.add(future)
+            future.add_done_callback(functools.partial(collect.window_done, 0, slots))
+            collect.all_sent(1)
+            return
+        data = load_bytes(item, stdin, downloads)
+        prepared = prepare(data, item.name, options.segment_seconds)
+        del data
+        collect = _Collect(record, item, started, finish, prepared.duration, prepared.spans, options)
+        if options.on_windows is not None and prepared.count > 1:
+            options.on_windows(prepared.count)
+        sent = 0
+        try:
+            for index in range(prepared.count):
+                if not held:
+                    slots.take()
+                    held = True
+                if collect.failed:
+                    break
+                future = request_pool.submit(_call_window, ring, prepared.window(index), options)
+                held = False
+                sent += 1
+                collect.add(future)
+                future.add_done_callback(functools.partial(collect.window_done, index, slots))
+        finally:
+            prepared.release()
+            collect.all_sent(sent)
+    except _Stopped:
+        return
+    except Exception as exc:  # noqa: BLE001 - one input's failure must not end the batch
+        _fail(record, item, exc)
+        record.latency = time.monotonic() - started
+        finish(record)
+    finally:
+        if held:
+            slots.give()
+
+
 def run_batch(
     items: Sequence[InputItem],
     options: BatchOptions,
@@ -229,6 +396,11 @@ def run_batch(
 ) -> Summary:
     """Caption `items` (except sources in `skip`), handing each record to `on_record`.
 
+    A few reader threads (`_start_item`) read, probe or decode inputs and queue their
+    windows; `concurrency` request threads send them. Memory and threads are bounded
+    by the concurrency, not by the number or length of the inputs. Records reach
+    `on_record` in this thread as inputs finish.
+
     Stops early on a fatal error (server unreachable, key refused): the summary's
     `aborted` says why. KeyboardInterrupt propagates after pending work is cancelled.
     """
@@ -237,19 +409,22 @@ def run_batch(
     summary = Summary(files=len(items), skipped=len(items) - len(todo))
     started = time.monotonic()
     concurrency = max(1, options.concurrency)
-    # An item thread waits for its own captions, so `concurrency` threads are busy
-    # waiting; as many again read and probe the next inputs, so a wave of requests that
-    # finish together is replaced at once, not after one probe per free slot.
-    item_pool = ThreadPoolExecutor(min(2 * concurrency, max(len(todo), 1)), "captioner-item")
+    # Readers: enough to keep the requests fed (probing a short input takes milliseconds,
+    # a download longer); full decodes are capped at the number of cores (audio.py).
+    readers = min(max(len(todo), 1), max(4, 2 * (os.cpu_count() or 2)))
+    stop = threading.Event()
+    slots = _Slots(concurrency + readers, stop)
+    finished: queue.Queue[Record] = queue.Queue()
+    item_pool = ThreadPoolExecutor(readers, "captioner-item")
     request_pool = ThreadPoolExecutor(concurrency, "captioner-request")
     downloads = requests.Session()
     try:
-        futures = [
-            item_pool.submit(process_item, item, options, ring, request_pool, None, stdin, downloads)
-            for item in todo
-        ]
-        for future in as_completed(futures):
-            record = future.result()
+        for item in todo:
+            item_pool.submit(
+                _start_item, item, options, ring, request_pool, slots, finished.put, stdin, downloads
+            )
+        for _ in todo:
+            record = finished.get()
             summary.add(record)
             on_record(record)
             if record.exception is not None and is_fatal(record.exception):
@@ -257,6 +432,7 @@ def run_batch(
                 summary.aborted = record.exception
                 break
     finally:
+        stop.set()
         summary.wall_seconds = time.monotonic() - started
         # Don't wait for requests in flight: after an abort or Ctrl-C they are moot.
         item_pool.shutdown(wait=False, cancel_futures=True)

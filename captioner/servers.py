@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from captioner.errors import CaptionerError, ServerConnectionError, ServerHTTPError
@@ -57,7 +57,7 @@ class _Server:
     in_flight: int = 0
     sent: int = 0
     down_until: float = 0.0  # monotonic time of the next probe; 0: in the rotation
-    pause: float = PROBE_AFTER
+    pause: float = field(default_factory=lambda: PROBE_AFTER)
     probing: bool = False
 
     @property

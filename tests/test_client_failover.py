@@ -122,3 +122,33 @@ def test_when_every_server_is_down_a_request_fails_after_the_retries_wait() -> N
     with pytest.raises(ServerConnectionError):
         pool.call(lambda c: c.work())
     assert 0.3 <= time.monotonic() - started < 3 and (a.calls, b.calls) == (1, 1)
+
+
+def test_a_server_out_of_the_rotation_is_probed_later_and_comes_back_when_it_answers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import captioner.servers
+
+    monkeypatch.setattr(captioner.servers, "PROBE_AFTER", 0.3)
+
+    class Flaky:
+        def __init__(self, name: str, failures: int) -> None:
+            self.base_url, self.failures, self.calls = name, failures, 0
+
+        def work(self) -> str:
+            self.calls += 1
+            if self.failures:
+                self.failures -= 1
+                raise ServerConnectionError(f"cannot connect to {self.base_url}: connection refused. Is ...")
+            return self.base_url
+
+    flaky, steady = Flaky("flaky", 1), Flaky("steady", 0)
+    pool = ServerPool([flaky, steady])
+    caplog.set_level("WARNING", logger="captioner")
+    assert pool.call(lambda c: c.work()) == "steady"  # flaky failed: the request moved on at once
+    assert [pool.call(lambda c: c.work()) for _ in range(3)] == ["steady"] * 3  # flaky is out
+    assert flaky.calls == 1
+    time.sleep(0.35)
+    assert pool.call(lambda c: c.work()) == "flaky"  # the probe, and it answers
+    assert "flaky answers again: back in the rotation" in caplog.text
+    assert "flaky left the rotation (connection refused); probing it again in 0.3 s" in caplog.text
