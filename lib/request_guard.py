@@ -82,7 +82,8 @@ CHAT_FIELDS = frozenset({
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "min_p", "n", "seed", "stop", "stop_token_ids", "stream", "stream_options", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "min_tokens", "user", "logprobs", "top_logprobs",
-    "request_id", "priority", "skip_special_tokens", "include_stop_str_in_output",
+    "request_id", "priority", "skip_special_tokens", "include_stop_str_in_output", "ignore_eos",
+    "return_token_ids",
 })  # fmt: skip
 MAX_JSON_DEPTH = 32  # a caption request is 6 deep
 MAX_HEADER_COUNT = 100

@@ -303,6 +303,8 @@ def test_guard_audio_only_means_one_user_message_of_audio_parts() -> None:
     good = {"model": "m", "max_tokens": 8, "n": 2, "stream": True,
             "messages": [{"role": "user", "content": [clip]}]}
     assert audio_only_problem(good) is None
+    bench = {**good, "ignore_eos": True, "return_token_ids": True}  # what bench/loadgen.py sends
+    assert audio_only_problem(bench) is None
     two = {"messages": [{"role": "user", "content": [clip, clip]}]}
     assert audio_only_problem(two) is None  # how many: vLLM's --limit-mm-per-prompt answers
     bad = {
