@@ -294,13 +294,12 @@ def sigint_deferred() -> Iterator[None]:
 
 def resume_command(argv: Sequence[str]) -> str:
     """The command line that reruns this one (and so resumes it), for the last line."""
-    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "test_client.py"
+    # As typed (relative to the same folder the rerun starts in), else the kit's script.
+    program = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "test_client.py"
     python = sys.executable or "python"
-    try:
-        relative = os.path.relpath(python)
-        python = relative if not relative.startswith("..") else "python"
-    except ValueError:
-        python = "python"
+    relative = os.path.relpath(python)
+    if not relative.startswith(".."):
+        python = relative  # .venv/bin/python rather than /home/.../.venv/bin/python
     return shlex.join([python, program, *argv])
 
 

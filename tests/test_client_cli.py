@@ -175,7 +175,8 @@ def test_batch_is_spread_over_every_base_url(tmp_path: Path) -> None:
     folder.mkdir()
     for i in range(6):
         write_wav(folder / f"{i}.wav", tone(1, 200 + 50 * i))
-    with StubServer() as one, StubServer() as two:
+    # Slow enough that all six are in flight at once: the least-busy server takes each next one.
+    with StubServer(delay=0.5) as one, StubServer(delay=0.5) as two:
         code = call(str(folder), "--base-url", one.base_url, "--base-url", two.base_url,
                     "-f", "jsonl", "-o", str(tmp_path / "out.jsonl"))  # fmt: skip
     assert code == 0
