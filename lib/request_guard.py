@@ -486,23 +486,32 @@ class RequestGuard:
 REQUEST_TIMEOUT = float(os.environ.get("CAPTIONER_REQUEST_TIMEOUT") or 30)
 
 
+MIN_BODY_BYTES = 65536  # a body must bring at least this much every REQUEST_TIMEOUT s
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol (header bytes capped by --h11-max-incomplete-event-size) that
-    also closes a connection whose request is unfinished after REQUEST_TIMEOUT: no complete
-    header REQUEST_TIMEOUT s after its first byte (or after the connection opened), or no
-    body byte for REQUEST_TIMEOUT s while the app waits for one. uvicorn's keep-alive timeout
-    covers only the wait *between* requests."""
+    also closes a connection whose request is unfinished: no complete header REQUEST_TIMEOUT s
+    after its first byte (or after the connection opened), or a body that brings less than
+    MIN_BODY_BYTES in REQUEST_TIMEOUT s (silent, or trickling) while the app waits for it.
+    uvicorn's keep-alive timeout covers only the wait *between* requests."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._guard_timer: asyncio.TimerHandle | None = None
+        self._guard_body_bytes = 0
         super().connection_made(transport)  # type: ignore[arg-type]
         self._guard_arm()
 
     def data_received(self, data: bytes) -> None:
+        in_body = self.conn.their_state is h11.SEND_BODY
         super().data_received(data)
         state = self.conn.their_state
         if state is h11.SEND_BODY:
-            self._guard_arm()  # idle deadline: restarts with every chunk
+            if in_body:
+                self._guard_body_bytes += len(data)
+            else:  # the headers just completed: the body's first period starts now
+                self._guard_body_bytes = 0
+                self._guard_arm()
         elif state is h11.IDLE:
             if self._guard_timer is None:
                 self._guard_arm()  # header deadline: from the first byte, not restarted
@@ -530,8 +539,9 @@ class GuardedH11Protocol(H11Protocol):
         self._guard_timer = None
         if self.transport.is_closing():
             return
-        if self.flow.read_paused:  # the app is slow to read, not the client to send
-            self._guard_arm()
+        brought, self._guard_body_bytes = self._guard_body_bytes, 0
+        if self.flow.read_paused or (self.conn.their_state is h11.SEND_BODY and brought >= MIN_BODY_BYTES):
+            self._guard_arm()  # the app is slow to read, or the body is coming: next period
             return
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
             self.logger.warning("request_guard: closed a connection from %s: request unfinished after %g s",

@@ -769,6 +769,7 @@ def test_idle_and_half_sent_requests_are_closed_after_request_timeout(hardened: 
         "a header byte a second": [b"G", b"E", b"T", b" ", b"/", b"h", b"e", b"a", b"l", b"t", b"h"],
         "half a body": [(head + "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
                         + b'{"model": "x", '],
+        "a body byte a second": [(head + "Content-Length: 1000\r\n\r\n").encode(), *[b" "] * 12],
     }
     closed_after: dict[str, float] = {}
 
