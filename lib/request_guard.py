@@ -85,6 +85,12 @@ CHAT_FIELDS = frozenset({
     "request_id", "priority", "skip_special_tokens", "include_stop_str_in_output", "ignore_eos",
     "return_token_ids",
 })  # fmt: skip
+# Fields accepted only at vLLM's default value: vllm-router (deploy/router.sh) adds all of these
+# to every request it forwards; at these values none changes the prompt.
+DEFAULT_ONLY_FIELDS: dict[str, bool] = {
+    "no_stop_trim": False, "continue_final_message": False, "return_hidden_states": False,
+    "separate_reasoning": True, "stream_reasoning": True, "include_reasoning": True,
+}  # fmt: skip
 MAX_JSON_DEPTH = 32  # a caption request is 6 deep
 MAX_HEADER_COUNT = 100
 MAX_HEADER_BYTES = 65536  # also passed to vLLM as --h11-max-incomplete-event-size
@@ -220,7 +226,8 @@ def audio_only_problem(body: Any) -> str | None:
         return None
     if not has_audio_part(body):
         return NO_AUDIO
-    extra = sorted(set(body) - CHAT_FIELDS)
+    extra = sorted(f for f in set(body) - CHAT_FIELDS
+                   if not (f in DEFAULT_ONLY_FIELDS and body[f] is DEFAULT_ONLY_FIELDS[f]))
     if extra:
         return f"{AUDIO_ONLY}; these request fields are not accepted: {', '.join(extra)}"
     messages = body["messages"]

@@ -305,6 +305,13 @@ def test_guard_audio_only_means_one_user_message_of_audio_parts() -> None:
     assert audio_only_problem(good) is None
     bench = {**good, "ignore_eos": True, "return_token_ids": True}  # what bench/loadgen.py sends
     assert audio_only_problem(bench) is None
+    router = {**good, "no_stop_trim": False, "ignore_eos": False, "continue_final_message": False,
+              "return_hidden_states": False, "separate_reasoning": True, "stream_reasoning": True,
+              "include_reasoning": True}  # what vllm-router adds to every request
+    assert audio_only_problem(router) is None
+    for field in ("no_stop_trim", "continue_final_message", "return_hidden_states"):
+        assert field in str(audio_only_problem({**router, field: True})), field
+    assert "include_reasoning" in str(audio_only_problem({**router, "include_reasoning": 0}))
     two = {"messages": [{"role": "user", "content": [clip, clip]}]}
     assert audio_only_problem(two) is None  # how many: vLLM's --limit-mm-per-prompt answers
     bad = {
