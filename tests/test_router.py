@@ -1,5 +1,5 @@
-"""vLLM's router (deploy/router.sh) in front of two real services: one stops mid-batch, and the
-batch finishes through the router with every input captioned exactly once."""
+"""Two real services, one stopped mid-batch: the batch finishes with every input captioned exactly
+once, through vLLM's router (deploy/router.sh) and through the client's own repeated --base-url."""
 
 from __future__ import annotations
 
@@ -69,6 +69,39 @@ def router(two_services: tuple[Service, Service], tmp_path: Path) -> Iterator[st
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_two_base_urls_one_service_stopped_mid_batch_the_other_finishes_every_input_once(
+    two_services: tuple[Service, Service], tmp_path: Path
+) -> None:
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for i in range(24):
+        shutil.copy(SAMPLE, folder / f"{i:02d}.wav")
+    out = tmp_path / "out.jsonl"
+    live, stopping = two_services
+    batch = subprocess.Popen(
+        client_command(str(folder), "-o", str(out), "--concurrency", "2", "--base-url", live.base_url,
+                       "--base-url", stopping.base_url, "--max-tokens", "16"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(), cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and out.read_text().count("\n") >= 4):
+            assert batch.poll() is None, batch.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert stopping.stop().returncode == 0
+        _, err = batch.communicate(timeout=600)
+        assert batch.returncode == 0, err
+        records = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [r["source"] for r in records] == [str(p) for p in sorted(folder.iterdir())]  # each once
+        assert all(r["error"] is None for r in records)
+        assert f"captioner: warning: {stopping.base_url} left the rotation" in err
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+        stopping.start()  # the router test below needs both
 
 
 # vllm-router 0.1.17 re-serializes every chat request with seven fields of its own at their defaults
