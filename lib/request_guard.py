@@ -111,9 +111,12 @@ NO_REMOTE_MEDIA = (
 MEDIA_FETCH_FAILED = "could not fetch or decode the audio at the URL"
 UNAUTHORIZED = "missing or wrong API key: send the header 'Authorization: Bearer <API_KEY>'"
 
-# vLLM 0.32's words when a request reaches it after shutdown began (its media thread pool is closed).
-SHUTTING_DOWN_MARKERS = (b"cannot schedule new futures after shutdown",)
-SHUTTING_DOWN = "the server is shutting down (stop or restart in progress); retry in a few seconds"
+# vLLM's words when a request reaches it after shutdown began (its media thread pool is closed),
+# and for requests in flight when its engine process is gone (stopped under them, or crashed):
+# /health answers 503 then too, and the request did nothing, so clients may resend it elsewhere.
+SHUTTING_DOWN_MARKERS = (b"cannot schedule new futures after shutdown", b"EngineCore encountered an issue")
+SHUTTING_DOWN = ("the server is shutting down or its engine stopped (stop, restart or crash); "
+                 "retry in a few seconds")
 
 
 class BodyTooLarge(Exception):

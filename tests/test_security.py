@@ -264,6 +264,11 @@ def test_guard_turns_vllms_500_while_shutting_down_into_a_retryable_503() -> Non
     assert sent[0]["status"] == 503 and (b"retry-after", b"5") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["error"]["message"] == SHUTTING_DOWN
     sent.clear()
+    engine_dead = (b'{"error":{"message":"EngineCore encountered an issue. See stack trace (above) for the '
+                   b'root cause.","code":500}}')
+    asyncio.run(RequestGuard(app_answering(500, engine_dead), max_bytes=0, api_key="")(scope, receive, send))
+    assert sent[0]["status"] == 503 and json.loads(sent[1]["body"])["error"]["message"] == SHUTTING_DOWN
+    sent.clear()
     other_500 = b'{"error":{"message":"Error opening <_io.BytesIO object>","code":500}}'
     asyncio.run(RequestGuard(app_answering(500, other_500), max_bytes=0, api_key="")(scope, receive, send))
     assert sent[0]["status"] == 500 and sent[1]["body"] == other_500
