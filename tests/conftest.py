@@ -14,6 +14,16 @@ import pytest
 from tests.service import ROOT, TINY_MODEL, Service, started
 
 
+@pytest.fixture
+def client_env_cleared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client reads no setting of the developer's: no CAPTIONER_* or service variables, and not
+    the kit's own config.env."""
+    for name in ("CAPTIONER_BASE_URL", "CAPTIONER_API_KEY", "CAPTIONER_CONCURRENCY",
+                 "API_KEY", "MAX_NUM_SEQS", "MAX_AUDIO_SECONDS", "PORT"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CAPTIONER_CONFIG", "/nonexistent/config.env")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 

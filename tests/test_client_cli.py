@@ -29,14 +29,7 @@ from captioner.errors import (
 )
 from tests.test_client_support import IdleClosingServer, StubServer, parse_srt, tone, write_wav
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CAPTIONER_BASE_URL", "CAPTIONER_API_KEY", "CAPTIONER_CONCURRENCY",
-                 "API_KEY", "MAX_NUM_SEQS", "MAX_AUDIO_SECONDS", "PORT"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    # Not the kit's own config.env: these tests must not depend on an operator's settings.
-    monkeypatch.setenv("CAPTIONER_CONFIG", "/nonexistent/config.env")
+pytestmark = pytest.mark.usefixtures("client_env_cleared")
 
 
 @pytest.fixture

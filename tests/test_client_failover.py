@@ -14,23 +14,9 @@ from captioner.cli import main
 from captioner.errors import ExitCode, ServerConnectionError
 from captioner.servers import ServerPool
 from tests.service import free_port
-from tests.test_client_support import StubServer, tone, write_wav
+from tests.test_client_support import StubServer, folder_of
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CAPTIONER_BASE_URL", "CAPTIONER_API_KEY", "CAPTIONER_CONCURRENCY",
-                 "API_KEY", "MAX_NUM_SEQS", "MAX_AUDIO_SECONDS", "PORT"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CAPTIONER_CONFIG", "/nonexistent/config.env")
-
-
-def folder_of(tmp_path: Path, count: int) -> Path:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(count):
-        write_wav(folder / f"{i:02d}.wav", tone(0.5, 200 + 30 * i))
-    return folder
+pytestmark = pytest.mark.usefixtures("client_env_cleared")
 
 
 def sources(path: Path) -> list[str]:

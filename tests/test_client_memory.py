@@ -15,13 +15,7 @@ from captioner.cli import main
 from captioner.errors import ExitCode
 from tests.test_client_support import StubServer, tone, write_wav
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CAPTIONER_BASE_URL", "CAPTIONER_API_KEY", "CAPTIONER_CONCURRENCY",
-                 "API_KEY", "MAX_NUM_SEQS", "MAX_AUDIO_SECONDS", "PORT"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CAPTIONER_CONFIG", "/nonexistent/config.env")
+pytestmark = pytest.mark.usefixtures("client_env_cleared")
 
 
 def test_a_long_files_windows_are_encoded_only_as_requests_free_up(

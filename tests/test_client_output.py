@@ -22,25 +22,12 @@ import pytest
 from captioner.cli import main
 from captioner.errors import ExitCode
 from captioner.inputs import resolve_inputs
-from tests.test_client_support import StubServer, tone, write_wav
+from tests.test_client_support import StubServer, folder_of, tone, write_wav
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CAPTIONER_BASE_URL", "CAPTIONER_API_KEY", "CAPTIONER_CONCURRENCY",
-                 "API_KEY", "MAX_NUM_SEQS", "MAX_AUDIO_SECONDS", "PORT"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CAPTIONER_CONFIG", "/nonexistent/config.env")
-
-
-def folder_of(tmp_path: Path, count: int, name: str = "in") -> Path:
-    folder = tmp_path / name
-    folder.mkdir()
-    for i in range(count):
-        write_wav(folder / f"{i:02d}.wav", tone(0.5, 200 + 40 * i))
-    return folder
+pytestmark = pytest.mark.usefixtures("client_env_cleared")
 
 
 def lines(path: Path) -> list[dict[str, Any]]:

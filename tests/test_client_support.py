@@ -265,3 +265,12 @@ class IdleClosingServer:
             data = json.dumps(completion(self.caption)).encode()
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                          + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+
+
+def folder_of(tmp_path: Path, count: int, name: str = "in") -> Path:
+    """A folder of `count` half-second clips, each a different tone, named 00.wav, 01.wav, ..."""
+    folder = tmp_path / name
+    folder.mkdir()
+    for i in range(count):
+        write_wav(folder / f"{i:02d}.wav", tone(0.5, 200 + 40 * i))
+    return folder
