@@ -19,13 +19,17 @@ from tests.test_client_server import client_command, client_env
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 # Enough work (identical clips hit vLLM's caches, so the captions' length sets the pace) that the
-# batch is still running when one service is stopped after its first records.
+# batch is still running when one service, stopped after the first records, is gone.
 BATCH = 48
 
 
 @pytest.fixture(scope="module")
 def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-    services = (Service(tmp_path_factory.mktemp("router-a")), Service(tmp_path_factory.mktemp("router-b")))
+    # A short drain: during it vLLM still serves requests on kept-alive connections, so with the
+    # default 30 s the batch could finish on both services before the stopped one is gone.
+    quick = {"SHUTDOWN_DRAIN": "2"}
+    services = (Service(tmp_path_factory.mktemp("router-a"), overrides=quick),
+                Service(tmp_path_factory.mktemp("router-b"), overrides=quick))
     errors: list[BaseException] = []
 
     def start(service: Service) -> None:
@@ -74,32 +78,45 @@ def router(two_services: tuple[Service, Service], tmp_path: Path) -> Iterator[st
         log.close()
 
 
-def test_two_base_urls_one_service_stopped_mid_batch_the_other_finishes_every_input_once(
-    two_services: tuple[Service, Service], tmp_path: Path
-) -> None:
+def start_batch(tmp_path: Path, *base_urls: str) -> tuple[Path, Path, subprocess.Popen[str]]:
+    """BATCH copies of the sample clip captioned into out.jsonl through the given --base-urls."""
     folder = tmp_path / "batch"
     folder.mkdir()
     for i in range(BATCH):
         shutil.copy(SAMPLE, folder / f"{i:02d}.wav")
     out = tmp_path / "out.jsonl"
-    live, stopping = two_services
+    urls = [arg for url in base_urls for arg in ("--base-url", url)]
     batch = subprocess.Popen(
-        client_command(str(folder), "-o", str(out), "--concurrency", "2", "--base-url", live.base_url,
-                       "--base-url", stopping.base_url, "--max-tokens", "64"),
+        client_command(str(folder), "-o", str(out), "--concurrency", "2", *urls, "--max-tokens", "256"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(), cwd=ROOT,
-    )  # fmt: skip
+    )
+    deadline = time.monotonic() + 300
+    while not (out.exists() and out.read_text().count("\n") >= 4):  # the batch is under way
+        assert batch.poll() is None, batch.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return folder, out, batch
+
+
+def finished_each_input_once(folder: Path, out: Path, batch: subprocess.Popen[str]) -> str:
+    """The batch's stderr, once it has exited 0 with one good record per input, in input order."""
+    _, err = batch.communicate(timeout=600)
+    assert batch.returncode == 0, err
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["source"] for r in records] == [str(p) for p in sorted(folder.iterdir())]
+    assert all(r["error"] is None for r in records)
+    return err
+
+
+def test_two_base_urls_one_service_stopped_mid_batch_the_other_finishes_every_input_once(
+    two_services: tuple[Service, Service], tmp_path: Path
+) -> None:
+    live, stopping = two_services
+    folder, out, batch = start_batch(tmp_path, live.base_url, stopping.base_url)
     try:
-        deadline = time.monotonic() + 300
-        while not (out.exists() and out.read_text().count("\n") >= 4):
-            assert batch.poll() is None, batch.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
         assert stopping.stop().returncode == 0
-        _, err = batch.communicate(timeout=600)
-        assert batch.returncode == 0, err
-        records = [json.loads(x) for x in out.read_text().splitlines()]
-        assert [r["source"] for r in records] == [str(p) for p in sorted(folder.iterdir())]  # each once
-        assert all(r["error"] is None for r in records)
+        assert batch.poll() is None, "the batch ended before the service was gone: make it longer"
+        err = finished_each_input_once(folder, out, batch)
         assert f"captioner: warning: {stopping.base_url} left the rotation" in err
     finally:
         if batch.poll() is None:
@@ -112,26 +129,11 @@ def test_two_base_urls_one_service_stopped_mid_batch_the_other_finishes_every_in
 def test_a_batch_through_the_router_survives_one_service_stopping_and_captions_each_input_once(
     two_services: tuple[Service, Service], router: str, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "batch"
-    folder.mkdir()
-    for i in range(BATCH):
-        shutil.copy(SAMPLE, folder / f"{i:02d}.wav")
-    out = tmp_path / "out.jsonl"
-    batch = subprocess.Popen(
-        client_command(str(folder), "-o", str(out), "--concurrency", "2", "--base-url", router,
-                       "--max-tokens", "64"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(), cwd=ROOT,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (out.exists() and out.read_text().count("\n") >= 4):
-        assert batch.poll() is None, batch.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    stopped = two_services[1].stop()  # mid-batch: drains, then every process of it goes
-    assert stopped.returncode == 0, stopped.stderr
-    _, err = batch.communicate(timeout=600)
-    assert batch.returncode == 0, err
-    records = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["source"] for r in records] == [str(p) for p in sorted(folder.iterdir())]  # each once
-    assert all(r["error"] is None for r in records)
-    assert f"{BATCH} files: {BATCH} captioned, 0 failed" in err
+    folder, out, batch = start_batch(tmp_path, router)
+    try:
+        stopped = two_services[1].stop()  # mid-batch: drains, then every process of it goes
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"{BATCH} files: {BATCH} captioned, 0 failed" in finished_each_input_once(folder, out, batch)
+    finally:
+        if batch.poll() is None:
+            batch.kill()
