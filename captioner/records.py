@@ -52,8 +52,14 @@ class Record:
         }
 
     def to_line(self) -> str:
-        """The record as one JSONL line, newline included (JSON escapes inner newlines)."""
-        return json.dumps(self.to_json(), ensure_ascii=False) + "\n"
+        """The record as one JSONL line, newline included. JSON escapes inner newlines; the other
+        characters that some readers take for line ends (Python's `splitlines`, JavaScript) are
+        escaped too, so any reader sees one line per record."""
+        return json.dumps(self.to_json(), ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
+
+
+# Besides \n and \r (which JSON escapes), what str.splitlines() and JavaScript also end a line at.
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 
 
 def join_captions(segments: list[Segment]) -> str:

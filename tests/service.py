@@ -6,10 +6,13 @@ own. Everything goes through the operator's scripts, so the tests prove those sc
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,13 +157,26 @@ class Service:
             time.sleep(0.5)
         raise TimeoutError(f"{self.base_url} not healthy after {timeout}s")
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Every process of the service stopped (SIGSTOP) inside the block, continued after it:
+        connections are still accepted by the kernel, but nothing is answered."""
+        pids = self.leftovers()
+        assert pids, "the service is not running"
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
     def leftovers(self) -> list[int]:
         return session_pids(self.pid) if self.pid else []
 
     def force_cleanup(self) -> None:
         """Last resort after a failed test: SIGKILL whatever is left of this service's session."""
-        import signal
-
         if self.pid is None and self.pid_file.exists():
             self.pid = int(self.read_pid_file().get("pid", "0")) or None
         for pid in self.leftovers():

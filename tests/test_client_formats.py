@@ -72,6 +72,16 @@ def test_jsonl_is_one_whole_record_per_line_with_every_field() -> None:
     assert json.loads(lines[1])["error"] == "b.wav: boom"
 
 
+# A random-weight model's caption held U+0085 and broke a reader that used str.splitlines (CI, stop 15).
+@pytest.mark.parametrize("odd", ["\x85", "\u2028", "\u2029", "\x1c", "\x0b", "\x0c", "\r"])
+def test_a_caption_with_any_line_break_character_stays_on_its_one_jsonl_line(odd: str) -> None:
+    caption = f"before{odd}after"
+    text = render([Record(source="a.wav", caption=caption), Record(source="b.wav")], "jsonl", True)
+    lines = text.splitlines()
+    assert len(lines) == 2 and text.count("\n") == 2
+    assert json.loads(lines[0])["caption"] == caption
+
+
 def test_json_is_an_object_for_one_input_and_an_array_for_several() -> None:
     assert json.loads(render([segmented()], "json", many=False))["source"] == "/audio/long.wav"
     many = json.loads(render([segmented(), segmented()], "json", many=True))
