@@ -7,7 +7,8 @@
 # Validates every value, checks vLLM, GPUs, model folder and port, then launches `vllm serve` in
 # its own process group, writes a PID file that identifies it, appends to $LOG_DIR/service.log,
 # and waits for /health (up to START_TIMEOUT s). Two starts at once give one server.
-#   --foreground   run vLLM in this process instead (for systemd); no PID file, no wait.
+#   --foreground   run vLLM in this process instead (for systemd): the same checks, flags and
+#                  warm-up (once /health answers); no PID file, no wait.
 #
 # Exit codes: 0 started (or already running), 1 failed: bad config, preflight, or the server
 # died / never became healthy (its log tail is printed; no process and no PID file is left).
@@ -107,6 +108,7 @@ build_args() {
   VLLM_ARGS+=(--allowed-media-domains $domains)
   [[ -z $UNIX_SOCKET ]] || VLLM_ARGS+=(--uds "$UNIX_SOCKET_ABS")
   [[ -z $MAX_NUM_BATCHED_TOKENS ]] || VLLM_ARGS+=(--max-num-batched-tokens "$MAX_NUM_BATCHED_TOKENS")
+  [[ -z $QUANTIZATION ]] || VLLM_ARGS+=(--quantization "$QUANTIZATION")
   if [[ $DEVICE == cuda ]]; then
     VLLM_ARGS+=(--tensor-parallel-size "$TENSOR_PARALLEL_SIZE" --gpu-memory-utilization "$GPU_MEMORY_UTIL")
     ((DATA_PARALLEL_SIZE == 1)) || VLLM_ARGS+=(--data-parallel-size "$DATA_PARALLEL_SIZE")
@@ -224,8 +226,10 @@ leader_alive() {
 # The first requests after a start pay Triton's JIT compilation of the MoE and sampling kernels
 # (measured up to 1.9x slower, docs/PERFORMANCE.md); take that cost before users come. CPU
 # (eager) has nothing to compile.
+wants_warm_up() { ((WARMUP_REQUESTS > 0)) && [[ $DEVICE == cuda ]]; }
+
 warm_up() {
-  ((WARMUP_REQUESTS > 0)) && [[ $DEVICE == cuda ]] || return 0
+  wants_warm_up || return 0
   if [[ -n $UNIX_SOCKET ]]; then
     say "warm-up skipped: tools/warm_up.py speaks TCP only (UNIX_SOCKET is set)"
     return 0
@@ -233,6 +237,19 @@ warm_up() {
   say "warming up with $WARMUP_REQUESTS concurrent requests"
   CAPTIONER_API_KEY=$API_KEY "$VLLM_PYTHON" "$KIT_ROOT/tools/warm_up.py" --base-url "$BASE_URL" \
     --requests "$WARMUP_REQUESTS" >>"$LOG_FILE" 2>&1 || say "warm-up failed (the service is up; see $LOG_FILE)"
+}
+
+# --foreground: vLLM takes this shell's pid (exec); a child of it waits for /health, then warms up.
+warm_up_when_healthy() {
+  wants_warm_up || return 0
+  local server=$$ deadline=$((SECONDS + START_TIMEOUT))
+  while kill -0 "$server" 2>/dev/null && ((SECONDS < deadline)); do
+    if [[ $(http_status /health 2) == 200 ]]; then
+      warm_up
+      return 0
+    fi
+    sleep 1
+  done
 }
 
 main() {
@@ -246,6 +263,7 @@ main() {
     check_port
     build_args
     export_service_env
+    warm_up_when_healthy </dev/null &
     exec "$VLLM_PYTHON" "${VLLM_ARGS[@]}"
   fi
 

@@ -5,7 +5,7 @@
 #
 # Fills deploy/captioner.service.in and deploy/captioner.logrotate.in with this kit's absolute
 # path and its configuration (config.env, or FILE; the environment wins, as for start_service.sh),
-# validated first. Writes /etc/systemd/system/UNIT.service and /etc/logrotate.d/UNIT, creates the
+# validated first; the unit starts the service with that file (--config). Writes /etc/systemd/system/UNIT.service and /etc/logrotate.d/UNIT, creates the
 # log folder owned by the service user, and runs `systemctl daemon-reload`. It enables and starts
 # nothing: it prints the commands for that.
 #   --print       write both files to stdout instead; install nothing (no root needed).
@@ -24,7 +24,8 @@ fill() { # fill TEMPLATE -> stdout, every @KEY@ replaced
   sed -e "s|@UNIT@|$UNIT|g" -e "s|@KIT@|$KIT_ROOT|g" -e "s|@USER@|$SERVICE_USER|g" \
     -e "s|@GROUP@|$SERVICE_GROUP|g" -e "s|@HOST@|$HOST|g" -e "s|@PORT@|$PORT|g" \
     -e "s|@LOG_DIR@|$LOG_DIR_ABS|g" -e "s|@LOG_FILE@|$LOG_FILE|g" -e "s|@SHUTDOWN_DRAIN@|$SHUTDOWN_DRAIN|g" \
-    -e "s|@STOP_TIMEOUT@|$STOP_TIMEOUT|g" -e "s|@TIMEOUT_STOP@|$((10#$STOP_TIMEOUT + 30))|g" "$1"
+    -e "s|@STOP_TIMEOUT@|$STOP_TIMEOUT|g" -e "s|@TIMEOUT_STOP@|$((10#$STOP_TIMEOUT + 30))|g" \
+    -e "s|@CONFIG@|$CONFIG_ABS|g" "$1"
 }
 
 main() {
@@ -49,6 +50,10 @@ main() {
   id "$SERVICE_USER" >/dev/null 2>&1 || die "user $SERVICE_USER does not exist (create it, or pass --user)"
   SERVICE_GROUP=$(id -gn "$SERVICE_USER")
   [[ $KIT_ROOT != *[[:space:]\|]* ]] || die "the kit's path $KIT_ROOT has spaces or '|': systemd units cannot name it; move the kit"
+  # The unit starts with the file validated here, whatever the environment of a later start.
+  CONFIG_ABS=$(realpath -m -- "${CONFIG_FILE:-$KIT_ROOT/config.env}")
+  [[ -f $CONFIG_ABS ]] || die "no configuration file to install with: create $CONFIG_ABS (it may be empty: config.env.example holds the defaults)"
+  [[ $CONFIG_ABS != *[[:space:]\|]* ]] || die "--config $CONFIG_ABS has spaces or '|': systemd units cannot name it; move the file"
 
   local dir=$KIT_ROOT/deploy
   if [[ -n $print ]]; then

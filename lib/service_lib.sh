@@ -6,27 +6,9 @@
 KIT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PROG=${PROG:-$(basename "$0" .sh)}
 
-# Every variable config.env may set, with its default. Order = order of `config` output.
-CONFIG_VARS=(
-  MODEL_PATH SERVED_MODEL_NAME LOAD_FORMAT HOST PORT API_KEY DEVICE DTYPE TENSOR_PARALLEL_SIZE
-  DATA_PARALLEL_SIZE GPU_MEMORY_UTIL CPU_KVCACHE_GB MAX_MODEL_LEN MAX_NUM_SEQS
-  MAX_NUM_BATCHED_TOKENS API_SERVER_COUNT TEMPERATURE TOP_P TOP_K MAX_TOKENS
-  ALLOWED_MEDIA_DOMAINS MAX_AUDIO_SECONDS MAX_AUDIO_BYTES MAX_REQUEST_BYTES ALLOWED_HOSTS
-  EXTRA_ROUTES REQUEST_TIMEOUT UNIX_SOCKET LOG_DIR LOG_KEEP PID_FILE
-  START_TIMEOUT SHUTDOWN_DRAIN STOP_TIMEOUT WARMUP_REQUESTS VLLM_PYTHON EXTRA_VLLM_ARGS
-)
-declare -A CONFIG_DEFAULTS=(
-  [MODEL_PATH]=models/Qwen3-Omni-30B-A3B-Captioner [SERVED_MODEL_NAME]=Qwen3-Omni-30B-A3B-Captioner
-  [LOAD_FORMAT]=auto [HOST]=127.0.0.1 [PORT]=8003 [API_KEY]="" [DEVICE]=cuda [DTYPE]=bfloat16
-  [TENSOR_PARALLEL_SIZE]=2 [DATA_PARALLEL_SIZE]=1 [GPU_MEMORY_UTIL]=0.95 [CPU_KVCACHE_GB]=1
-  [MAX_MODEL_LEN]=32768 [MAX_NUM_SEQS]=128 [MAX_NUM_BATCHED_TOKENS]="" [API_SERVER_COUNT]=1
-  [TEMPERATURE]=0.6 [TOP_P]=0.95 [TOP_K]=20 [MAX_TOKENS]=16384 [ALLOWED_MEDIA_DOMAINS]=""
-  [MAX_AUDIO_SECONDS]=600 [MAX_AUDIO_BYTES]=268435456 [MAX_REQUEST_BYTES]=268435456
-  [ALLOWED_HOSTS]="" [EXTRA_ROUTES]="" [REQUEST_TIMEOUT]=30 [UNIX_SOCKET]=""
-  [LOG_DIR]=logs [LOG_KEEP]=5 [PID_FILE]=""
-  [START_TIMEOUT]=1800 [SHUTDOWN_DRAIN]=30 [STOP_TIMEOUT]=60 [WARMUP_REQUESTS]=128
-  [VLLM_PYTHON]="" [EXTRA_VLLM_ARGS]=""
-)
+# The Python that reads the configuration (captioner/config.py, standard library only): the kit's
+# venv, else the system's. It is also the default VLLM_PYTHON.
+if [[ -x $KIT_ROOT/.venv/bin/python ]]; then KIT_PYTHON=$KIT_ROOT/.venv/bin/python; else KIT_PYTHON=python3; fi
 # Sent to the server when no remote media host is allowed: vLLM treats an empty allow-list as
 # "allow every host", so we allow one host that can never resolve (.invalid is reserved, RFC 2606).
 NO_REMOTE_MEDIA_HOST=no-remote-media.invalid
@@ -77,41 +59,13 @@ debug_setup() {
 
 # --- configuration ---------------------------------------------------------------------------
 
-is_config_var() {
-  local v
-  for v in "${CONFIG_VARS[@]}"; do [[ $v == "$1" ]] && return 0; done
-  return 1
-}
-
-# load_config [FILE]: defaults < FILE < environment. FILE is parsed, never executed.
+# load_config [FILE]: every setting of config.env.example, as its default < the config file <
+# the environment (captioner/config.py; files are parsed, never executed).
 load_config() {
-  local file=${1:-${CAPTIONER_CONFIG:-$KIT_ROOT/config.env}}
-  local v line key value n=0
-  declare -gA CONFIG_FROM_ENV=()
-  for v in "${CONFIG_VARS[@]}"; do
-    if [[ -n ${!v+set} ]]; then CONFIG_FROM_ENV[$v]=1; fi
-  done
-  if [[ -n ${CAPTIONER_CONFIG:-}${1:-} || -e $file ]]; then
-    [[ -r $file && ! -d $file ]] || die "config file $file not found or unreadable: create it from config.env.example"
-    while IFS= read -r line || [[ -n $line ]]; do
-      n=$((n + 1))
-      line=${line%$'\r'}
-      [[ $line =~ ^[[:space:]]*(#.*)?$ ]] && continue
-      if [[ ! $line =~ ^[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]]; then
-        die "$file:$n: not a KEY=value line: $line"
-      fi
-      key=${BASH_REMATCH[1]}
-      value=${BASH_REMATCH[2]}
-      value=${value%"${value##*[![:space:]]}"}
-      if [[ $value =~ ^\"(.*)\"$ ]]; then value=${BASH_REMATCH[1]}; fi
-      is_config_var "$key" || die "$file:$n: unknown variable $key (known: see config.env.example)"
-      [[ -n ${CONFIG_FROM_ENV[$key]:-} ]] && continue
-      printf -v "$key" '%s' "$value"
-    done <"$file"
-  fi
-  for v in "${CONFIG_VARS[@]}"; do
-    if [[ -z ${!v+set} ]]; then printf -v "$v" '%s' "${CONFIG_DEFAULTS[$v]}"; fi
-  done
+  local assignments
+  command -v "$KIT_PYTHON" >/dev/null || die "python3 not found: the scripts need it to read config.env (install python3)"
+  assignments=$("$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell --prog "$PROG" ${1:+--config "$1"}) || exit 1
+  eval "$assignments"
   derive_config
 }
 
@@ -128,9 +82,7 @@ derive_config() {
   PID_FILE_ABS=$(abs_path "${PID_FILE:-$LOG_DIR/service.pid}")
   LOCK_FILE="$PID_FILE_ABS.lock"
   LOG_FILE="$LOG_DIR_ABS/service.log"
-  if [[ -z $VLLM_PYTHON ]]; then
-    if [[ -x $KIT_ROOT/.venv/bin/python ]]; then VLLM_PYTHON=$KIT_ROOT/.venv/bin/python; else VLLM_PYTHON=python3; fi
-  fi
+  VLLM_PYTHON=${VLLM_PYTHON:-$KIT_PYTHON}
   # Clients on this host use 127.0.0.1 whatever address the server binds.
   case $HOST in
     0.0.0.0 | 127.0.0.1 | localhost | "") HEALTH_HOST=127.0.0.1 ;;
@@ -186,6 +138,7 @@ validate_config() {
   check_int TENSOR_PARALLEL_SIZE 1 64
   check_int DATA_PARALLEL_SIZE 1 64
   check_float GPU_MEMORY_UTIL "a fraction, 0 < x <= 1" "x > 0 && x <= 1"
+  [[ -z $QUANTIZATION ]] || check_enum QUANTIZATION fp8
   check_int CPU_KVCACHE_GB 1
   check_int MAX_MODEL_LEN 16
   check_int MAX_NUM_SEQS 1 4096
@@ -283,10 +236,8 @@ write_pid_file() { # write_pid_file PID — atomically
     echo "start_time=$(proc_stat_field "$pid" 22)"
     echo "log_id=$(file_id "$LOG_FILE")"
     echo "port=$PORT"
-    echo "host=$HOST"
     echo "model=$MODEL_DIR"
     echo "started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "log=$LOG_FILE"
   } >"$tmp"
   mv -f "$tmp" "$PID_FILE_ABS"
 }

@@ -96,7 +96,7 @@ def test_bad_request_gets_a_clear_error_and_the_next_good_request_succeeds(
 def run_client(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     env.pop("API_KEY", None)
-    env["CAPTIONER_CONFIG"] = "/nonexistent/config.env"
+    env["CAPTIONER_CONFIG"] = os.devnull
     return subprocess.run([sys.executable, str(ROOT / "test_client.py"), *args], capture_output=True,
                           text=True, encoding="latin-1", env=env, cwd=ROOT, timeout=300)
 

@@ -16,7 +16,6 @@ from urllib3.util.retry import Retry
 
 from captioner.api import BACKOFF_MAX, DEFAULT_BACKOFF, DEFAULT_RETRIES, CaptionClient, retry_wait
 from captioner.cli import build_parser, main
-from captioner.config import Settings, read_config_file
 from captioner.errors import (
     CaptionerError,
     ExitCode,
@@ -203,16 +202,6 @@ def test_75s_clip_gives_three_timed_segments_and_valid_srt(
         ("00:01:00,000", "00:01:15,000"),
     ]
     assert len(stub.requests) == 3
-
-
-def test_config_env_values_and_defaults_are_read_environment_wins(tmp_path: Path) -> None:
-    config = tmp_path / "config.env"
-    config.write_text('# service settings\nAPI_KEY="from-file"\nMAX_NUM_SEQS=16  \nPORT=\n')
-    assert read_config_file(config) == {"API_KEY": "from-file", "MAX_NUM_SEQS": "16", "PORT": ""}
-    settings = Settings({"API_KEY": "from-env", "MAX_NUM_SEQS": ""}, config)
-    assert settings.get("API_KEY") == "from-env"
-    assert settings.get("MAX_NUM_SEQS") is None  # set but empty in the environment: unset
-    assert settings.get("PORT") is None and settings.get("TEMPERATURE") is None
 
 
 def test_default_base_url_and_concurrency_follow_the_service_config(

@@ -98,7 +98,7 @@ def test_two_runs_at_once_on_one_jsonl_write_each_input_once(tmp_path: Path) -> 
 def client_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     env.pop("API_KEY", None)
-    env["CAPTIONER_CONFIG"] = "/nonexistent/config.env"
+    env["CAPTIONER_CONFIG"] = os.devnull
     return env
 
 

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.server
 def client_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     env.pop("API_KEY", None)
-    env["CAPTIONER_CONFIG"] = "/nonexistent/config.env"  # hermetic: not the operator's settings
+    env["CAPTIONER_CONFIG"] = os.devnull  # hermetic: not the operator's settings
     env.update(extra)
     return env
 

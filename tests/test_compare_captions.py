@@ -13,7 +13,7 @@ from tests.service import ROOT, SAMPLE, Service
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-import compare_captions  # noqa: E402
+import compare_captions
 
 
 def test_similarity_counts_shared_words_in_order_ignoring_case_and_punctuation() -> None:

@@ -168,7 +168,7 @@ def test_server_restarted_under_a_running_batch_every_input_captioned_exactly_on
         shutil.copy(SAMPLE, folder / f"{i:03d}.wav")
     out = tmp_path / "out.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
-    env["CAPTIONER_CONFIG"] = "/nonexistent/config.env"
+    env["CAPTIONER_CONFIG"] = os.devnull
     batch: subprocess.Popen[str] | None = None
     try:
         svc.start()

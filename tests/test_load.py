@@ -59,7 +59,7 @@ def test_300_requests_at_concurrency_32_all_answered_none_lost_memory_flat(tmp_p
                     peak["running"] = max(peak["running"], metric(svc, "vllm:num_requests_running"))
                     peak["waiting"] = max(peak["waiting"], metric(svc, "vllm:num_requests_waiting"))
                     peak["samples"] += 1
-                except Exception:  # noqa: BLE001 - best effort: a figure, not the test's subject
+                except Exception:  # best effort: a figure, not the test's subject
                     pass
                 time.sleep(0.1)
 

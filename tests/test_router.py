@@ -35,7 +35,7 @@ def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
     def start(service: Service) -> None:
         try:
             service.start()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     try:

@@ -41,7 +41,7 @@ import requests
 from tests.service import ROOT, SAMPLE, Service, started
 
 sys.path.insert(0, str(ROOT / "lib"))
-from request_guard import (  # noqa: E402
+from request_guard import (
     AUDIO_ONLY,
     MAX_HEADER_COUNT,
     MEDIA_FETCH_FAILED,
@@ -124,7 +124,7 @@ class MediaDecoy:
         self.hits = hits
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:  # http.server's name
                 hits.append(self.path)
                 if self.path.startswith("/redirect?to="):
                     self.send_response(302)
@@ -179,7 +179,7 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 def run_client(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
     env.pop("API_KEY", None)
-    env["CAPTIONER_CONFIG"] = "/nonexistent/config.env"
+    env["CAPTIONER_CONFIG"] = os.devnull
     return subprocess.run([sys.executable, str(ROOT / "test_client.py"), *args], capture_output=True,
                           text=True, encoding="latin-1", env=env, cwd=ROOT, timeout=timeout)
 

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from captioner.config import REPO_ROOT, Settings  # noqa: E402
+from captioner.config import REPO_ROOT, ConfigError, Settings
 
 DEFAULT_REPO = "Qwen/Qwen3-Omni-30B-A3B-Captioner"
 REQUIRED = ["config.json"]
@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             shards = check_model_dir(a.check)
             print(f"fetch_model: {a.check} is complete ({len(shards)} weight file(s))", file=sys.stderr)
             return 0
-        dest = a.dest or Path(Settings().get("MODEL_PATH") or "models/Qwen3-Omni-30B-A3B-Captioner")
+        dest = a.dest or Path(Settings().get("MODEL_PATH") or "")
+        if not str(dest).strip(". "):
+            raise Incomplete("MODEL_PATH is empty: set it in config.env, or pass --dest DIR")
         if not dest.is_absolute():
             dest = REPO_ROOT / dest
         if dest.exists():
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         download(a.repo, a.revision, dest)
         print(f"fetch_model: {dest} is complete", file=sys.stderr)
         return 0
-    except Incomplete as e:
+    except (Incomplete, ConfigError) as e:
         print(f"fetch_model: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

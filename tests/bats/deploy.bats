@@ -23,9 +23,9 @@ print_split() {
   print_split
   [[ $output != *@*@* ]]
   unit=$(cat "$T/captioner.service")
-  [[ $unit == *$'\nExecStart='"$KIT"$'/start_service.sh --foreground\n'* ]]
+  [[ $unit == *$'\nExecStart='"$KIT"$'/start_service.sh --foreground --config '"$T"$'/empty.env\n'* ]]
   [[ $unit == *$'\nWorkingDirectory='"$KIT"$'\n'* ]]
-  [[ $unit == *$'\nEnvironmentFile='"$KIT"$'/config.env\n'* ]]
+  [[ $unit != *EnvironmentFile* ]]
   [[ $unit == *$'\nKillMode=control-group\n'* ]]
   [[ $unit == *$'\nRestart=on-failure\n'* ]]
   [[ $unit == *$'\nTimeoutStopSec=90\n'* ]] # STOP_TIMEOUT 60 + 30 > SHUTDOWN_DRAIN 30
@@ -37,6 +37,16 @@ print_split() {
   done
   grep -q "^$KIT/logs/service.log {$" "$T/captioner.logrotate"
   grep -q '^    copytruncate$' "$T/captioner.logrotate"
+}
+
+@test "the unit starts with the file it was installed with: --config, else \$CAPTIONER_CONFIG, else config.env" {
+  printf 'PORT=8124\n' >"$T/other.env"
+  print_split --config "$T/other.env"
+  grep -qx "ExecStart=$KIT/start_service.sh --foreground --config $T/other.env" "$T/captioner.service"
+  grep -q 'on 127.0.0.1:8124$' "$T/captioner.service"
+  unset CAPTIONER_CONFIG
+  print_split
+  grep -qx "ExecStart=$KIT/start_service.sh --foreground --config $KIT/config.env" "$T/captioner.service"
 }
 
 @test "--print follows the configuration: drain window, log folder, port, user" {
@@ -103,7 +113,7 @@ print_split() {
   [ "$status" -eq 0 ]
   [ -f "$T/units/captioner.service" ] && [ -f "$T/rotate/captioner" ]
   [ -d "$T/newlogs" ]
-  grep -q "^ExecStart=$KIT/start_service.sh --foreground$" "$T/units/captioner.service"
+  grep -q "^ExecStart=$KIT/start_service.sh --foreground --config $T/empty.env$" "$T/units/captioner.service"
   [[ $output == *"install_systemd: wrote $T/units/captioner.service and $T/rotate/captioner (runs as root)"* ]]
 }
 

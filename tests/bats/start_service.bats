@@ -72,6 +72,30 @@ teardown() { common_teardown; }
   [[ $args != *enforce-eager* ]]
 }
 
+@test "argv: QUANTIZATION=fp8 loads FP8 weights; empty passes no --quantization" {
+  STUB_EXIT=0 QUANTIZATION=fp8 run "$KIT/start_service.sh" --foreground
+  [ "$status" -eq 0 ]
+  grep -A1 -x -- --quantization "$T/args" | tail -n 1 | grep -qx fp8
+  STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
+  ! grep -qx -- --quantization "$T/args"
+}
+
+@test "--foreground warms up once /health answers, as a scripted start does" {
+  mkdir -p "$T/bin"
+  printf '#!/bin/sh\necho "GPU 0: x"\necho "GPU 1: y"\n' >"$T/bin/nvidia-smi"
+  chmod +x "$T/bin/nvidia-smi"
+  DEVICE=cuda WARMUP_REQUESTS=2 PATH="$T/bin:$PATH" "$KIT/start_service.sh" --foreground 2>"$T/err" 3>&- &
+  server=$!
+  for _ in $(seq 1 150); do grep -q 'warm-up failed' "$T/err" && break; sleep 0.1; done
+  kill "$server"
+  pkill -f "VLLM::EngineCore $STUB_ROOT" || true
+  cat "$T/err"
+  grep -qx 'start_service: warming up with 2 concurrent requests' "$T/err"
+  # The stub serves /health but no chat route: warm_up.py reached it, and the failure is one line.
+  grep -q 'warm_up: ' "$T/logs/service.log"
+  grep -qx "start_service: warm-up failed (the service is up; see $T/logs/service.log)" "$T/err"
+}
+
 @test "start, status 0, stop, status 3: nothing of the session is left" {
   run "$KIT/start_service.sh"
   [ "$status" -eq 0 ]
