@@ -8,8 +8,8 @@ teardown() { common_teardown; }
 
 refused() { # refused "exact message" — start fails with it and never launches vLLM
   run "$KIT/start_service.sh"
-  [ "$status" -eq 1 ]
-  [ "$output" = "$1" ]
+  assert_failure 1
+  assert_output "$1"
   [ ! -e "$T/args" ]
   [ ! -e "$T/logs/service.pid" ]
 }
@@ -88,16 +88,17 @@ refused() { # refused "exact message" — start fails with it and never launches
   printf 'PORT=abc\nTOP_K=7\n' >"$T/c.env"
   unset TOP_K
   STUB_EXIT=0 CAPTIONER_CONFIG=$T/c.env run "$KIT/start_service.sh" --foreground
-  [ "$status" -eq 0 ]
+  assert_success
   grep -qx -- "$PORT" "$T/args"
   grep -q '"top_k":7,' "$T/args"
 }
 
 @test "the shipped config.env changes nothing: the schema's defaults alone make a valid start" {
-  ! grep -v '^#' "$KIT/config.env" | grep -q .
+  run grep -v -e '^#' -e '^$' "$KIT/config.env"
+  assert_output ''
   unset DEVICE MODEL_PATH
   STUB_EXIT=0 CAPTIONER_CONFIG=$KIT/config.env MODEL_PATH=$T/model DEVICE=cpu run "$KIT/start_service.sh" --foreground
-  [ "$status" -eq 0 ]
+  assert_success
   grep -A1 -x -- --max-num-seqs "$T/args" | tail -n 1 | grep -qx 128
 }
 
@@ -138,13 +139,13 @@ refused() { # refused "exact message" — start fails with it and never launches
 
 @test "--help prints the usage and exits 0" {
   run "$KIT/start_service.sh" --help
-  [ "$status" -eq 0 ]
-  [[ ${lines[0]} == "start_service.sh — start the Qwen3-Omni Captioner"* ]]
-  [[ $output == *"Usage: ./start_service.sh"* ]]
+  assert_success
+  assert_line --index 0 --regexp '^start_service\.sh — start the Qwen3-Omni Captioner'
+  assert_output --partial "Usage: ./start_service.sh"
 }
 
 @test "an unknown option is refused" {
-  refused_opt() { run "$KIT/$1" --bogus; [ "$status" -eq 1 ]; [ "$output" = "$2: unknown option '--bogus' (see --help)" ]; }
+  refused_opt() { run "$KIT/$1" --bogus; assert_failure 1; assert_output "$2: unknown option '--bogus' (see --help)"; }
   refused_opt start_service.sh start_service
   refused_opt stop_service.sh stop_service
   refused_opt status_service.sh status_service

@@ -9,21 +9,21 @@ teardown() { common_teardown; }
 
 @test "argv: loopback bind, audio only, no local files, no remote media, server-side sampling" {
   STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
-  [ "$status" -eq 0 ]
-  args=$(cat "$T/args")
-  [[ $args == *$'--host\n127.0.0.1\n'* ]]
-  [[ $args == *$'--limit-mm-per-prompt\n{"audio":1,"image":0,"video":0}\n'* ]]
-  [[ $args == *$'--allowed-media-domains\nno-remote-media.invalid\n'* ]]
-  [[ $args == *$'--override-generation-config\n{"temperature":0.6,"top_p":0.95,"top_k":20,"max_new_tokens":16384}\n'* ]]
-  [[ $args != *allowed-local-media-path* ]]
-  [[ $args != *enable-log-requests* ]]
+  assert_success
+  run cat "$T/args"
+  assert_output --partial -- $'--host\n127.0.0.1\n'
+  assert_output --partial -- $'--limit-mm-per-prompt\n{"audio":1,"image":0,"video":0}\n'
+  assert_output --partial -- $'--allowed-media-domains\nno-remote-media.invalid\n'
+  assert_output --partial -- $'--override-generation-config\n{"temperature":0.6,"top_p":0.95,"top_k":20,"max_new_tokens":16384}\n'
+  refute_output --partial allowed-local-media-path
+  refute_output --partial enable-log-requests
   grep -qx 'VLLM_MEDIA_URL_ALLOW_REDIRECTS=0' "$T/env"
   grep -qx 'HF_HUB_OFFLINE=1' "$T/env"
   grep -qx 'VLLM_NO_USAGE_STATS=1' "$T/env"
   grep -qx 'VLLM_HOST_IP=127.0.0.1' "$T/env"
   grep -qx 'VLLM_MAX_AUDIO_DECODE_DURATION_S=600' "$T/env"
   # The request guard, and the header cap of the HTTP parser it selects (h11).
-  [[ $args == *$'--middleware\nrequest_guard.RequestGuard\n--h11-max-incomplete-event-size\n65536\n'* ]]
+  assert_output --partial -- $'--middleware\nrequest_guard.RequestGuard\n--h11-max-incomplete-event-size\n65536\n'
   grep -qx 'CAPTIONER_MAX_REQUEST_BYTES=268435456' "$T/env"
   grep -qx 'CAPTIONER_REQUEST_TIMEOUT=30' "$T/env"
   grep -qx 'CAPTIONER_ALLOWED_HOSTS=' "$T/env"
@@ -35,25 +35,29 @@ teardown() { common_teardown; }
 
 @test "argv: UNIX_SOCKET makes vLLM listen on that socket (--uds)" {
   STUB_EXIT=0 UNIX_SOCKET=$T/api.sock run "$KIT/start_service.sh" --foreground
-  [ "$status" -eq 0 ]
-  [[ $(cat "$T/args") == *$'--uds\n'"$T/api.sock"$'\n'* ]]
+  assert_success
+  run cat "$T/args"
+  assert_output --partial -- $'--uds\n'"$T/api.sock"$'\n'
   STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
-  [[ $(cat "$T/args") != *--uds* ]]
+  run cat "$T/args"
+  refute_output --partial -- --uds
 }
 
 @test "argv: vLLM before 0.27 gets the audio-only limit its thinker accepts and the guarded template" {
   printf '{"chat_template": "MODEL-TEMPLATE"}' >"$T/model/tokenizer_config.json"
   STUB_EXIT=0 STUB_VLLM_VERSION=0.26.0 run "$KIT/start_service.sh" --foreground
-  [ "$status" -eq 0 ]
-  [[ $(cat "$T/args") == *$'--limit-mm-per-prompt\n{"audio":1}\n--chat-template\n'"$T/logs/chat_template_audio_only.jinja"* ]]
+  assert_success
+  run cat "$T/args"
+  assert_output --partial -- $'--limit-mm-per-prompt\n{"audio":1}\n--chat-template\n'"$T/logs/chat_template_audio_only.jinja"
   grep -q "raise_exception('This service captions audio only" "$T/logs/chat_template_audio_only.jinja"
-  [[ $(cat "$T/logs/chat_template_audio_only.jinja") == *"MODEL-TEMPLATE" ]]
+  run cat "$T/logs/chat_template_audio_only.jinja"
+  assert_output --regexp 'MODEL-TEMPLATE$'
 }
 
 @test "argv: the API key travels in the environment, never on the command line" {
   STUB_EXIT=0 API_KEY=s3cret-key run "$KIT/start_service.sh" --foreground
-  [ "$status" -eq 0 ]
-  ! grep -q s3cret-key "$T/args"
+  assert_success
+  refute grep -q s3cret-key "$T/args"
   grep -qx 'VLLM_API_KEY=s3cret-key' "$T/env"
 }
 
@@ -63,21 +67,21 @@ teardown() { common_teardown; }
   chmod +x "$T/bin/nvidia-smi"
   STUB_EXIT=0 DEVICE=cuda PATH="$T/bin:$PATH" ALLOWED_MEDIA_DOMAINS=a.example.com,b.example.com \
     EXTRA_VLLM_ARGS="--max-log-len 100 --seed 1" run "$KIT/start_service.sh" --foreground
-  [ "$status" -eq 0 ]
-  args=$(cat "$T/args")
-  [[ $args == *$'--allowed-media-domains\na.example.com\nb.example.com\n'* ]]
+  assert_success
   grep -qx 'CAPTIONER_ALLOWED_MEDIA_DOMAINS=a.example.com,b.example.com' "$T/env"
-  [[ $args == *$'--tensor-parallel-size\n2\n--gpu-memory-utilization\n0.95\n'* ]]
-  [[ $args == *$'--max-log-len\n100\n--seed\n1' ]]
-  [[ $args != *enforce-eager* ]]
+  run cat "$T/args"
+  assert_output --partial -- $'--allowed-media-domains\na.example.com\nb.example.com\n'
+  assert_output --partial -- $'--tensor-parallel-size\n2\n--gpu-memory-utilization\n0.95\n'
+  assert_equal "$(tail -n 4 "$T/args")" $'--max-log-len\n100\n--seed\n1'
+  refute_output --partial enforce-eager
 }
 
 @test "argv: QUANTIZATION=fp8 loads FP8 weights; empty passes no --quantization" {
   STUB_EXIT=0 QUANTIZATION=fp8 run "$KIT/start_service.sh" --foreground
-  [ "$status" -eq 0 ]
+  assert_success
   grep -A1 -x -- --quantization "$T/args" | tail -n 1 | grep -qx fp8
   STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
-  ! grep -qx -- --quantization "$T/args"
+  refute grep -qx -- --quantization "$T/args"
 }
 
 @test "--foreground warms up once /health answers, as a scripted start does" {
@@ -98,29 +102,30 @@ teardown() { common_teardown; }
 
 @test "start, status 0, stop, status 3: nothing of the session is left" {
   run "$KIT/start_service.sh"
-  [ "$status" -eq 0 ]
-  [[ ${lines[-1]} == "start_service: ready: http://127.0.0.1:$PORT (pid "* ]]
+  assert_success
+  assert_line --index -1 --regexp "^start_service: ready: http://127\.0\.0\.1:$PORT \(pid "
   pid=$(pid_field pid)
-  [ "$(pid_field pgid)" = "$pid" ]
-  [ -n "$(pid_field start_time)" ] && [ -n "$(pid_field log_id)" ]
+  assert_equal "$(pid_field pgid)" "$pid"
+  assert_not_equal "$(pid_field start_time)" ""
+  assert_not_equal "$(pid_field log_id)" ""
   run "$KIT/status_service.sh"
-  [ "$status" -eq 0 ]
-  [[ $output == *"health:   ok"* ]]
+  assert_success
+  assert_output --partial "health:   ok"
   run "$KIT/stop_service.sh"
-  [ "$status" -eq 0 ]
-  [ "${lines[-1]}" = "stop_service: stopped" ]
-  [ -z "$(session_of "$pid")" ]
+  assert_success
+  assert_line --index -1 "stop_service: stopped"
+  assert_equal "$(session_of "$pid")" ""
   [ ! -e "$T/logs/service.pid" ]
   run "$KIT/status_service.sh"
-  [ "$status" -eq 3 ]
-  [ "$output" = "stopped" ]
+  assert_failure 3
+  assert_output "stopped"
 }
 
 @test "a second start finds the running server and exits 0" {
   "$KIT/start_service.sh" 2>/dev/null
   run "$KIT/start_service.sh"
-  [ "$status" -eq 0 ]
-  [ "$output" = "start_service: already running (pid $(pid_field pid), port $PORT, http://127.0.0.1:$PORT)" ]
+  assert_success
+  assert_output "start_service: already running (pid $(pid_field pid), port $PORT, http://127.0.0.1:$PORT)"
 }
 
 @test "two starts at the same moment give one server" {
@@ -130,9 +135,9 @@ teardown() { common_teardown; }
   b=$!
   wait "$a"
   wait "$b"
-  [ "$(grep -c 'ready:' "$T/a.out" "$T/b.out" | awk -F: '{ s += $2 } END { print s }')" = 1 ]
-  [ "$(grep -c 'already running' "$T/a.out" "$T/b.out" | awk -F: '{ s += $2 } END { print s }')" = 1 ]
-  [ "$(grep -c '^=== ' "$T/logs/service.log")" = 1 ]
+  assert_equal "$(grep -c 'ready:' "$T/a.out" "$T/b.out" | awk -F: '{ s += $2 } END { print s }')" 1
+  assert_equal "$(grep -c 'already running' "$T/a.out" "$T/b.out" | awk -F: '{ s += $2 } END { print s }')" 1
+  assert_equal "$(grep -c '^=== ' "$T/logs/service.log")" 1
 }
 
 @test "a port held by a foreign listener fails fast, naming it, and the listener lives" {
@@ -142,27 +147,27 @@ teardown() { common_teardown; }
   run "$KIT/start_service.sh"
   kill -0 "$holder"
   kill "$holder"
-  [ "$status" -eq 1 ]
-  [ "$output" = "start_service: port $PORT is already in use by pid $holder (python3); choose another PORT or stop that process" ]
+  assert_failure 1
+  assert_output "start_service: port $PORT is already in use by pid $holder (python3); choose another PORT or stop that process"
   [ ! -e "$T/args" ]
 }
 
 @test "a server that dies during start-up leaves no process and no PID file, and shows its log" {
   STUB_EXIT=3 run "$KIT/start_service.sh"
-  [ "$status" -eq 1 ]
-  [[ $output == *"start_service: vLLM exited during start-up (see the log lines below)"* ]]
-  [[ $output == *"stub: failing on purpose"* ]]
+  assert_failure 1
+  assert_output --partial "start_service: vLLM exited during start-up (see the log lines below)"
+  assert_output --partial "stub: failing on purpose"
   [ ! -e "$T/logs/service.pid" ]
-  [ -z "$(stub_processes)" ]
+  assert_equal "$(stub_processes)" ""
 }
 
 @test "a server that never gets healthy is stopped at START_TIMEOUT, group and all" {
   rm "$T/stubroot/health"
   START_TIMEOUT=3 run "$KIT/start_service.sh"
-  [ "$status" -eq 1 ]
-  [[ $output == *"start_service: no healthy server after 3s (START_TIMEOUT)"* ]]
+  assert_failure 1
+  assert_output --partial "start_service: no healthy server after 3s (START_TIMEOUT)"
   [ ! -e "$T/logs/service.pid" ]
-  [ -z "$(stub_processes)" ]
+  assert_equal "$(stub_processes)" ""
 }
 
 @test "a PID file naming an unrelated process is removed and that process is never signalled" {
@@ -171,8 +176,8 @@ teardown() { common_teardown; }
   mkdir -p "$T/logs"
   printf 'pid=%s\npgid=%s\nstart_time=1\nlog_id=1:1\nport=%s\n' "$victim" "$victim" "$PORT" >"$T/logs/service.pid"
   run "$KIT/start_service.sh"
-  [ "$status" -eq 0 ]
-  [[ ${lines[0]} == "start_service: removing stale PID file $T/logs/service.pid (pid $victim is not our server)" ]]
+  assert_success
+  assert_line --index 0 "start_service: removing stale PID file $T/logs/service.pid (pid $victim is not our server)"
   kill -0 "$victim"
   kill "$victim"
 }
@@ -184,12 +189,16 @@ teardown() { common_teardown; }
     LOG_KEEP=2 "$KIT/start_service.sh" 2>/dev/null
     "$KIT/stop_service.sh" 2>/dev/null
   done
-  [ -f "$T/logs/service.log.1" ] && [ -f "$T/logs/service.log.2" ] && [ ! -e "$T/logs/service.log.3" ]
+  [ -f "$T/logs/service.log.1" ]
+  [ -f "$T/logs/service.log.2" ]
+  [ ! -e "$T/logs/service.log.3" ]
 }
 
 @test "an unwritable log folder is refused before launching" {
-  [ "$(id -u)" != 0 ] || skip "root writes anywhere; the real check runs as a user"
-  mkdir -p "$T/ro" && chmod 500 "$T/ro"
-  LOG_DIR=$T/ro/logs run "$KIT/start_service.sh"
-  [ "$status" -eq 1 ]
+  unprivileged_kit # root writes anywhere: as root (as in CI), the start runs as the user nobody
+  mkdir "$T/ro"
+  chmod 500 "$T/ro"
+  LOG_DIR=$T/ro/logs run run_unprivileged "$UKIT/start_service.sh"
+  assert_failure 1
+  assert_output "start_service: LOG_DIR=$T/ro/logs cannot be created ($T/ro/logs)"
 }

@@ -8,10 +8,10 @@ teardown() { common_teardown; }
 
 @test "nothing running: stop says so and exits 0, status exits 3" {
   run "$KIT/stop_service.sh"
-  [ "$status" -eq 0 ]
-  [ "$output" = "stop_service: not running (no PID file at $T/logs/service.pid)" ]
+  assert_success
+  assert_output "stop_service: not running (no PID file at $T/logs/service.pid)"
   run "$KIT/status_service.sh"
-  [ "$status" -eq 3 ]
+  assert_failure 3
 }
 
 @test "a PID file whose pid is now an unrelated sleep: reported, removed, the sleep untouched" {
@@ -20,10 +20,10 @@ teardown() { common_teardown; }
   mkdir -p "$T/logs"
   printf 'pid=%s\npgid=%s\nstart_time=%s\nlog_id=1:1\n' "$victim" "$victim" "$(awk '{print $22}' /proc/$victim/stat)" >"$T/logs/service.pid"
   run "$KIT/status_service.sh"
-  [ "$status" -eq 1 ]
+  assert_failure 1
   run "$KIT/stop_service.sh"
-  [ "$status" -eq 0 ]
-  [ "$output" = "stop_service: stale PID file: pid $victim now belongs to another process (sleep); not signalling it; removed $T/logs/service.pid" ]
+  assert_success
+  assert_output "stop_service: stale PID file: pid $victim now belongs to another process (sleep); not signalling it; removed $T/logs/service.pid"
   [ ! -e "$T/logs/service.pid" ]
   kill -0 "$victim"
   kill "$victim"
@@ -33,8 +33,8 @@ teardown() { common_teardown; }
   mkdir -p "$T/logs"
   printf 'pid=999999\npgid=999999\nstart_time=1\nlog_id=1:1\n' >"$T/logs/service.pid"
   run "$KIT/stop_service.sh"
-  [ "$status" -eq 0 ]
-  [ "$output" = "stop_service: stale PID file: pid 999999 is gone; removed $T/logs/service.pid" ]
+  assert_success
+  assert_output "stop_service: stale PID file: pid 999999 is gone; removed $T/logs/service.pid"
 }
 
 @test "kill -9 of the API server: status 1, stop ends the orphaned engine, the next start works" {
@@ -42,19 +42,19 @@ teardown() { common_teardown; }
   pid=$(pid_field pid)
   kill -9 "$pid"
   for _ in $(seq 50); do [ -d /proc/$pid ] || break; sleep 0.1; done
-  [ -n "$(session_of "$pid")" ]
+  assert_not_equal "$(session_of "$pid")" ""
   run "$KIT/status_service.sh"
-  [ "$status" -eq 1 ]
-  [[ $output == "dead: API server pid $pid is gone but $T/logs/service.pid remains; 1 orphaned process(es); run ./stop_service.sh" ]]
+  assert_failure 1
+  assert_output "dead: API server pid $pid is gone but $T/logs/service.pid remains; 1 orphaned process(es); run ./stop_service.sh"
   run "$KIT/start_service.sh"
-  [ "$status" -eq 1 ]
-  [ "$output" = "start_service: a previous server's processes are still running (API server gone): run ./stop_service.sh first" ]
+  assert_failure 1
+  assert_output "start_service: a previous server's processes are still running (API server gone): run ./stop_service.sh first"
   run "$KIT/stop_service.sh"
-  [ "$status" -eq 0 ]
-  [ "${lines[0]}" = "stop_service: API server pid $pid is gone; stopping 1 orphaned process(es) of the service" ]
-  [ -z "$(session_of "$pid")" ]
+  assert_success
+  assert_line --index 0 "stop_service: API server pid $pid is gone; stopping 1 orphaned process(es) of the service"
+  assert_equal "$(session_of "$pid")" ""
   run "$KIT/start_service.sh"
-  [ "$status" -eq 0 ]
+  assert_success
 }
 
 @test "a server that ignores SIGTERM is killed after STOP_TIMEOUT" {
@@ -63,9 +63,9 @@ teardown() { common_teardown; }
   # Make the leader deaf to SIGTERM: stop must escalate to SIGKILL.
   kill -STOP "$pid"
   STOP_TIMEOUT=2 run "$KIT/stop_service.sh"
-  [ "$status" -eq 0 ]
-  [[ $output == *"sending SIGKILL"* ]]
-  [ -z "$(session_of "$pid")" ]
+  assert_success
+  assert_output --partial "sending SIGKILL"
+  assert_equal "$(session_of "$pid")" ""
 }
 
 @test "status shows pid, url, health and the request counters" {
@@ -73,16 +73,25 @@ teardown() { common_teardown; }
   echo 'vllm:num_requests_running{model_name="m"} 2.0' >"$T/stubroot/metrics"
   echo 'vllm:num_requests_waiting{model_name="m"} 5.0' >>"$T/stubroot/metrics"
   run "$KIT/status_service.sh"
-  [ "$status" -eq 0 ]
-  [[ ${lines[0]} == "pid:      $(pid_field pid) (group $(pid_field pid))" ]]
-  [[ $output == *"url:      http://127.0.0.1:$PORT"* ]]
-  [[ $output == *"requests: 2 running, 5 waiting"* ]]
+  assert_success
+  assert_line --index 0 "pid:      $(pid_field pid) (group $(pid_field pid))"
+  assert_output --partial "url:      http://127.0.0.1:$PORT"
+  assert_output --partial "requests: 2 running, 5 waiting"
 }
 
 @test "status: a live server whose engine died (/health 503) is reported dead" {
   "$KIT/start_service.sh" 2>/dev/null
+  echo 503 >"$T/stubroot/health.status"
+  run "$KIT/status_service.sh"
+  assert_failure 1
+  assert_line --index 0 "pid:      $(pid_field pid) (group $(pid_field pid))"
+  assert_line --index -1 "health:   503 — the engine is dead; run ./stop_service.sh then ./start_service.sh"
+}
+
+@test "status: any other /health answer (404) is printed as is and exits 1" {
+  "$KIT/start_service.sh" 2>/dev/null
   rm "$T/stubroot/health"
   run "$KIT/status_service.sh"
-  [ "$status" -eq 1 ]
-  [[ $output == *"health:   HTTP 404"* ]]
+  assert_failure 1
+  assert_line --index -1 "health:   HTTP 404"
 }

@@ -1,7 +1,12 @@
 # Shared setup for the script tests: a throwaway folder per test, an empty config, a fake model
 # folder, a stub VLLM_PYTHON, and a decoy standing in for the video service on port 8002.
-# The stub answers the version probe; launched, it serves /health with python's http.server and
-# forks an "engine" child, like vLLM's API server does. The real vLLM runs in the pytest suite.
+# The stub answers the version probe; launched, it serves the files of $STUB_ROOT over HTTP (an
+# empty $STUB_ROOT/health is a healthy server; $STUB_ROOT/health.status holding 503 makes /health
+# answer 503) and forks an "engine" child, like vLLM's API server does. The real vLLM runs in the
+# pytest suite. Assertions: bats-support and bats-assert (Debian packages of the same names).
+
+bats_load_library bats-support
+bats_load_library bats-assert
 
 KIT=$(cd "$BATS_TEST_DIRNAME/../.." && pwd)
 
@@ -32,9 +37,33 @@ port=0
 while (($#)); do [[ $1 == --port ]] && port=$2; shift; done
 [[ -z ${STUB_SLOW:-} ]] || sleep "$STUB_SLOW"
 ( exec -a "VLLM::EngineCore $STUB_ROOT" sleep 1000 ) &
-exec python3 -m http.server --bind 127.0.0.1 --directory "$STUB_ROOT" "$port"
+exec python3 "${0%/*}/stub_server.py" "$STUB_ROOT" "$port" # the server beside this stub
 STUB
   chmod +x "$T/vllm-python"
+  # python3 -m http.server, plus a status of our choosing: ROOT/PATH.status holds the code that
+  # PATH answers (GET and HEAD), with an empty body.
+  cat >"$T/stub_server.py" <<'SERVER'
+import http.server
+import pathlib
+import sys
+from functools import partial
+
+ROOT, PORT = sys.argv[1], int(sys.argv[2])
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def send_head(self):
+        status = pathlib.Path(ROOT, self.path.split("?")[0].lstrip("/") + ".status")
+        if not status.is_file():
+            return super().send_head()
+        self.send_response(int(status.read_text()))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return None
+
+
+http.server.ThreadingHTTPServer(("127.0.0.1", PORT), partial(Handler, directory=ROOT)).serve_forever()
+SERVER
   export CAPTIONER_CONFIG=$T/empty.env DEVICE=cpu MODEL_PATH=$T/model LOG_DIR=$T/logs
   export VLLM_PYTHON=$T/vllm-python STUB_ARGS=$T/args STUB_ENV=$T/env STUB_ROOT=$T/stubroot
   export START_TIMEOUT=20 STOP_TIMEOUT=5 SHUTDOWN_DRAIN=1
@@ -66,4 +95,38 @@ session_of() {
 
 pid_field() {
   sed -n "s/^$1=//p" "$T/logs/service.pid"
+}
+
+# run_unprivileged CMD...: CMD as the user nobody when we run as root (as CI does), so that a
+# permission check applies (root writes anywhere); as ourselves otherwise. The environment is kept.
+run_unprivileged() {
+  if ((EUID == 0)); then
+    setpriv --reuid="$(id -u nobody)" --regid="$(id -g nobody)" --clear-groups -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# unprivileged_kit: sets UKIT to a kit folder whose scripts the user nobody can run, when we run
+# as root ($KIT otherwise). bats keeps $T inside a folder only its owner may enter, so $T and the
+# folders above it up to bats' own are opened to others (search only: none can be listed). The kit
+# is used in place when status_service.sh runs from it as nobody, else a copy of the files a start
+# reads before it launches anything; if neither runs, the test skips and says why.
+unprivileged_kit() {
+  UKIT=$KIT
+  ((EUID == 0)) || return 0
+  local dir=$T
+  while [[ $dir == "$BATS_RUN_TMPDIR"* ]]; do
+    chmod o+x "$dir"
+    dir=${dir%/*}
+  done
+  chmod o+r "$CAPTIONER_CONFIG"
+  [[ $(run_unprivileged "$UKIT/status_service.sh" 2>&1) != stopped ]] || return 0
+  UKIT=$T/kit
+  mkdir "$UKIT"
+  cp -R "$KIT/start_service.sh" "$KIT/status_service.sh" "$KIT/lib" "$KIT/captioner" "$KIT/config.env.example" "$UKIT/"
+  chmod -R o+rX "$UKIT"
+  local probe
+  probe=$(run_unprivileged "$UKIT/status_service.sh" 2>&1) || true
+  [[ $probe == stopped ]] || skip "the user nobody cannot run status_service.sh from $KIT or from a copy in $UKIT (both need folders above them that others may enter): $probe"
 }
