@@ -113,7 +113,9 @@ build_args() {
     VLLM_ARGS+=(--tensor-parallel-size "$TENSOR_PARALLEL_SIZE" --gpu-memory-utilization "$GPU_MEMORY_UTIL")
     ((DATA_PARALLEL_SIZE == 1)) || VLLM_ARGS+=(--data-parallel-size "$DATA_PARALLEL_SIZE")
   else
-    VLLM_ARGS+=(--enforce-eager)
+    # The worker runs inside the engine process, as vLLM does for one GPU: one vLLM import less
+    # per start (~20 s of a ~65 s start on 2 cores).
+    VLLM_ARGS+=(--enforce-eager --distributed-executor-backend uni)
   fi
   # shellcheck disable=SC2206 # documented: split on spaces, no quoting
   [[ -z $EXTRA_VLLM_ARGS ]] || VLLM_ARGS+=($EXTRA_VLLM_ARGS)

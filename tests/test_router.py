@@ -1,5 +1,6 @@
-"""Two real services, one stopped mid-batch: the batch finishes with every input captioned exactly
-once, through vLLM's router (deploy/router.sh) and through the client's own repeated --base-url."""
+"""Two real services, one stopped under two batches: each finishes with every input captioned exactly
+once, one through vLLM's router (deploy/router.sh), one through the client's own repeated --base-url.
+One test for both, so the suite starts these services once and never restarts one."""
 
 from __future__ import annotations
 
@@ -18,15 +19,13 @@ from tests.service import ROOT, SAMPLE, Service, free_port
 from tests.test_client_server import client_command, client_env
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-# Enough work (identical clips hit vLLM's caches, so the captions' length sets the pace) that the
-# batch is still running when one service, stopped after the first records, is gone.
-BATCH = 48
+BATCH = 24
 
 
 @pytest.fixture(scope="module")
 def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-    # A short drain: during it vLLM still serves requests on kept-alive connections, so with the
-    # default 30 s the batch could finish on both services before the stopped one is gone.
+    # A short drain: the live service is paused while the other stops, and a long pause would take
+    # it out of the router's rotation too (health checks every 5 s, out after 2 failures).
     quick = {"SHUTDOWN_DRAIN": "2"}
     services = (Service(tmp_path_factory.mktemp("router-a"), overrides=quick),
                 Service(tmp_path_factory.mktemp("router-b"), overrides=quick))
@@ -78,24 +77,29 @@ def router(two_services: tuple[Service, Service], tmp_path: Path) -> Iterator[st
         log.close()
 
 
-def start_batch(tmp_path: Path, *base_urls: str) -> tuple[Path, Path, subprocess.Popen[str]]:
-    """BATCH copies of the sample clip captioned into out.jsonl through the given --base-urls."""
-    folder = tmp_path / "batch"
-    folder.mkdir()
+def start_batch(folder: Path, *base_urls: str) -> tuple[Path, Path, subprocess.Popen[str]]:
+    """BATCH copies of the sample clip in `folder`, captioned into out.jsonl beside it through the
+    given --base-urls; returns at once."""
+    folder.mkdir(parents=True)
     for i in range(BATCH):
         shutil.copy(SAMPLE, folder / f"{i:02d}.wav")
-    out = tmp_path / "out.jsonl"
+    out = folder.with_name(folder.name + ".jsonl")
     urls = [arg for url in base_urls for arg in ("--base-url", url)]
     batch = subprocess.Popen(
-        client_command(str(folder), "-o", str(out), "--concurrency", "2", *urls, "--max-tokens", "256"),
+        client_command(str(folder), "-o", str(out), "--concurrency", "2", *urls, "--max-tokens", "64"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(), cwd=ROOT,
     )
-    deadline = time.monotonic() + 300
-    while not (out.exists() and out.read_text().count("\n") >= 4):  # the batch is under way
-        assert batch.poll() is None, batch.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
     return folder, out, batch
+
+
+def wait_under_way(*batches: tuple[Path, Path, subprocess.Popen[str]]) -> None:
+    """Until each batch has written 4 records."""
+    deadline = time.monotonic() + 300
+    for _, out, batch in batches:
+        while not (out.exists() and out.read_text().count("\n") >= 4):
+            assert batch.poll() is None, batch.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
 
 
 def finished_each_input_once(folder: Path, out: Path, batch: subprocess.Popen[str]) -> str:
@@ -108,35 +112,27 @@ def finished_each_input_once(folder: Path, out: Path, batch: subprocess.Popen[st
     return err
 
 
-def test_two_base_urls_one_service_stopped_mid_batch_the_other_finishes_every_input_once(
-    two_services: tuple[Service, Service], tmp_path: Path
-) -> None:
-    live, stopping = two_services
-    folder, out, batch = start_batch(tmp_path, live.base_url, stopping.base_url)
-    try:
-        # The live service is frozen while the other stops, so the batch cannot end before the stop
-        # has happened under it, however fast this machine captions (CI, stop 15: it once did).
-        with live.paused():
-            assert stopping.stop().returncode == 0
-            assert batch.poll() is None
-        err = finished_each_input_once(folder, out, batch)
-        assert f"captioner: warning: {stopping.base_url} left the rotation" in err
-    finally:
-        if batch.poll() is None:
-            batch.kill()
-        stopping.start()  # the router test below needs both
-
-
 # vllm-router 0.1.17 re-serializes every chat request with seven fields of its own at their defaults;
 # lib/request_guard.py accepts exactly those values, so captions pass through it unchanged.
-def test_a_batch_through_the_router_survives_one_service_stopping_and_captions_each_input_once(
+def test_a_service_stopped_under_two_batches_one_routed_one_over_two_base_urls_each_input_once(
     two_services: tuple[Service, Service], router: str, tmp_path: Path
 ) -> None:
-    folder, out, batch = start_batch(tmp_path, router)
+    live, stopping = two_services
+    direct = start_batch(tmp_path / "direct", live.base_url, stopping.base_url)
+    routed = start_batch(tmp_path / "routed", router)
     try:
-        stopped = two_services[1].stop()  # mid-batch: drains, then every process of it goes
-        assert stopped.returncode == 0, stopped.stderr
-        assert f"{BATCH} files: {BATCH} captioned, 0 failed" in finished_each_input_once(folder, out, batch)
+        wait_under_way(direct, routed)
+        # The live service is frozen while the other stops (drains, then every process of it goes),
+        # so neither batch can end before the stop has happened under it, however fast this
+        # machine captions (CI, stop 15: a batch once did). The router's requests wait meanwhile.
+        with live.paused():
+            stopped = stopping.stop()
+            assert stopped.returncode == 0, stopped.stderr
+            assert direct[2].poll() is None and routed[2].poll() is None
+        err = finished_each_input_once(*direct)
+        assert f"captioner: warning: {stopping.base_url} left the rotation" in err
+        assert f"{BATCH} files: {BATCH} captioned, 0 failed" in finished_each_input_once(*routed)
     finally:
-        if batch.poll() is None:
-            batch.kill()
+        for _, _, batch in (direct, routed):
+            if batch.poll() is None:
+                batch.kill()

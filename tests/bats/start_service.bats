@@ -17,6 +17,8 @@ teardown() { common_teardown; }
   assert_output --partial -- $'--override-generation-config\n{"temperature":0.6,"top_p":0.95,"top_k":20,"max_new_tokens":16384}\n'
   refute_output --partial allowed-local-media-path
   refute_output --partial enable-log-requests
+  # DEVICE=cpu (these tests): eager, and the worker inside the engine process (one import less).
+  assert_output --partial -- $'--enforce-eager\n--distributed-executor-backend\nuni'
   grep -qx 'VLLM_MEDIA_URL_ALLOW_REDIRECTS=0' "$T/env"
   grep -qx 'HF_HUB_OFFLINE=1' "$T/env"
   grep -qx 'VLLM_NO_USAGE_STATS=1' "$T/env"
@@ -74,6 +76,7 @@ teardown() { common_teardown; }
   assert_output --partial -- $'--tensor-parallel-size\n2\n--gpu-memory-utilization\n0.95\n'
   assert_equal "$(tail -n 4 "$T/args")" $'--max-log-len\n100\n--seed\n1'
   refute_output --partial enforce-eager
+  refute_output --partial distributed-executor-backend
 }
 
 @test "argv: QUANTIZATION=fp8 loads FP8 weights; empty passes no --quantization" {
