@@ -38,6 +38,9 @@ SAMPLE_RATE = 16_000
 FRAME_SECONDS = 0.05  # loudness is measured over 50 ms frames
 QUIET_FLOOR = 10 ** (-45 / 20)  # below -45 dBFS RMS counts as quiet whatever the rest
 QUIET_RATIO = 0.1  # or 20 dB below the file's median frame loudness
+CUT_SEARCH_SECONDS = 2.0  # a cut is looked for in the window's last 2 s,
+CUT_SEARCH_DIVISOR = 5  # or its last fifth when that is longer
+MAX_WINDOW_SECONDS = 30.0  # the longest window by default: the model is at its best on 30 s or less
 
 # First matching FFmpeg demuxer name → MIME type for the data: URL.
 _MIME_BY_FORMAT = {
@@ -252,7 +255,7 @@ def plan_windows(samples: Samples, max_seconds: float) -> list[tuple[int, int]]:
     n_frames = total // frame
     rms = np.sqrt(np.mean(np.square(samples[: n_frames * frame].reshape(n_frames, frame)), axis=1))
     threshold = max(QUIET_FLOOR, QUIET_RATIO * float(np.median(rms)))
-    search = max(2 * SAMPLE_RATE, limit // 5)
+    search = max(round(CUT_SEARCH_SECONDS * SAMPLE_RATE), limit // CUT_SEARCH_DIVISOR)
 
     ranges: list[tuple[int, int]] = []
     start = 0
@@ -274,6 +277,14 @@ def plan_windows(samples: Samples, max_seconds: float) -> list[tuple[int, int]]:
         start = cut
     ranges.append((start, total))
     return ranges
+
+
+def window_seconds(max_audio_seconds: float | None) -> float:
+    """The longest window: MAX_WINDOW_SECONDS, or the server's MAX_AUDIO_SECONDS where that is
+    lower (the server refuses longer audio, so longer windows would all be refused)."""
+    if max_audio_seconds is not None and max_audio_seconds > 0:
+        return min(MAX_WINDOW_SECONDS, max_audio_seconds)
+    return MAX_WINDOW_SECONDS
 
 
 def to_pcm16(samples: Samples) -> npt.NDArray[np.int16]:

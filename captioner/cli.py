@@ -33,6 +33,7 @@ from captioner.api import (
     normalize_base_url,
     retry_wait,
 )
+from captioner.audio import MAX_WINDOW_SECONDS, window_seconds
 from captioner.batch import (
     BatchOptions,
     ClientRing,
@@ -63,7 +64,7 @@ from captioner.servers import short_reason
 log = logging.getLogger("captioner")
 
 DEFAULT_CONCURRENCY = 8
-DEFAULT_SEGMENT_SECONDS = 30.0
+DEFAULT_SEGMENT_SECONDS = MAX_WINDOW_SECONDS
 PROMPT_REFUSED = (
     "--prompt: the Captioner takes no text prompt; it describes the audio alone, "
     "so requests carry audio only (drop --prompt)"
@@ -422,9 +423,8 @@ def choose_segment_seconds(args: argparse.Namespace, settings: Settings) -> floa
             cap = float(value)
         except ValueError:
             raise UsageError(f"MAX_AUDIO_SECONDS={value}: expected a number of seconds") from None
-        if cap > 0:
-            return min(DEFAULT_SEGMENT_SECONDS, cap)
-    return DEFAULT_SEGMENT_SECONDS
+        return window_seconds(cap)
+    return window_seconds(None)
 
 
 def choose_model(requested: str | None, clients: list[CaptionClient], pool: ClientRing | None = None) -> str:

@@ -9,20 +9,24 @@ the API server passes here first, cheapest check first, and nothing vLLM does st
    names in CAPTIONER_ALLOWED_HOSTS; any other Host header gets 421 (DNS rebinding).
 2. More than MAX_HEADER_COUNT headers: 431. (Header *bytes* are capped by the HTTP parser:
    see GuardedH11Protocol below.)
-3. The key (VLLM_API_KEY, when set) on every route but /health, from the Authorization header,
-   compared in constant time, before one byte of the body is read: 401.
-4. Routes: only ROUTES reach vLLM (CAPTIONER_EXTRA_ROUTES opens more, `all` every one); any
-   other path is 404, a known path with another method 405.
-5. Bodies: over CAPTIONER_MAX_REQUEST_BYTES is 413, from the Content-Length or while streaming
+3. Origin: a request that a browser sent from another origin (an Origin header that is not
+   this Host's) is 403, so no other web page can use the API (or read its answers, whatever
+   CORS headers vLLM would add) through a browser on the tunnel's end.
+4. The key (VLLM_API_KEY, when set) on every route but /health and the caption page, from the
+   Authorization header, compared in constant time, before one byte of the body is read: 401.
+5. Routes: only ROUTES reach vLLM (CAPTIONER_EXTRA_ROUTES opens more, `all` every one); the
+   caption page (GET / and /page/*, from <kit>/web) is answered here and never reaches vLLM;
+   any other path is 404, a known path with another method 405.
+6. Bodies: over CAPTIONER_MAX_REQUEST_BYTES is 413, from the Content-Length or while streaming
    (the body is never read whole before that decision).
-6. /v1/chat/completions: JSON nested deeper than MAX_JSON_DEPTH is 400 (not a 500 and a
+7. /v1/chat/completions: JSON nested deeper than MAX_JSON_DEPTH is 400 (not a 500 and a
    traceback); audio only means one user message whose content is audio parts only, and only
    the request fields a caption needs (no tools, templates or documents carrying text); an
    http(s) audio_url is refused at once (no DNS) when CAPTIONER_ALLOWED_MEDIA_DOMAINS is empty,
    else its host must be listed and, unless the operator listed `localhost` or the address
    itself, resolve to public addresses only. vLLM's errors for such a request are replaced by
    one that does not say what was at the address.
-7. vLLM's 500 "cannot schedule new futures after shutdown" (a request that arrives while it
+8. vLLM's 500 "cannot schedule new futures after shutdown" (a request that arrives while it
    drains) becomes 503 + Retry-After, which clients retry.
 
 Client mistakes cost one access-log line each (uvicorn's), never a traceback. Errors use vLLM's
@@ -40,9 +44,11 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -62,8 +68,8 @@ class Route(NamedTuple):
     public: bool  # answered without the API key
 
 
-# What the kit documents; nothing else reaches vLLM. The web page, when it comes, adds GET "/"
-# here and its assets to PUBLIC_PREFIXES (public: a browser fetches them before it has a key).
+# What the kit documents; nothing else reaches vLLM. (The caption page is not here: the guard
+# answers it itself, see Page below.)
 ROUTES: dict[str, Route] = {
     "/v1/chat/completions": Route(frozenset({"POST"}), False),
     "/v1/models": Route(frozenset({"GET"}), False),
@@ -71,7 +77,9 @@ ROUTES: dict[str, Route] = {
     "/metrics": Route(frozenset({"GET"}), False),
     "/version": Route(frozenset({"GET"}), False),
 }
-PUBLIC_PREFIXES: tuple[str, ...] = ()
+# The caption page and its assets: public (a browser fetches them before it has a key; they hold
+# no data), GET and HEAD only.
+PAGE_ROUTE = Route(frozenset({"GET", "HEAD"}), True)
 
 CHAT_PATH = "/v1/chat/completions"
 AUDIO_PART_TYPES = frozenset({"audio_url", "input_audio"})
@@ -110,6 +118,8 @@ NO_REMOTE_MEDIA = (
 )
 MEDIA_FETCH_FAILED = "could not fetch or decode the audio at the URL"
 UNAUTHORIZED = "missing or wrong API key: send the header 'Authorization: Bearer <API_KEY>'"
+CROSS_ORIGIN = ("cross-origin request refused: this API answers only its own page (open "
+                "http://127.0.0.1:<port>/ through the tunnel) and clients that send no Origin")
 
 # vLLM's words when a request reaches it after shutdown began (its media thread pool is closed),
 # and for requests in flight when its engine process is gone (stopped under them, or crashed):
@@ -176,6 +186,18 @@ def host_allowed(host: bytes | None, extra: Iterable[str] = ()) -> bool:
     return is_loopback_name(name) or name in set(extra)
 
 
+def same_origin(origin: bytes | None, host: bytes | None) -> bool:
+    """True when there is no Origin header (not a browser's cross-origin request) or it names the
+    Host the request came to: `http://127.0.0.1:8003` for `127.0.0.1:8003`. `null` is foreign."""
+    if origin is None:
+        return True
+    try:
+        scheme, _, rest = origin.decode("ascii").strip().lower().partition("://")
+        return scheme in ("http", "https") and bool(host) and rest == (host or b"").decode("ascii").lower()
+    except UnicodeDecodeError:
+        return False
+
+
 def key_matches(authorization: bytes | None, key: str) -> bool:
     """Constant-time comparison of the Authorization header with `Bearer <key>`."""
     return hmac.compare_digest(authorization or b"", f"Bearer {key}".encode())
@@ -186,8 +208,6 @@ def route_for(path: str, method: str, extra: Iterable[str] = ()) -> Route | None
     route = ROUTES.get(path)
     if route is not None:
         return route
-    if any(path.startswith(p) for p in PUBLIC_PREFIXES):
-        return Route(frozenset({"GET", "HEAD"}), True)
     opened = set(extra)
     if "all" in opened or path in opened:
         return Route(frozenset({method}), False)
@@ -338,6 +358,7 @@ class RequestGuard:
         self.extra_routes = setting(extra_routes, "CAPTIONER_EXTRA_ROUTES")
         self.allowed_hosts = setting(allowed_hosts, "CAPTIONER_ALLOWED_HOSTS")
         self.media_domains = setting(media_domains, "CAPTIONER_ALLOWED_MEDIA_DOMAINS")
+        self.page = Page.load(WEB_DIR, key_required=bool(self.api_key), max_bytes=self.max_bytes)
 
     def too_large(self, size: int) -> str:
         return (
@@ -356,8 +377,10 @@ class RequestGuard:
             raise Refusal(421, "MisdirectedRequest",
                           "Host header not served here: use 127.0.0.1 or localhost, or add the name "
                           "to ALLOWED_HOSTS")
+        if not same_origin(by_name.get(b"origin"), by_name.get(b"host")):
+            raise Refusal(403, "Forbidden", CROSS_ORIGIN)
         path, method = scope.get("path", ""), scope.get("method", "GET")
-        route = route_for(path, method, self.extra_routes)
+        route = PAGE_ROUTE if path in self.page.files else route_for(path, method, self.extra_routes)
         if (route is None or not route.public) and self.api_key:
             if not key_matches(by_name.get(b"authorization"), self.api_key):
                 raise Refusal(401, "Unauthorized", UNAUTHORIZED)
@@ -419,12 +442,15 @@ class RequestGuard:
             await self.app(scope, receive, send)  # lifespan
             return
         try:
-            self.check_head(scope)
+            route = self.check_head(scope)
         except Refusal as r:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
             else:
                 await error_response(send, r.status, r.kind, r.message)
+            return
+        if route is PAGE_ROUTE:
+            await self.page.serve(scope, send)
             return
         if scope["type"] == "websocket" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
@@ -489,6 +515,83 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+# --- the caption page (web/): static files and the client's constants, answered by the guard ---
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+PAGE_TYPES = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
+              ".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml"}
+# Scripts, styles and fetches from this origin only, no inline script or style, nothing from
+# elsewhere; blob: media for the player of a dropped file; no framing, no form posts.
+PAGE_CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+            b"connect-src 'self'; media-src blob:; base-uri 'none'; form-action 'none'; "
+            b"frame-ancestors 'none'")
+PAGE_HEADERS = [
+    (b"content-security-policy", PAGE_CSP),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+    (b"permissions-policy", b"microphone=(self), camera=(), geolocation=()"),
+    (b"cache-control", b"no-cache"),
+]
+
+
+def page_config(key_required: bool, max_bytes: int | None) -> dict[str, Any]:
+    """What the page must share with the client, read from the client's own constants (one home):
+    how audio is cut into windows (captioner/audio.py: the longest window, lowered to the server's
+    MAX_AUDIO_SECONDS as the client lowers it) and when a request is retried (captioner/api.py)."""
+    from captioner import api, audio
+
+    max_audio = os.environ.get("VLLM_MAX_AUDIO_DECODE_DURATION_S")
+    return {
+        "sample_rate": audio.SAMPLE_RATE,
+        "frame_seconds": audio.FRAME_SECONDS,
+        "quiet_floor": audio.QUIET_FLOOR,
+        "quiet_ratio": audio.QUIET_RATIO,
+        "cut_search_seconds": audio.CUT_SEARCH_SECONDS,
+        "cut_search_divisor": audio.CUT_SEARCH_DIVISOR,
+        "max_window_seconds": audio.window_seconds(float(max_audio) if max_audio else None),
+        "retry_statuses": [*api.RETRY_STATUSES, 429],
+        "retry_pauses": [api.backoff_seconds(n, api.DEFAULT_BACKOFF)
+                         for n in range(1, api.DEFAULT_RETRIES + 1)],
+        "key_required": key_required,
+        "max_request_bytes": max_bytes,
+    }
+
+
+class Page:
+    """The files of web/ (read once: a few KB) under / and /page/NAME, and /page/config.json."""
+
+    def __init__(self, files: dict[str, tuple[bytes, bytes]]) -> None:
+        self.files = files  # path -> (content type, body)
+
+    @classmethod
+    def load(cls, folder: Path, key_required: bool, max_bytes: int | None) -> Page:
+        if not (folder / "index.html").is_file():
+            return cls({})
+        try:
+            config = page_config(key_required, max_bytes)
+        except ImportError as exc:  # a Python without the kit's client: the API still serves
+            logging.getLogger("request_guard").warning(
+                "request_guard: no caption page (%s); pip install -e %s", exc, folder.parent)
+            return cls({})
+        files = {"/page/config.json": (b"application/json", json.dumps(config).encode())}
+        for path in sorted(folder.iterdir()):
+            kind = PAGE_TYPES.get(path.suffix)
+            if kind and path.is_file():
+                files["/" if path.name == "index.html" else f"/page/{path.name}"] = (kind, path.read_bytes())
+        return cls(files)
+
+    async def serve(self, scope: Scope, send: Send) -> None:
+        kind, body = self.files[scope["path"]]
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()), *PAGE_HEADERS],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": b"" if scope.get("method") == "HEAD" else body})
 
 
 # --- the HTTP parser: h11 with a header cap and a deadline for unfinished requests ------------

@@ -1,0 +1,347 @@
+// The caption page: drop, pick or record audio; each window's caption streams in under its time
+// range, then the whole caption; copy or download it as test_client.py would write it.
+
+import { ApiError, firstModel, streamCaption } from "./api.js";
+import { dataUrl, decodeToMono, planWindows, wavBytes } from "./audio.js";
+import { FORMATS, joinCaptions, render, strip } from "./formats.js";
+
+const CONCURRENCY = 4;  // windows in flight at once, over every file of the page
+const PAGE_MAX_SECONDS = 3600;  // what a browser tab decodes comfortably (16 kHz float32: 230 MB)
+const KEY_ITEM = "captioner.apiKey";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+let config = null;
+let model = null;
+
+// --- the one-line message, the server line, the key -------------------------------------------
+
+function say(text) {
+  $("#message").textContent = text;
+  $("#message").hidden = !text;
+}
+
+function storedKey() {
+  return sessionStorage.getItem(KEY_ITEM) || "";
+}
+
+function askForKey() {
+  $("#key-form").hidden = false;
+  $("#key").focus();
+}
+
+// Errors that concern the whole page (the server is gone, the key is wrong) go to the message line.
+function pageError(error) {
+  if (error instanceof ApiError && error.kind === "key") {
+    sessionStorage.removeItem(KEY_ITEM);
+    model = null;
+    askForKey();
+  }
+  if (error instanceof ApiError && (error.kind === "key" || error.kind === "network")) say(error.message);
+}
+
+function showServer() {
+  const line = $("#server");
+  line.replaceChildren(`${location.host} · model ${model}`);
+  if (config.key_required) {
+    const forget = document.createElement("button");
+    forget.type = "button";
+    forget.className = "link";
+    forget.textContent = "forget key";
+    forget.addEventListener("click", () => {
+      sessionStorage.removeItem(KEY_ITEM);
+      model = null;
+      line.textContent = "key forgotten";
+      askForKey();
+    });
+    line.append(" · key set · ", forget);
+  }
+}
+
+async function ensureModel() {
+  if (model) return model;
+  if (config.key_required && !storedKey()) {
+    askForKey();
+    throw new ApiError("key", "This service needs its API key: enter it above.");
+  }
+  model = await firstModel(storedKey());
+  $("#key-form").hidden = true;
+  say("");
+  showServer();
+  return model;
+}
+
+async function connect() {
+  try {
+    await ensureModel();
+  } catch (error) {
+    $("#server").textContent = location.host;
+    pageError(error);
+    if (!(error instanceof ApiError)) say(`Cannot start: ${error.message}`);
+  }
+}
+
+// --- a slot limiter: CONCURRENCY windows in flight --------------------------------------------
+
+function limiter(slots) {
+  const queue = [];
+  const acquire = () => (slots > 0 ? (slots--, Promise.resolve()) : new Promise((resolve) => queue.push(resolve)));
+  const release = () => { const next = queue.shift(); if (next) next(); else slots++; };
+  return async (task) => {
+    await acquire();
+    try {
+      return await task();
+    } finally {
+      release();
+    }
+  };
+}
+const inFlight = limiter(CONCURRENCY);
+
+// --- one input --------------------------------------------------------------------------------
+
+const clock = (seconds) => {
+  const m = Math.floor(seconds / 60);
+  return `${m}:${(seconds - 60 * m).toFixed(1).padStart(4, "0")}`;
+};
+
+const baseName = (name) => name.replace(/\.[^.]*$/, "") || "caption";
+
+class Item {
+  constructor(file) {
+    this.file = file;
+    this.node = $("#item-template").content.firstElementChild.cloneNode(true);
+    $(".name", this.node).textContent = file.name;
+    $(".player", this.node).src = URL.createObjectURL(file);
+    $(".copy", this.node).addEventListener("click", () => this.copy());
+    $(".download", this.node).addEventListener("click", () => this.download());
+    this.rows = [];
+    this.record = null;
+    $("#results").append(this.node);
+  }
+
+  status(text, state = "") {
+    $(".status", this.node).textContent = text;
+    this.node.dataset.state = state;
+  }
+
+  fail(message) {
+    const line = $(".error", this.node);
+    line.textContent = message;
+    line.hidden = false;
+    this.status("failed", "failed");
+  }
+
+  showWindows(spans) {
+    const list = $(".windows", this.node);
+    this.rows = spans.map(([start, end]) => {
+      const row = $("#window-template").content.firstElementChild.cloneNode(true);
+      $(".range", row).textContent = `${clock(start)} – ${clock(end)}`;
+      row.dataset.start = start.toFixed(3);
+      row.dataset.end = end.toFixed(3);
+      row.dataset.state = "waiting";
+      list.append(row);
+      return row;
+    });
+  }
+
+  finish(record) {
+    this.record = record;
+    $(".caption", this.node).textContent = record.caption;
+    $(".whole", this.node).hidden = false;
+    $(".exports", this.node).hidden = false;
+    this.status(`done in ${record.latency.toFixed(1)} s`, "done");
+  }
+
+  exported() {
+    const format = $(".format", this.node).value;
+    return [format, render(this.record, format)];
+  }
+
+  async copy() {
+    const [format, text] = this.exported();
+    const note = $(".copied", this.node);
+    try {
+      await navigator.clipboard.writeText(text);
+      note.textContent = `${format} copied`;
+    } catch {
+      note.textContent = "the browser refused the clipboard: use Download";
+    }
+  }
+
+  download() {
+    const [format, text] = this.exported();
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(new Blob([text], { type: FORMATS[format].mime }));
+    link.download = baseName(this.file.name) + FORMATS[format].extension;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+  }
+}
+
+async function captionWindow(item, index, samples, abort) {
+  const row = item.rows[index];
+  return inFlight(async () => {
+    abort.signal.throwIfAborted();
+    row.dataset.state = "streaming";
+    const text = $(".text", row);
+    const audioUrl = await dataUrl(wavBytes(samples, config.sample_rate), "audio/wav");
+    const caption = await streamCaption({
+      audioUrl, model, key: storedKey(), config, signal: abort.signal,
+      onText: (piece) => { text.textContent += piece; },
+      onRetry: (status, pause, n, of) => {
+        item.status(`server busy (HTTP ${status}): retry ${n} of ${of} in ${pause} s`, "retrying");
+      },
+    });
+    text.textContent = strip(caption.text);
+    row.dataset.state = "done";
+    item.status(`captioning: ${item.rows.filter((r) => r.dataset.state === "done").length} of ${item.rows.length} windows`, "busy");
+    return caption;
+  });
+}
+
+async function caption(item) {
+  const started = performance.now();
+  const rate = config.sample_rate;
+  item.status("decoding", "busy");
+  let samples;
+  try {
+    samples = await decodeToMono(await item.file.arrayBuffer(), rate);
+  } catch (error) {
+    item.fail(`Not audio, or a format this browser cannot decode (${error.name || error}): ` +
+      "pick an audio file (WAV, MP3, FLAC, Ogg, Opus, M4A, WebM).");
+    return;
+  }
+  if (!samples.length) {
+    item.fail("No audio in this file: it decodes to zero samples (empty or truncated).");
+    return;
+  }
+  const duration = samples.length / rate;
+  if (duration > PAGE_MAX_SECONDS) {
+    item.fail(`Too long for the page: ${clock(duration)} (it takes up to ${PAGE_MAX_SECONDS / 60} min); ` +
+      "caption it with test_client.py.");
+    return;
+  }
+  const ranges = planWindows(samples, config.max_window_seconds, config);
+  const spans = ranges.map(([a, b]) => [a / rate, b / rate]);
+  item.showWindows(spans);
+  const abort = new AbortController();
+  try {
+    await ensureModel();
+    item.status(`captioning: 0 of ${spans.length} windows`, "busy");
+    const captions = await Promise.all(ranges.map(([a, b], i) => captionWindow(
+      item, i, samples.subarray(a, b), abort).catch((error) => {
+      abort.abort(error);
+      throw error;
+    })));
+    const segments = spans.map(([start, end], i) => ({ start, end, caption: strip(captions[i].text) }));
+    const usage = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
+    for (const c of captions) for (const k of Object.keys(usage)) usage[k] += c.usage[k];
+    item.finish({ source: item.file.name, duration, segments, caption: joinCaptions(segments),
+      model: captions[0].model, usage, latency: (performance.now() - started) / 1000, error: null });
+  } catch (error) {
+    for (const row of item.rows) if (row.dataset.state !== "done") row.dataset.state = "failed";
+    item.fail(error.message);
+    pageError(error);
+  }
+}
+
+function addFiles(files) {
+  for (const file of files) {
+    const item = new Item(file);
+    caption(item).catch((error) => item.fail(`Unexpected ${error.name}: ${error.message}`));
+  }
+}
+
+// --- drop, pick, record -----------------------------------------------------------------------
+
+function setUpInputs() {
+  const zone = $("#drop");
+  for (const type of ["dragenter", "dragover"]) {
+    document.addEventListener(type, (event) => {
+      event.preventDefault();
+      zone.classList.add("over");
+    });
+  }
+  document.addEventListener("dragleave", (event) => {
+    if (!event.relatedTarget) zone.classList.remove("over");
+  });
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();  // a file dropped anywhere is captioned, never opened by the browser
+    zone.classList.remove("over");
+    if (event.dataTransfer && event.dataTransfer.files.length) addFiles([...event.dataTransfer.files]);
+  });
+  $("#files").addEventListener("change", (event) => {
+    addFiles([...event.target.files]);
+    event.target.value = "";
+  });
+  $("#record").addEventListener("click", toggleRecording);
+  $("#key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_ITEM, $("#key").value.trim());
+    $("#key").value = "";
+    model = null;
+    connect();
+  });
+}
+
+let recording = null;
+
+async function toggleRecording() {
+  const button = $("#record");
+  if (recording) {
+    recording.recorder.stop();
+    return;
+  }
+  if (!window.isSecureContext || !navigator.mediaDevices) {
+    say("Recording needs the page opened as http://127.0.0.1:PORT/ or http://localhost:PORT/ " +
+      "(a browser allows the microphone only there or over HTTPS).");
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (error) {
+    say(error.name === "NotAllowedError"
+      ? "The browser was refused the microphone: allow it in this site's settings, then press Record again."
+      : `No microphone to record from (${error.name}).`);
+    return;
+  }
+  const recorder = new MediaRecorder(stream);
+  const chunks = [];
+  const started = Date.now();
+  const timer = setInterval(() => {
+    $("#record-time").textContent = `recording ${clock((Date.now() - started) / 1000)}`;
+  }, 200);
+  recording = { recorder };
+  recorder.addEventListener("dataavailable", (event) => { if (event.data.size) chunks.push(event.data); });
+  recorder.addEventListener("stop", () => {
+    clearInterval(timer);
+    for (const track of stream.getTracks()) track.stop();
+    recording = null;
+    button.textContent = "Record";
+    $("#record-time").textContent = "";
+    const type = recorder.mimeType || "audio/webm";
+    const extension = type.includes("ogg") ? "ogg" : type.includes("mp4") ? "m4a" : "webm";
+    const stamp = new Date(started).toISOString().slice(0, 19).replaceAll(":", "-");
+    addFiles([new File(chunks, `recording-${stamp}.${extension}`, { type })]);
+  });
+  recorder.start();
+  button.textContent = "Stop";
+}
+
+async function main() {
+  try {
+    const response = await fetch("/page/config.json", { cache: "no-store" });
+    config = await response.json();
+  } catch {
+    say("Cannot reach the captioning service: reload the page once it runs (./status_service.sh on its host).");
+    return;
+  }
+  $("#window-max").textContent = config.max_window_seconds;
+  setUpInputs();
+  await connect();
+}
+
+main();
