@@ -21,7 +21,6 @@ Prints a table to stderr and the JSON to --output (or stdout).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import platform
@@ -40,18 +39,19 @@ from requests.adapters import HTTPAdapter
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import make_audio, wav_bytes  # noqa: E402
+from loadgen import make_wav
 
-from captioner.api import CaptionClient  # noqa: E402
-from captioner.batch import BatchOptions, ClientRing, JsonlWriter, run_batch  # noqa: E402
-from captioner.inputs import resolve_inputs  # noqa: E402
+from captioner.api import CaptionClient
+from captioner.batch import BatchOptions, ClientRing, JsonlWriter, run_batch
+from captioner.inputs import resolve_inputs
+from captioner.payload import chat_request, data_url
 
 
 def make_files(folder: Path, count: int, seconds: float) -> list[Path]:
     paths = []
     for i in range(count):
         path = folder / f"clip{i:04d}.wav"
-        path.write_bytes(wav_bytes(make_audio(seconds, "speechlike", seed=10_000 + i)))
+        path.write_bytes(make_wav(seconds, "speechlike", seed=10_000 + i))
         paths.append(path)
     return paths
 
@@ -100,9 +100,7 @@ def bare_run(base_url: str, model: str, paths: list[Path], concurrency: int,
     url = base_url + "/v1/chat/completions"
 
     def one(path: Path) -> tuple[str, str, int]:
-        audio = "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-        body = {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
-            {"type": "audio_url", "audio_url": {"url": audio}}]}]}
+        body = chat_request(data_url(path.read_bytes()), model, max_tokens)
         r = session.post(url, json=body, timeout=(10, 300))
         r.raise_for_status()
         data = r.json()

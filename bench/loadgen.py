@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import base64
 import hashlib
-import io
 import json
 import math
 import os
@@ -40,15 +39,18 @@ import platform
 import random
 import sys
 import time
-import wave
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
 
-SAMPLE_RATE = 16_000
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the kit's captioner package
+
+from captioner.payload import SAMPLE_RATE, chat_request, data_url, wav_bytes
+
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 AUDIO_KINDS = ("speechlike", "tone", "noise")
 
@@ -82,14 +84,8 @@ def make_audio(seconds: float, kind: str = "speechlike", seed: int = 0) -> np.nd
     return out
 
 
-def wav_bytes(samples: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(samples.astype("<i2").tobytes())
-    return buf.getvalue()
+def make_wav(seconds: float, kind: str = "speechlike", seed: int = 0) -> bytes:
+    return wav_bytes(make_audio(seconds, kind, seed).astype("<i2").tobytes())
 
 
 _HEAD = 96  # bytes of WAV made unique per request; a multiple of 3, so base64 parts concatenate
@@ -101,13 +97,13 @@ def audio_data_url(seconds: float, kind: str, seed: int) -> str:
     seed % 4); a request rewrites the first samples and re-encodes only that head."""
     key = (seconds, kind, seed % 4)
     if key not in _BASES:
-        data = wav_bytes(make_audio(seconds, kind, seed % 4))
+        data = make_wav(seconds, kind, seed % 4)
         _BASES[key] = (data[:_HEAD], base64.b64encode(data[_HEAD:]).decode("ascii"))
     head, tail = _BASES[key]
     if len(head) > 44:
         noise = np.random.default_rng(seed).integers(-64, 64, (len(head) - 44) // 2).astype("<i2")
         head = head[:44] + noise.tobytes() + head[44 + 2 * len(noise) :]
-    return "data:audio/wav;base64," + base64.b64encode(head).decode("ascii") + tail
+    return data_url(head) + tail
 
 
 # --- one request --------------------------------------------------------------------------------
@@ -142,21 +138,12 @@ class RequestResult:
 
 
 def request_body(settings: Settings, audio_url: str) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": settings.model,
-        "messages": [
-            {"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": audio_url}}]}
-        ],
-        "max_tokens": settings.max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "return_token_ids": True,
-    }
+    fields: dict[str, Any] = {"return_token_ids": True}
     if settings.ignore_eos:
-        body["ignore_eos"] = True
+        fields["ignore_eos"] = True
     if settings.greedy:
-        body["temperature"] = 0.0
-    return body
+        fields["temperature"] = 0.0
+    return chat_request(audio_url, settings.model, settings.max_tokens, stream=True, **fields)
 
 
 async def one_request(

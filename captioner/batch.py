@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 import requests
 
-from captioner.api import Caption, Usage, audio_data_url
+from captioner.api import Caption, Usage
 from captioner.audio import Window, prepare
 from captioner.errors import (
     CaptionerError,
@@ -36,6 +36,7 @@ from captioner.errors import (
 )
 from captioner.inputs import InputItem, load_bytes
 from captioner.output import RECORD_PREFIX, ResumeInfo, StateFile
+from captioner.payload import data_url
 from captioner.records import Record, Segment, join_captions
 from captioner.servers import ServerPool
 
@@ -131,7 +132,7 @@ def _call_window(
     on_text: Callable[[str], None] | None = None,
 ) -> Caption:
     # The base64 copy is made here, per request, not for all of a long file's windows at once.
-    return _call(ring, audio_data_url(window.data, window.mime), options, on_text)
+    return _call(ring, data_url(window.data, window.mime), options, on_text)
 
 
 def process_item(
@@ -164,7 +165,7 @@ def process_item(
                 options.on_windows(prepared.count)
             captions = _caption_windows(prepared.windows, options, ring, request_pool, on_text)
             _fill(record, prepared.duration, prepared.spans, captions)
-    except Exception as exc:  # noqa: BLE001 - one input's failure must not end the batch
+    except Exception as exc:  # one input's failure must not end the batch
         _fail(record, item, exc)
     record.latency = time.monotonic() - started
     return record
@@ -377,7 +378,7 @@ def _start_item(
             collect.all_sent(sent)
     except _Stopped:
         return
-    except Exception as exc:  # noqa: BLE001 - one input's failure must not end the batch
+    except Exception as exc:  # one input's failure must not end the batch
         _fail(record, item, exc)
         record.latency = time.monotonic() - started
         finish(record)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from captioner.errors import UsageError
+from captioner.files import atomic_write
 from captioner.formats import SUBTITLE_FORMATS, render, render_text
 from captioner.records import Record, Segment
 
@@ -191,32 +192,6 @@ class StateFile:
         if remove:
             self.path.unlink(missing_ok=True)
         os.close(self._fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Output:

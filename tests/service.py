@@ -15,8 +15,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
+
+from captioner.payload import WAV_MIME, chat_request, data_url
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-captioner"
@@ -132,17 +135,8 @@ class Service:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def caption(self, audio: bytes, mime: str = "audio/wav", **extra: object) -> requests.Response:
-        import base64
-
-        body = {
-            "model": self.model,
-            "max_tokens": 8,
-            "messages": [{"role": "user", "content": [
-                {"type": "audio_url",
-                 "audio_url": {"url": f"data:{mime};base64,{base64.b64encode(audio).decode()}"}}]}],
-        }
-        body.update(extra)
+    def caption(self, audio: bytes, mime: str = WAV_MIME, **extra: Any) -> requests.Response:
+        body = chat_request(data_url(audio, mime), self.model, **{"max_tokens": 8} | extra)
         return requests.post(f"{self.base_url}/v1/chat/completions", json=body,
                              headers=self.headers(), timeout=120)
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from captioner.payload import chat_request
 from tests.service import ROOT, TINY_MODEL
 
-AUDIO = [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "data:x"}}]}]
+AUDIO = chat_request("data:x", "model")["messages"]  # what the kit sends
 
 
 def guarded(tmp_path: Path) -> str:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import requests
 
-from captioner.api import CaptionClient, audio_data_url
+from captioner.api import CaptionClient
 from captioner.errors import ExitCode, ServerHTTPError
+from captioner.payload import audio_part, chat_request, data_url
 from tests.service import ROOT, SAMPLE, Service
 
 pytestmark = pytest.mark.server
@@ -26,46 +27,52 @@ GOOD = base64.b64encode(SAMPLE.read_bytes()).decode()
 CORRUPT_WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(200))
 
 
-def part(b64: str, mime: str = "audio/wav") -> dict[str, Any]:
-    return {"type": "audio_url", "audio_url": {"url": f"data:{mime};base64,{b64}"}}
+def part(audio: bytes) -> dict[str, Any]:
+    return audio_part(data_url(audio))
+
+
+def good(**extra: Any) -> dict[str, Any]:
+    """The kit's request for the sample clip (payload.chat_request)."""
+    return chat_request(data_url(SAMPLE.read_bytes()), "MODEL", **{"max_tokens": 8} | extra)
 
 
 def body(content: Any, **extra: Any) -> dict[str, Any]:
-    b: dict[str, Any] = {"model": "MODEL", "max_tokens": 8,
-                         "messages": [{"role": "user", "content": content}]}
-    b.update(extra)
+    """The kit's request (payload.chat_request) with its user message holding `content`."""
+    b = chat_request("", "MODEL", **{"max_tokens": 8} | extra)
+    b["messages"][0]["content"] = content
     return b
 
 
 # name: (request body, or raw bytes for the malformed-JSON rows; status; start of the message)
 CASES: dict[str, tuple[Any, int, str]] = {
-    "corrupt audio": (body([part(base64.b64encode(CORRUPT_WAV).decode())]), 500,
+    "corrupt audio": (body([part(CORRUPT_WAV)]), 500,
                       "Error opening <_io.BytesIO object>: Error in WAV/W64/RF64 file. "
                       "Malformed 'fmt ' chunk."),
-    "empty audio": (body([part("")]), 400, "Invalid or corrupted audio data."),
-    "non-audio bytes": (body([part(base64.b64encode(b"plain text, not audio " * 20).decode())]), 400,
+    "empty audio": (body([part(b"")]), 400, "Invalid or corrupted audio data."),
+    "non-audio bytes": (body([part(b"plain text, not audio " * 20)]), 400,
                         "Invalid or corrupted audio data."),
-    "malformed base64": (body([part("!!!not-base64@@@")]), 400, "Non-base64 digit found"),
+    "malformed base64": (body([audio_part("data:audio/wav;base64,!!!not-base64@@@")]), 400,
+                         "Non-base64 digit found"),
     "truncated JSON": (b'{"model": "x", "messages": [', 400, "1 validation error:"),
     "not JSON": (b"not json", 400, "1 validation error:"),
-    "two audio parts": (body([part(GOOD), part(GOOD)]), 400,
+    "two audio parts": (body([part(SAMPLE.read_bytes())] * 2), 400,
                         "At most 1 audio(s) may be provided in one prompt."),
     "text-only (string content)": (body("describe this"), 400, "this server captions audio"),
     "text-only (text part)": (body([{"type": "text", "text": "hi"}]), 400, "this server captions audio"),
     "no messages": (body([]) | {"messages": []}, 400, "this server captions audio"),
-    "max_tokens beyond the context": (body([part(GOOD)], max_tokens=100000), 400,
+    "max_tokens beyond the context": (good(max_tokens=100000), 400,
                                       "max_tokens=100000 cannot be greater than max_model_len=4096."),
-    "negative max_tokens": (body([part(GOOD)], max_tokens=-3), 400, "max_tokens must be at least 1, got -3."),
-    "negative temperature": (body([part(GOOD)], temperature=-1), 400,
+    "negative max_tokens": (good(max_tokens=-3), 400, "max_tokens must be at least 1, got -3."),
+    "negative temperature": (good(temperature=-1), 400,
                              "temperature must be non-negative, got -1.0."),
-    "huge temperature": (body([part(GOOD)], temperature=1e9), 400, "temperature must be in [0, 2]"),
-    "negative top_p": (body([part(GOOD)], top_p=-0.5), 400, "top_p must be in (0, 1], got -0.5."),
-    "negative top_k": (body([part(GOOD)], top_k=-5), 400,
+    "huge temperature": (good(temperature=1e9), 400, "temperature must be in [0, 2]"),
+    "negative top_p": (good(top_p=-0.5), 400, "top_p must be in (0, 1], got -0.5."),
+    "negative top_k": (good(top_k=-5), 400,
                        "top_k must be 0 (disable), or at least 1, got -5."),
-    "unknown model": (body([part(GOOD)]) | {"model": "no-such-model"}, 404,
+    "unknown model": (good() | {"model": "no-such-model"}, 404,
                       "The model `no-such-model` does not exist."),
-    "huge n": (body([part(GOOD)], n=100000), 400, "n must be at most 16, got 100000."),
-    "n above the kit's cap of 16": (body([part(GOOD)], n=17), 400, "n must be at most 16, got 17."),
+    "huge n": (good(n=100000), 400, "n must be at most 16, got 100000."),
+    "n above the kit's cap of 16": (good(n=17), 400, "n must be at most 16, got 17."),
     "unknown audio format": (body([{"type": "input_audio", "input_audio": {"data": GOOD, "format": "exe"}}]),
                              400, "7 validation errors"),
 }
@@ -121,12 +128,12 @@ def test_client_says_plainly_what_was_wrong_when_vllm_answers_500_for_bad_audio(
     test_client_server.py); a library caller that sends the bytes as they are gets vLLM's 500."""
     client = CaptionClient(server.base_url, retries=0)
     with pytest.raises(ServerHTTPError) as caught:
-        client.caption(audio_data_url(CORRUPT_WAV, "audio/wav"), server.model, max_tokens=8)
+        client.caption(data_url(CORRUPT_WAV), server.model, max_tokens=8)
     assert caught.value.status == 500 and caught.value.exit_code == ExitCode.HTTP_4XX
     assert str(caught.value) == (f"{server.base_url}: server could not use the input: HTTP 500: "
                                  "Error opening <_io.BytesIO "
                                  "object>: Error in WAV/W64/RF64 file. Malformed 'fmt ' chunk.")
-    assert client.caption(audio_data_url(SAMPLE.read_bytes(), "audio/wav"), server.model, 8).model
+    assert client.caption(data_url(SAMPLE.read_bytes()), server.model, 8).model
 
 
 def test_client_server_fetch_with_no_allowed_host_exits_6_saying_the_server_fetches_nothing(

@@ -91,9 +91,9 @@ def test_warm_up_succeeds(server: Any) -> None:
     assert "3 concurrent request(s) of 1 s audio, 2 tokens" in r.stdout
 
 
-def test_warm_up_fails_without_server() -> None:
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "warm_up.py"), "--base-url", "http://127.0.0.1:1",
+def test_warm_up_fails_without_server_and_needs_only_the_standard_library() -> None:
+    r = subprocess.run(  # -I -S: no site-packages, as in a server venv without the client
+        [sys.executable, "-I", "-S", str(ROOT / "tools" / "warm_up.py"), "--base-url", "http://127.0.0.1:1",
          "--requests", "1"],
         capture_output=True, text=True, timeout=60,
     )

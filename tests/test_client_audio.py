@@ -15,6 +15,7 @@ import pytest
 import captioner.audio
 from captioner.audio import decode, plan_windows, prepare, probe
 from captioner.errors import InputError
+from captioner.payload import wav_bytes
 from tests.test_client_support import SR, convert, tone, write_wav
 
 
@@ -113,15 +114,6 @@ def test_undecodable_input_is_an_input_error_naming_the_file(data: bytes, messag
     assert str(caught.value).startswith("bad.wav: ")
 
 
-def wav_header_without_samples() -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SR)
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -129,7 +121,7 @@ def wav_header_without_samples() -> bytes:
         (b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4, "cannot decode audio"),
         (b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(200)), "cannot decode audio"),
         (PNG, "no audio stream"),
-        (wav_header_without_samples(), "no audio samples decoded"),
+        (wav_bytes(b""), "no audio samples decoded"),  # a valid header, no samples
     ],
     ids=["empty", "corrupt", "corrupt-fmt-chunk", "png", "valid-wav-header-no-samples"],
 )

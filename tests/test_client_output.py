@@ -22,6 +22,7 @@ import pytest
 from captioner.cli import main
 from captioner.errors import ExitCode
 from captioner.inputs import resolve_inputs
+from captioner.payload import data_url
 from tests.test_client_support import StubServer, folder_of, tone, write_wav
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,11 +214,9 @@ def slow_first(body: dict[str, Any], slow_url: str) -> None:
 def test_stdout_is_in_input_order_though_the_first_input_finishes_last(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
 ) -> None:
-    import base64
-
     folder = folder_of(tmp_path, 4)
     first = sorted(folder.iterdir())[0]
-    slow_url = "data:audio/wav;base64," + base64.b64encode(first.read_bytes()).decode()
+    slow_url = data_url(first.read_bytes())
     with StubServer(on_request=lambda body: slow_first(body, slow_url)) as stub:
         assert main([str(folder), "-f", fmt, "-c", "4", "--base-url", stub.base_url]) == ExitCode.OK
     out = capsys.readouterr().out
@@ -229,11 +228,9 @@ def test_stdout_is_in_input_order_though_the_first_input_finishes_last(
 
 
 def test_jsonl_file_ends_in_input_order_though_records_arrive_in_completion_order(tmp_path: Path) -> None:
-    import base64
-
     folder = folder_of(tmp_path, 4)
     first = sorted(folder.iterdir())[0]
-    slow_url = "data:audio/wav;base64," + base64.b64encode(first.read_bytes()).decode()
+    slow_url = data_url(first.read_bytes())
     out = tmp_path / "out.jsonl"
     with StubServer(on_request=lambda body: slow_first(body, slow_url)) as stub:
         assert main([str(folder), "-o", str(out), "-c", "4", "--base-url", stub.base_url]) == ExitCode.OK

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from captioner.payload import chat_request, data_url
 from tests.test_client_support import convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
 
 REPO = Path(__file__).resolve().parent.parent
@@ -333,12 +334,12 @@ def test_openai_sdk_works_unchanged(server: Any) -> None:
     assert response.choices[0].message.content is not None
     assert response.usage is not None and response.usage.prompt_tokens > 0
     # vLLM's audio_url part (what this client sends), streamed.
-    data_url: Any = [{"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{audio}"}}]
+    kits: Any = chat_request(data_url(SAMPLE.read_bytes()), server.model)["messages"]
     stream = client.chat.completions.create(
         model=server.model,
         max_tokens=int(MAX_TOKENS),
         stream=True,
-        messages=[{"role": "user", "content": data_url}],
+        messages=kits,
     )
     finish = [c.choices[0].finish_reason for c in stream if c.choices]
     assert finish and finish[-1] in ("length", "stop")

@@ -14,7 +14,6 @@ import socket
 import struct
 import subprocess
 import threading
-import wave
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +22,10 @@ from typing import Any, Self
 
 import numpy as np
 
-SR = 16_000
+from captioner.audio import to_pcm16
+from captioner.payload import SAMPLE_RATE, wav_bytes
+
+SR = SAMPLE_RATE
 SRT_TIME = r"\d{2}:\d{2}:\d{2},\d{3}"
 VTT_TIME = r"\d{2}:\d{2}:\d{2}\.\d{3}"
 
@@ -34,12 +36,7 @@ def tone(seconds: float, freq: float = 440.0, amplitude: float = 0.5) -> np.ndar
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = SR) -> Path:
-    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm.tobytes())
+    path.write_bytes(wav_bytes(to_pcm16(samples).tobytes(), rate))
     return path
 
 
@@ -93,14 +90,14 @@ def parse_vtt(text: str) -> list[tuple[str, str, str]]:
 class StubServer:
     """An OpenAI-compatible stand-in on 127.0.0.1 whose answers a test scripts.
 
-    `replies` is consumed per chat request: (status, body) pairs; when empty, every
-    request gets a 200 with `caption`. `api_key` makes it demand a Bearer key. `drops`
+    `replies` is consumed per chat request: (status, body) pairs, or (status, body, headers);
+    when empty, every request gets a 200 with `caption`. `api_key` makes it demand a Bearer key. `drops`
     is consumed first: "close" or "reset" ends the connection without a byte of an
     answer (FIN, or RST), as a server that restarts or drains under a request does.
     """
 
     caption: str = "a stub caption"
-    replies: list[tuple[int, Any]] = field(default_factory=list)
+    replies: list[tuple[Any, ...]] = field(default_factory=list)
     api_key: str | None = None
     delay: float = 0.0
     chunk_delay: float = 0.0  # pause between streamed pieces
@@ -115,11 +112,13 @@ class StubServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _send(self, status: int, body: Any) -> None:
+            def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -147,8 +146,7 @@ class StubServer:
                 if stub.delay:
                     threading.Event().wait(stub.delay)
                 if stub.replies:
-                    status, reply = stub.replies.pop(0)
-                    self._send(status, reply)
+                    self._send(*stub.replies.pop(0))
                 elif body.get("stream"):
                     self._stream()
                 else:

@@ -15,8 +15,6 @@ The minimum vLLM version check is tests/bats/start_service.bats ("vLLM older tha
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import math
 import os
@@ -29,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import wave
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +35,7 @@ from typing import Any
 import pytest
 import requests
 
+from captioner.payload import SAMPLE_RATE, audio_part, chat_request, data_url, wav_bytes
 from tests.service import ROOT, SAMPLE, Service, started
 
 sys.path.insert(0, str(ROOT / "lib"))
@@ -85,28 +83,15 @@ PRIVATE_NAME = _private_name()
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def wav_bytes(seconds: float, rate: int = 16_000) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(i * 0.1)))
-                               for i in range(int(seconds * rate))))
-    return buf.getvalue()
-
-
-def audio_part(url: str) -> dict[str, Any]:
-    return {"type": "audio_url", "audio_url": {"url": url}}
-
-
-def data_url(audio: bytes, mime: str = "audio/wav") -> str:
-    return f"data:{mime};base64,{base64.b64encode(audio).decode()}"
+def tone_wav(seconds: float) -> bytes:
+    return wav_bytes(b"".join(struct.pack("<h", int(8000 * math.sin(i * 0.1)))
+                              for i in range(int(seconds * SAMPLE_RATE))))
 
 
 def chat(svc: Service, content: Any, key: str | None = None, **extra: Any) -> requests.Response:
-    body = {"model": svc.model, "max_tokens": 8, "messages": [{"role": "user", "content": content}]}
-    body.update(extra)
+    """The kit's request (payload.chat_request) with its user message holding `content`."""
+    body = chat_request("", svc.model, **{"max_tokens": 8} | extra)
+    body["messages"][0]["content"] = content
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return requests.post(f"{svc.base_url}/v1/chat/completions", json=body, headers=headers, timeout=120)
 
@@ -581,7 +566,7 @@ def test_image_and_video_parts_are_refused(server: Service) -> None:
 
 def test_audio_longer_than_max_audio_seconds_is_refused_with_a_clear_error(
         hardened: Service, tmp_path: Path) -> None:
-    long = wav_bytes(MAX_AUDIO_SECONDS + 3)
+    long = tone_wav(MAX_AUDIO_SECONDS + 3)
     r = chat(hardened, [audio_part(data_url(long))], key=KEY)
     assert r.status_code == 400
     assert error_message(r).startswith(f"Audio exceeds maximum allowed duration of {MAX_AUDIO_SECONDS}s "
@@ -597,8 +582,7 @@ def test_audio_longer_than_max_audio_seconds_is_refused_with_a_clear_error(
 def test_oversize_bodies_are_refused_before_they_are_read(hardened: Service) -> None:
     url = f"{hardened.base_url}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    big = json.dumps({"model": hardened.model, "messages": [{"role": "user", "content": [
-        audio_part(data_url(b"\0" * MAX_REQUEST_BYTES))]}]}).encode()
+    big = json.dumps(chat_request(data_url(b"\0" * MAX_REQUEST_BYTES), hardened.model)).encode()
     r = requests.post(url, data=big, headers=headers, timeout=60)
     assert r.status_code == 413 and "MAX_REQUEST_BYTES" in error_message(r), r.text
 
@@ -817,8 +801,7 @@ def test_deep_json_is_400_without_a_traceback_one_log_line_per_request(
     nested: Any = [[]]
     for _ in range(40):
         nested = [nested]
-    parsable = json.dumps({"model": server.model, "messages": [
-        {"role": "user", "content": [audio_part(data_url(SAMPLE.read_bytes()))]}], "n": nested}).encode()
+    parsable = json.dumps(chat_request(data_url(SAMPLE.read_bytes()), server.model, n=nested)).encode()
     for svc, key, expected in ((server, None, 400), (hardened, None, 401), (hardened, KEY, 400)):
         log = svc.log_dir / "service.log"
         lines_before = len(log.read_text(errors="replace").splitlines())

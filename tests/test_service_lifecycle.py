@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from captioner.payload import chat_request, data_url
 from tests.service import SAMPLE, Service, script
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("decoy_untouched")]
@@ -23,9 +24,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("dec
 
 def curl_caption(svc: Service) -> dict[str, object]:
     """The README's curl request: one audio part, as a data: URL, nothing else."""
-    body = {"model": svc.model, "max_tokens": 8, "messages": [{"role": "user", "content": [
-        {"type": "audio_url", "audio_url": {
-            "url": "data:audio/wav;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()}}]}]}
+    body = chat_request(data_url(SAMPLE.read_bytes()), svc.model, max_tokens=8)
     r = subprocess.run(
         ["curl", "-sS", "-w", "\n%{http_code}", f"{svc.base_url}/v1/chat/completions",
          "-H", "Content-Type: application/json", "--data-binary", "@-"],

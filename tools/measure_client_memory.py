@@ -20,26 +20,24 @@ import subprocess
 import sys
 import threading
 import time
-import wave
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the kit's captioner package
+
+from captioner.payload import SAMPLE_RATE, wav_bytes
+
 KIT = Path(__file__).resolve().parent.parent
-SR = 16_000
 
 
 def write_long_wav(path: Path, minutes: float, freq: float) -> None:
     seconds = int(minutes * 60)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SR)
-        t = np.arange(SR) / SR
-        for second in range(seconds):
-            loud = 0.0 if second % 11 == 10 else 0.4  # a quiet second now and then
-            out.writeframes((loud * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2").tobytes())
+    tone = np.sin(2 * np.pi * freq * np.arange(SAMPLE_RATE) / SAMPLE_RATE)
+    loudness = np.where(np.arange(seconds) % 11 == 10, 0.0, 0.4)  # a quiet second now and then
+    pcm = (np.outer(loudness, tone) * 32767).astype("<i2")
+    path.write_bytes(wav_bytes(pcm.tobytes()))
 
 
 class Stub(BaseHTTPRequestHandler):

@@ -5,7 +5,8 @@ Usage: tools/warm_up.py --base-url http://127.0.0.1:8003 --requests N [--seconds
                         [--max-tokens 32] [--rounds 1] [--api-key KEY]
 
 start_service.sh runs it after /health when WARMUP_REQUESTS > 0, with the Python that runs vLLM,
-so it needs nothing beyond the standard library. The first requests after a start pay one-off
+so it needs nothing beyond the standard library (the request and its WAV come from the kit's
+captioner/payload.py, which needs no more). The first requests after a start pay one-off
 costs (the audio encoder's first batches, the sampler and the media decoder's first calls); a
 warm-up takes them before users come. Each request carries its own 30 s clip (unique bytes, so no
 server cache turns it into a hit) and asks for a short, fixed-length caption (ignore_eos).
@@ -16,8 +17,6 @@ Prints one line per wave; exits 0 when every request succeeded, 1 otherwise, 2 o
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import math
 import os
@@ -25,11 +24,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import wave
 from array import array
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-SAMPLE_RATE = 16_000
+# The kit's root, for captioner/payload.py: the Python that runs vLLM need not have the client
+# installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from captioner.payload import SAMPLE_RATE, chat_request, data_url, wav_bytes
 
 
 def base_clip(seconds: float) -> array:
@@ -44,18 +47,12 @@ def base_clip(seconds: float) -> array:
     return out
 
 
-def data_url(clip: array, index: int) -> str:
+def unique_wav(clip: array, index: int) -> bytes:
     samples = array("h", clip)
     samples[0], samples[1] = index % 32768, index // 32768 % 32768  # unique bytes per request
     if sys.byteorder != "little":
         samples.byteswap()
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(samples.tobytes())
-    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return wav_bytes(samples.tobytes())
 
 
 def call(url: str, body: dict | None, api_key: str | None, timeout: float) -> dict:
@@ -69,13 +66,7 @@ def call(url: str, body: dict | None, api_key: str | None, timeout: float) -> di
 
 
 def caption(args: argparse.Namespace, model: str, clip: array, index: int) -> str | None:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": [
-            {"type": "audio_url", "audio_url": {"url": data_url(clip, index)}}]}],
-        "max_tokens": args.max_tokens,
-        "ignore_eos": True,
-    }
+    body = chat_request(data_url(unique_wav(clip, index)), model, args.max_tokens, ignore_eos=True)
     try:
         call(args.base_url + "/v1/chat/completions", body, args.api_key, args.timeout)
         return None
