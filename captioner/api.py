@@ -1,9 +1,9 @@
 """HTTP calls to one caption server (vLLM's OpenAI-compatible API).
 
 Retries are urllib3's `Retry`: connection failures and 502/503/504 (a restarting
-server or a proxy in front of one) are retried with exponential backoff. A read
-timeout is not: the server is still working on the caption, and a retry would
-double its load.
+server or a proxy in front of one) are retried with exponential backoff, or after
+the pause a Retry-After header asks for. A read timeout is not: the server is still
+working on the caption, and a retry would double its load.
 
 The default, 7 retries with backoff 0, 1, 2, 4, 8, 16, 30 s (factor 0.5, each pause
 capped at 30 s), waits about a minute in all: long enough to ride through a restart
@@ -23,14 +23,17 @@ after some errors, e.g. its 500 for undecodable audio, a moment after answering)
 Nothing reached the server on it, so this is not a retry but the pool's own
 bookkeeping, as in browsers and Go's net/http. Each stale pooled connection is
 resent over once; a fresh connection never is, so it cannot loop.
+
+All of that is the one `CaptionRetry`; nothing here loops or sleeps on its own. A failed
+request's exception is turned into the client's error by its type, in `transport_error`.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,8 +44,14 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ProtocolError
-from urllib3.util.retry import Retry
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+from urllib3.util.retry import RequestHistory, Retry
 
 from captioner.errors import (
     CaptionerError,
@@ -50,6 +59,7 @@ from captioner.errors import (
     ServerHTTPError,
     ServerTimeoutError,
 )
+from captioner.payload import chat_request
 
 log = logging.getLogger("captioner")
 
@@ -101,35 +111,6 @@ class Caption:
     latency: float = 0.0
 
 
-def audio_data_url(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def build_chat_request(
-    audio_url: str, model: str, max_tokens: int | None = None, stream: bool = False
-) -> dict[str, Any]:
-    """The chat request: one user message holding one audio part and no text.
-
-    The Captioner is trained on audio alone; a text part would be off its training
-    distribution, so no request from this client ever carries one.
-    """
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [{"type": "audio_url", "audio_url": {"url": audio_url}}],
-            }
-        ],
-    }
-    if max_tokens is not None:
-        body["max_tokens"] = max_tokens
-    if stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-    return body
-
-
 # Whether the connection the current thread's request went out on came from the pool
 # already used (a kept-alive connection) rather than freshly opened. A request runs in
 # one thread from `_get_conn` to `Retry.increment`, so a thread-local carries it.
@@ -155,12 +136,21 @@ class _ReuseTrackingHTTPSPool(HTTPSConnectionPool):
 
 class CaptionRetry(Retry):
     """urllib3's `Retry`, plus: a request the server dropped before answering is retried
-    like a refused connection, and one dropped on a stale kept-alive connection is
-    resent at once without counting (see the module docstring)."""
+    like a refused connection, one dropped on a stale kept-alive connection is resent at
+    once without counting (see the module docstring), and `before_first_retry`, when set,
+    is called as a request's retries begin, before their first pause."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, before_first_retry: Callable[[], None] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.before_first_retry = before_first_retry
         self._pause = True
+
+    def new(self, **kw: Any) -> CaptionRetry:
+        retry = super().new(**kw)
+        retry.before_first_retry = self.before_first_retry
+        return retry
 
     def _is_connection_error(self, err: Exception) -> bool:
         return super()._is_connection_error(err) or dropped_before_answer(err)
@@ -183,8 +173,43 @@ class CaptionRetry(Retry):
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
     def sleep(self, response: Any = None) -> None:
-        if self._pause:
-            super().sleep(response)
+        if not self._pause:
+            return
+        if self.before_first_retry is not None and len(self.history) == 1:
+            self.before_first_retry()
+        super().sleep(response)
+
+    def pauses(self) -> list[float]:
+        """The pause before each retry this policy has left, as urllib3 computes it
+        (a server's Retry-After aside): [0, 1, 2, 4, 8, 16, 30] for the default."""
+        left = self.total if isinstance(self.total, int) and not isinstance(self.total, bool) else 0
+        history, pauses = self.history, []
+        for _ in range(left):
+            history += (RequestHistory("GET", None, None, None, None),)
+            pauses.append(self.new(history=history).get_backoff_time())
+        return pauses
+
+
+def caption_retry(
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+    before_first_retry: Callable[[], None] | None = None,
+) -> CaptionRetry:
+    """The client's retry policy: refused or dropped connections and 502/503/504, each
+    retried `retries` times in all with exponential backoff; never a read timeout."""
+    return CaptionRetry(
+        total=retries,
+        connect=retries,
+        read=False,  # False, not 0: re-raise the read error itself, not MaxRetryError
+        status=retries,
+        other=0,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=None,  # POST too: a 503 or refused connection ran nothing
+        backoff_factor=backoff,
+        backoff_max=BACKOFF_MAX,
+        raise_on_status=False,
+        before_first_retry=before_first_retry,
+    )
 
 
 class CaptionAdapter(HTTPAdapter):
@@ -207,7 +232,12 @@ def normalize_base_url(url: str) -> str:
 
 
 class CaptionClient:
-    """One server: a pooled, retrying `requests.Session` plus the calls we make."""
+    """One server: a pooled, retrying `requests.Session` plus the calls we make.
+
+    `on_not_answering`, when set, is called (with the client) once if a request is about
+    to be retried before the server has answered any: a run that starts while the server
+    is down or restarting waits for it, and can say so. Later retries are quiet.
+    """
 
     def __init__(
         self,
@@ -218,55 +248,41 @@ class CaptionClient:
         retries: int = DEFAULT_RETRIES,
         backoff: float = DEFAULT_BACKOFF,
         pool_size: int = 8,
+        on_not_answering: Callable[[CaptionClient], None] | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self.timeout = (connect_timeout, read_timeout)
         self.retries = retries
-        self.backoff = backoff
+        self._not_answering = on_not_answering  # called at most once, and only before an answer
+        self._retry = caption_retry(retries, backoff, self._retries_begin)
         self.session = requests.Session()
-        retry = CaptionRetry(
-            total=retries,
-            connect=retries,
-            read=False,  # False, not 0: re-raise the read error itself, not MaxRetryError
-            status=retries,
-            other=0,
-            status_forcelist=RETRY_STATUSES,
-            allowed_methods=None,  # POST too: a 503 or refused connection ran nothing
-            backoff_factor=backoff,
-            backoff_max=BACKOFF_MAX,
-            raise_on_status=False,
-        )
-        adapter = CaptionAdapter(max_retries=retry, pool_maxsize=max(pool_size, 1))
+        adapter = CaptionAdapter(max_retries=self._retry, pool_maxsize=max(pool_size, 1))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        # One try, no retries: to tell a user at once that the server is not answering
-        # before the retries wait for it (see `list_models`).
-        self._one_try = requests.Session()
-        one_try = CaptionAdapter(max_retries=CaptionRetry(total=0, read=False, other=0, redirect=False))
-        self._one_try.mount("http://", one_try)
-        self._one_try.mount("https://", one_try)
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
-            self._one_try.headers["Authorization"] = f"Bearer {api_key}"
 
     def close(self) -> None:
         self.session.close()
-        self._one_try.close()
 
     @property
     def retry_wait(self) -> float:
         """Seconds the retries of one request may pause in all (Retry-After aside)."""
-        return retry_wait(self.retries, self.backoff)
+        return sum(self._retry.pauses())
 
-    def list_models(self, retry: bool = True) -> list[str]:
-        """The served models; `retry=False` makes a single try (refused: at once)."""
-        session = self.session if retry else self._one_try
-        data = self._json(self._request("GET", "/v1/models", session=session))
+    def _retries_begin(self) -> None:
+        hook, self._not_answering = self._not_answering, None
+        if hook is not None:
+            hook(self)
+
+    def list_models(self) -> list[str]:
+        """The served models."""
+        data = self._json(self._request("GET", "/v1/models"))
         return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
 
     def caption(self, audio_url: str, model: str, max_tokens: int | None = None) -> Caption:
         started = time.monotonic()
-        body = build_chat_request(audio_url, model, max_tokens)
+        body = chat_request(audio_url, model, max_tokens)
         data = self._json(self._request("POST", "/v1/chat/completions", json=body))
         try:
             text = data["choices"][0]["message"].get("content") or ""
@@ -288,7 +304,7 @@ class CaptionClient:
     ) -> Caption:
         """Stream a caption (SSE), calling `on_text` with each piece as it arrives."""
         started = time.monotonic()
-        body = build_chat_request(audio_url, model, max_tokens, stream=True)
+        body = chat_request(audio_url, model, max_tokens, stream=True)
         response = self._request("POST", "/v1/chat/completions", json=body, stream=True)
         pieces: list[str] = []
         usage = Usage()
@@ -320,17 +336,13 @@ class CaptionClient:
                     return
                 yield json.loads(payload)
         except requests.RequestException as exc:
-            raise self._transport_error(exc) from exc
+            raise transport_error(exc, self.base_url, self.timeout) from exc
 
-    def _request(
-        self, method: str, path: str, session: requests.Session | None = None, **kwargs: Any
-    ) -> requests.Response:
-        url = self.base_url + path
-        session = session or self.session
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         try:
-            response = session.request(method, url, timeout=self.timeout, **kwargs)
+            response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
-            raise self._transport_error(exc) from exc
+            raise transport_error(exc, self.base_url, self.timeout) from exc
         if response.status_code >= 400:
             try:
                 body: Any = response.json()
@@ -338,6 +350,7 @@ class CaptionClient:
                 body = response.text
             response.close()
             raise _http_error(response.status_code, body, self.base_url)
+        self._not_answering = None  # the server answers: later retries are quiet
         return response
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
@@ -349,43 +362,78 @@ class CaptionClient:
             raise CaptionerError(f"{self.base_url}: unexpected answer: {data!r:.200}")
         return data
 
-    def _transport_error(self, exc: requests.RequestException) -> CaptionerError:
-        text = str(exc)
-        # A timeout while reading a streamed body reaches us as a ConnectionError.
-        if isinstance(exc, requests.exceptions.ReadTimeout) or "Read timed out" in text:
-            return ServerTimeoutError(
-                f"{self.base_url}: no answer within {self.timeout[1]:g} s "
-                "(read timeout; raise it with --timeout, or check the server's load)"
-            )
-        if "Connection refused" in text:
-            reason = "connection refused"
-        elif isinstance(exc, requests.exceptions.ConnectTimeout):
-            reason = f"no connection within {self.timeout[0]:g} s"
-        elif "Name or service not known" in text or "nodename nor servname" in text:
-            reason = "host name not found"
-        elif "RemoteDisconnected" in text or "Connection aborted" in text:
-            return ServerConnectionError(
-                f"{self.base_url}: the server closed the connection mid-request "
-                "(restarted or crashed?); check ./status_service.sh and its log"
-            )
-        else:
-            reason = type(exc).__name__
-        port = urlsplit(self.base_url).port or 8003
-        return ServerConnectionError(
-            f"cannot connect to {self.base_url}: {reason}. Is the service running? "
-            f"Check with ./status_service.sh on its host; from another machine open a tunnel "
-            f"first: ssh -N -L {port}:127.0.0.1:{port} host"
-        )
+
+def retry_pauses(retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF) -> list[float]:
+    """The pause before each of `retries` retries, as urllib3 computes them."""
+    return caption_retry(retries, backoff).pauses()
 
 
-def backoff_seconds(retry: int, factor: float) -> float:
-    """The pause before the `retry`-th retry (1-based), as urllib3's `Retry` computes it."""
-    return 0.0 if retry <= 1 else min(BACKOFF_MAX, factor * 2 ** (retry - 1))
-
-
-def retry_wait(retries: int, factor: float = DEFAULT_BACKOFF) -> float:
+def retry_wait(retries: int, backoff: float = DEFAULT_BACKOFF) -> float:
     """All the pauses of `retries` retries: 61 s for the default 7."""
-    return sum(backoff_seconds(n, factor) for n in range(1, retries + 1))
+    return sum(retry_pauses(retries, backoff))
+
+
+def backoff_seconds(retry: int, backoff: float = DEFAULT_BACKOFF) -> float:
+    """The pause before the `retry`-th retry (1-based); `retry_pauses` gives them all.
+    Kept for lib/request_guard.py's page config until it reads `retry_pauses()`."""
+    return retry_pauses(retry, backoff)[-1] if retry >= 1 else 0.0
+
+
+build_chat_request = chat_request  # the old name, still imported by tests/test_page.py
+
+
+def transport_error(
+    exc: requests.RequestException, base_url: str, timeout: tuple[float, float]
+) -> CaptionerError:
+    """The client's error for a request that got no answer, or only part of one: the one
+    place that tells them apart, by the types of the exception and its causes (requests
+    wraps urllib3's errors, which wrap the socket's)."""
+    causes = list(_causes(exc))
+    if any(isinstance(c, (ReadTimeoutError, requests.exceptions.ReadTimeout)) for c in causes):
+        # Streamed answers too: requests reports their read timeout as a ConnectionError.
+        return ServerTimeoutError(
+            f"{base_url}: no answer within {timeout[1]:g} s "
+            "(read timeout; raise it with --timeout, or check the server's load)"
+        )
+    if any(isinstance(c, ProtocolError) for c in causes):  # dropped before or during the answer
+        return ServerConnectionError(
+            f"{base_url}: the server closed the connection mid-request "
+            "(restarted or crashed?); check ./status_service.sh and its log"
+        )
+    port = urlsplit(base_url).port or 8003
+    return ServerConnectionError(
+        f"cannot connect to {base_url}: {_connect_failure(causes, timeout[0])}. Is the service "
+        f"running? Check with ./status_service.sh on its host; from another machine open a tunnel "
+        f"first: ssh -N -L {port}:127.0.0.1:{port} host"
+    )
+
+
+def _connect_failure(causes: list[BaseException], connect_timeout: float) -> str:
+    """`connection refused`, `host name not found`, ...: why no connection was made."""
+    for cause in causes:
+        if isinstance(cause, (NameResolutionError, socket.gaierror)):
+            return "host name not found"
+        if isinstance(cause, ConnectTimeoutError) and not isinstance(cause, NewConnectionError):
+            return f"no connection within {connect_timeout:g} s"
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.strerror:  # ConnectionRefusedError, ENETUNREACH ...
+            return cause.strerror[0].lower() + cause.strerror[1:]
+    return type(causes[0]).__name__
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps: requests' argument, urllib3's `reason`, `raise ... from`
+    (not the exceptions merely being handled: an earlier attempt's error is one of those)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = (*current.args, getattr(current, "reason", None), current.__cause__)
+        todo.extend(x for x in linked if isinstance(x, BaseException))
 
 
 def dropped_before_answer(error: BaseException) -> bool:

@@ -24,7 +24,6 @@ import contextlib
 import io
 import os
 import threading
-import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,8 +32,8 @@ import numpy as np
 import numpy.typing as npt
 
 from captioner.errors import InputError
+from captioner.payload import SAMPLE_RATE, WAV_MIME, wav_bytes
 
-SAMPLE_RATE = 16_000
 FRAME_SECONDS = 0.05  # loudness is measured over 50 ms frames
 QUIET_FLOOR = 10 ** (-45 / 20)  # below -45 dBFS RMS counts as quiet whatever the rest
 QUIET_RATIO = 0.1  # or 20 dB below the file's median frame loudness
@@ -136,7 +135,8 @@ class PreparedAudio:
         if self._pcm is None:
             raise RuntimeError("window() after release()")
         start, end = self._ranges[index]
-        return Window(start / SAMPLE_RATE, end / SAMPLE_RATE, pcm_wav(self._pcm[start:end]), "audio/wav")
+        wav = wav_bytes(self._pcm[start:end].tobytes())
+        return Window(start / SAMPLE_RATE, end / SAMPLE_RATE, wav, WAV_MIME)
 
     @property
     def windows(self) -> list[Window]:
@@ -291,22 +291,6 @@ def to_pcm16(samples: Samples) -> npt.NDArray[np.int16]:
     scaled = np.clip(samples, -1.0, 1.0)  # one float32 temporary, scaled in place
     scaled *= 32767.0
     return scaled.astype("<i2")
-
-
-def pcm_wav(pcm: npt.NDArray[np.int16]) -> bytes:
-    """16-bit PCM mono WAV at SAMPLE_RATE."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SAMPLE_RATE)
-        out.writeframes(pcm.tobytes())
-    return buffer.getvalue()
-
-
-def encode_wav(samples: Samples) -> bytes:
-    """16-bit PCM mono WAV at SAMPLE_RATE."""
-    return pcm_wav(to_pcm16(samples))
 
 
 def prepare(data: bytes, name: str, max_seconds: float) -> PreparedAudio:

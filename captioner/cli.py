@@ -28,7 +28,6 @@ from captioner.api import (
     DEFAULT_BACKOFF,
     DEFAULT_BASE_URL,
     DEFAULT_RETRIES,
-    RETRY_STATUSES,
     CaptionClient,
     normalize_base_url,
     retry_wait,
@@ -46,8 +45,6 @@ from captioner.errors import (
     CaptionerError,
     ExitCode,
     InputError,
-    ServerConnectionError,
-    ServerHTTPError,
     UsageError,
     exit_code_for,
 )
@@ -59,7 +56,7 @@ from captioner.formats import (
 from captioner.inputs import InputItem, resolve_inputs
 from captioner.output import Output
 from captioner.records import Record
-from captioner.servers import short_reason
+from captioner.servers import is_server_down, short_reason
 
 log = logging.getLogger("captioner")
 
@@ -336,6 +333,7 @@ def run(args: argparse.Namespace) -> ExitCode:
                 retries=per_server,
                 backoff=DEFAULT_BACKOFF,
                 pool_size=concurrency,
+                on_not_answering=say_not_answering,
             )
             for url in base_urls
         ]
@@ -437,21 +435,14 @@ def choose_model(requested: str | None, clients: list[CaptionClient], pool: Clie
     model = requested
     answering: list[CaptionClient] = []
     for client in clients:
-        if len(clients) == 1:
-            served = list_models_saying_when_waiting(client)
-        else:
-            try:
-                served = client.list_models(retry=False)
-            except ServerConnectionError as exc:
-                if pool is not None:
-                    pool.mark_down(client, short_reason(exc))
-                continue
-            except ServerHTTPError as exc:
-                if exc.status not in RETRY_STATUSES:
-                    raise
-                if pool is not None:
-                    pool.mark_down(client, short_reason(exc))
-                continue
+        try:
+            served = client.list_models()
+        except CaptionerError as exc:
+            if len(clients) == 1 or not is_server_down(exc):
+                raise
+            if pool is not None:
+                pool.mark_down(client, short_reason(exc))
+            continue
         answering.append(client)
         if not served:
             raise UsageError(f"{client.base_url} serves no model")
@@ -462,7 +453,7 @@ def choose_model(requested: str | None, clients: list[CaptionClient], pool: Clie
                 f"--model {model}: not served by {client.base_url} (it serves {', '.join(served)})"
             )
     if not answering:  # none answers: wait for the first as if it were the only one
-        served = list_models_saying_when_waiting(clients[0])
+        served = clients[0].list_models()
         model = model or (served[0] if served else None)
         if model is None:
             raise UsageError(f"{clients[0].base_url} serves no model")
@@ -471,25 +462,18 @@ def choose_model(requested: str | None, clients: list[CaptionClient], pool: Clie
     return model
 
 
-def list_models_saying_when_waiting(client: CaptionClient) -> list[str]:
-    """`client.list_models()`, with one line on stderr before the retries wait a while.
+def say_not_answering(client: CaptionClient) -> None:
+    """One line on stderr when a run starts while its server is not answering.
 
     A server that is down or restarting is waited for (up to a minute by default) so a
     batch started during a restart goes ahead; a user who mistyped the URL is told why
     nothing happens, and how not to wait.
     """
-    try:
-        return client.list_models(retry=False)
-    except (ServerConnectionError, ServerHTTPError) as exc:
-        retryable = isinstance(exc, ServerConnectionError) or exc.status in RETRY_STATUSES
-        if not retryable or client.retries == 0:
-            raise
-        if client.retry_wait > 0:
-            log.warning(
-                "%s is not answering; retrying for up to %g s (--retries %d; 0 fails at once)",
-                client.base_url, client.retry_wait, client.retries,
-            )  # fmt: skip
-    return client.list_models()
+    if client.retry_wait > 0:
+        log.warning(
+            "%s is not answering; retrying for up to %g s (--retries %d; 0 fails at once)",
+            client.base_url, client.retry_wait, client.retries,
+        )  # fmt: skip
 
 
 def stream_one(item: InputItem, options: BatchOptions, ring: ClientRing) -> ExitCode:

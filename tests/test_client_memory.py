@@ -24,7 +24,7 @@ def test_a_long_files_windows_are_encoded_only_as_requests_free_up(
     clip = write_wav(tmp_path / "long.wav", tone(60))  # twelve 5 s windows
     encoded = 0
     lock = threading.Lock()
-    real = captioner.audio.pcm_wav
+    real = captioner.audio.wav_bytes
 
     def counting(pcm: Any) -> bytes:
         nonlocal encoded
@@ -32,7 +32,7 @@ def test_a_long_files_windows_are_encoded_only_as_requests_free_up(
             encoded += 1
         return real(pcm)
 
-    monkeypatch.setattr(captioner.audio, "pcm_wav", counting)
+    monkeypatch.setattr(captioner.audio, "wav_bytes", counting)
     seen: list[int] = []
     with StubServer(delay=0.2, on_request=lambda body: seen.append(encoded)) as stub:
         code = main([str(clip), "--base-url", stub.base_url, "-c", "1", "--segment-seconds", "5",
