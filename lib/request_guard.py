@@ -358,7 +358,7 @@ class RequestGuard:
         self.extra_routes = setting(extra_routes, "CAPTIONER_EXTRA_ROUTES")
         self.allowed_hosts = setting(allowed_hosts, "CAPTIONER_ALLOWED_HOSTS")
         self.media_domains = setting(media_domains, "CAPTIONER_ALLOWED_MEDIA_DOMAINS")
-        self.page = Page.load(WEB_DIR, key_required=bool(self.api_key), max_bytes=self.max_bytes)
+        self.page = Page.load(WEB_DIR, key_required=bool(self.api_key))
 
     def too_large(self, size: int) -> str:
         return (
@@ -536,9 +536,10 @@ PAGE_HEADERS = [
     (b"permissions-policy", b"microphone=(self), camera=(), geolocation=()"),
     (b"cache-control", b"no-cache"),
 ]
+PAGE_MAX_SECONDS = 3600  # longest audio the page decodes: 16 kHz float32 in a browser tab, 230 MB
 
 
-def page_config(key_required: bool, max_bytes: int | None) -> dict[str, Any]:
+def page_config(key_required: bool) -> dict[str, Any]:
     """What the page must share with the client, read from the client's own constants (one home):
     how audio is cut into windows (captioner/audio.py: the longest window, lowered to the server's
     MAX_AUDIO_SECONDS as the client lowers it) and when a request is retried (captioner/api.py)."""
@@ -557,7 +558,7 @@ def page_config(key_required: bool, max_bytes: int | None) -> dict[str, Any]:
         "retry_pauses": [api.backoff_seconds(n, api.DEFAULT_BACKOFF)
                          for n in range(1, api.DEFAULT_RETRIES + 1)],
         "key_required": key_required,
-        "max_request_bytes": max_bytes,
+        "page_max_seconds": PAGE_MAX_SECONDS,
     }
 
 
@@ -568,11 +569,11 @@ class Page:
         self.files = files  # path -> (content type, body)
 
     @classmethod
-    def load(cls, folder: Path, key_required: bool, max_bytes: int | None) -> Page:
+    def load(cls, folder: Path, key_required: bool) -> Page:
         if not (folder / "index.html").is_file():
             return cls({})
         try:
-            config = page_config(key_required, max_bytes)
+            config = page_config(key_required)
         except ImportError as exc:  # a Python without the kit's client: the API still serves
             logging.getLogger("request_guard").warning(
                 "request_guard: no caption page (%s); pip install -e %s", exc, folder.parent)

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import io
 import json
 import shutil
 import sys
+import threading
 import time
 import wave
 from collections.abc import Callable, Iterator
@@ -39,7 +42,7 @@ from captioner import api, audio
 from captioner.audio import plan_windows, prepare
 from captioner.formats import render
 from captioner.records import Record, Segment
-from tests.service import ROOT, Service, started
+from tests.service import ROOT, Service, free_port, started
 from tests.test_client_support import SR, convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
 
 try:  # the request's one home: captioner/payload.py once the client's transport rework lands
@@ -48,6 +51,7 @@ except ImportError:
     from captioner.api import build_chat_request as chat_request
 
 sys.path.insert(0, str(ROOT / "lib"))
+import request_guard
 from request_guard import CROSS_ORIGIN, PAGE_CSP, RequestGuard, same_origin
 
 KEY = "page-key-42"
@@ -107,7 +111,7 @@ def test_guard_answers_the_page_itself_without_the_key_with_the_clients_constant
         "quiet_floor": audio.QUIET_FLOOR, "quiet_ratio": audio.QUIET_RATIO,
         "cut_search_seconds": audio.CUT_SEARCH_SECONDS, "cut_search_divisor": audio.CUT_SEARCH_DIVISOR,
         "max_window_seconds": audio.MAX_WINDOW_SECONDS, "retry_statuses": [*api.RETRY_STATUSES, 429],
-        "retry_pauses": [0, 1, 2, 4, 8, 16, 30], "key_required": True, "max_request_bytes": None}
+        "retry_pauses": [0, 1, 2, 4, 8, 16, 30], "key_required": True, "page_max_seconds": 3600}
     # The window maximum drops to the server's MAX_AUDIO_SECONDS as the client's does.
     monkeypatch.setenv("VLLM_MAX_AUDIO_DECODE_DURATION_S", "7")
     low = RequestGuard(lambda *a: None, api_key="")  # type: ignore[arg-type,return-value]
@@ -373,6 +377,117 @@ def test_a_microphone_recording_is_captioned(server: Service, browser: WebDriver
     (window,) = item["windows"]
     assert window["start"] == 0.0 and 1.5 < window["end"] < 4.0 and window["state"] == "done", window
     assert message(browser) == ""
+
+
+class StubApi:
+    """vLLM's side of the API, scripted, behind the real guard: /v1/models names one model; each
+    chat request takes the next of `replies` (status, headers, error message), or, when they have
+    run out, gets a streamed caption."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[int, dict[str, str], str]] = []
+        self.requests: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/v1/models":
+            await self.answer(send, 200, {}, {"object": "list", "data": [{"id": "stub-model"}]})
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        self.requests.append(json.loads(body))
+        if self.replies:
+            status, headers, text = self.replies.pop(0)
+            await self.answer(send, status, headers, {"error": {"message": text, "code": status}})
+            return
+        events = [{"model": "stub-model", "choices": [{"index": 0, "delta": {"content": piece}}]}
+                  for piece in ("A stub ", "caption.")]
+        events.append({"model": "stub-model", "choices": [],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+        stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": stream.encode()})
+
+    @staticmethod
+    async def answer(send: Any, status: int, headers: dict[str, str], payload: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), *((k.encode(), v.encode()) for k, v in headers.items())]})
+        await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """`app` on a free loopback port (uvicorn, with the guard's HTTP parser), in a thread."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "uvicorn starts")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def stereo_wav(path: Path, seconds: float, rate: int = 44_100) -> Path:
+    t = np.arange(round(seconds * rate)) / rate
+    left, right = 0.5 * np.sin(2 * np.pi * 440 * t), 0.25 * np.sin(2 * np.pi * 660 * t)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.stack([left, right], axis=1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def test_the_page_resamples_retries_and_says_what_went_wrong_in_plain_words(
+        browser: WebDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the guard in front of a scripted API (no vLLM): what the page sends, and the
+    errors a real server gives only with effort (503 and 429 with Retry-After, 413)."""
+    monkeypatch.setattr(request_guard, "PAGE_MAX_SECONDS", 8)
+    stub = StubApi()
+    guard = RequestGuard(stub, api_key="", max_bytes=150_000)  # type: ignore[arg-type]
+    stereo = stereo_wav(tmp_path / "stereo.wav", 2)
+    with serving(guard) as base_url:
+        browser.get(base_url + "/")
+        wait_for(lambda: "model stub-model" in browser.find_element(By.ID, "server").text, message="connects")
+        # 44.1 kHz stereo goes out as the client's request with 16 kHz mono 16-bit WAV; two 503s are
+        # retried after their Retry-After.
+        stub.replies = [(503, {"Retry-After": "1"}, "draining")] * 2
+        drop(browser, stereo)
+        (item,) = finished_items(browser, 1)
+        assert (item["state"], item["caption"]) == ("done", "A stub caption."), item
+        assert len(stub.requests) == 3
+        url = stub.requests[-1]["messages"][0]["content"][0]["audio_url"]["url"]
+        assert stub.requests[-1] == chat_request(url, "stub-model", stream=True)
+        assert url.startswith("data:audio/wav;base64,")
+        with wave.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as w:
+            assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, SR)
+            assert w.getnframes() == 2 * SR
+        # 429 through every retry, then a body over MAX_REQUEST_BYTES, audio over the page's maximum,
+        # and a file that is not audio: each one line under its file.
+        stub.replies = [(429, {"Retry-After": "0.1"}, "slow down")] * 8
+        drop(browser, stereo)
+        busy = "The server is busy (HTTP 429) and stayed busy through every retry: try again in a minute."
+        assert finished_items(browser, 1)[0]["error"] == f"{busy} slow down"
+        assert len(stub.requests) == 3 + 8 and stub.replies == []
+        drop(browser, write_wav(tmp_path / "five.wav", tone(5)))
+        error = finished_items(browser, 1)[0]["error"]
+        assert error.startswith("Too large for the server (HTTP 413): request body of "), error
+        drop(browser, write_wav(tmp_path / "ten.wav", tone(10)))
+        assert finished_items(browser, 1)[0]["error"] == \
+            "Too long for the page: 0:10.0 (it takes up to 0:08.0); caption it with test_client.py."
+        (tmp_path / "notes.txt").write_text("not audio at all\n" * 100)
+        drop(browser, tmp_path / "notes.txt")
+        assert finished_items(browser, 1)[0]["error"] == ("Not audio, or a format this browser cannot decode "
+            "(EncodingError): pick an audio file (WAV, MP3, FLAC, Ogg, Opus, M4A, WebM).")
+        assert len(stub.requests) == 11 and message(browser) == ""
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import { dataUrl, decodeToMono, planWindows, wavBytes } from "./audio.js";
 import { FORMATS, joinCaptions, render, strip } from "./formats.js";
 
 const CONCURRENCY = 4;  // windows in flight at once, over every file of the page
-const PAGE_MAX_SECONDS = 3600;  // what a browser tab decodes comfortably (16 kHz float32: 230 MB)
 const KEY_ITEM = "captioner.apiKey";
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -218,8 +217,8 @@ async function caption(item) {
     return;
   }
   const duration = samples.length / rate;
-  if (duration > PAGE_MAX_SECONDS) {
-    item.fail(`Too long for the page: ${clock(duration)} (it takes up to ${PAGE_MAX_SECONDS / 60} min); ` +
+  if (duration > config.page_max_seconds) {
+    item.fail(`Too long for the page: ${clock(duration)} (it takes up to ${clock(config.page_max_seconds)}); ` +
       "caption it with test_client.py.");
     return;
   }

@@ -54,7 +54,7 @@ function timestamp(seconds, decimal) {
 // Caption text safe inside a cue: no blank lines (they end a cue), no control characters, no arrow.
 function cueText(caption) {
   let text = caption.replace(/\r\n?|[\x85\u2028\u2029]/g, "\n");
-  text = text.replace(/[\x00-\x08\x0b-\x1f\x7f]/g, ""); // eslint-disable-line no-control-regex
+  text = text.replace(/[\x00-\x08\x0b-\x1f\x7f]/g, "");
   text = strip(text).replace(BLANK_LINES, "\n");
   return text.replaceAll("-->", "\u2192");
 }
