@@ -373,15 +373,6 @@ def retry_wait(retries: int, backoff: float = DEFAULT_BACKOFF) -> float:
     return sum(retry_pauses(retries, backoff))
 
 
-def backoff_seconds(retry: int, backoff: float = DEFAULT_BACKOFF) -> float:
-    """The pause before the `retry`-th retry (1-based); `retry_pauses` gives them all.
-    Kept for lib/request_guard.py's page config until it reads `retry_pauses()`."""
-    return retry_pauses(retry, backoff)[-1] if retry >= 1 else 0.0
-
-
-build_chat_request = chat_request  # the old name, still imported by tests/test_page.py
-
-
 def transport_error(
     exc: requests.RequestException, base_url: str, timeout: tuple[float, float]
 ) -> CaptionerError:

@@ -555,8 +555,7 @@ def page_config(key_required: bool) -> dict[str, Any]:
         "cut_search_divisor": audio.CUT_SEARCH_DIVISOR,
         "max_window_seconds": audio.window_seconds(float(max_audio) if max_audio else None),
         "retry_statuses": [*api.RETRY_STATUSES, 429],
-        "retry_pauses": [api.backoff_seconds(n, api.DEFAULT_BACKOFF)
-                         for n in range(1, api.DEFAULT_RETRIES + 1)],
+        "retry_pauses": api.retry_pauses(),
         "key_required": key_required,
         "page_max_seconds": PAGE_MAX_SECONDS,
     }

@@ -41,14 +41,10 @@ from selenium.webdriver.support.ui import Select
 from captioner import api, audio
 from captioner.audio import plan_windows, prepare
 from captioner.formats import render
+from captioner.payload import chat_request
 from captioner.records import Record, Segment
 from tests.service import ROOT, Service, free_port, started
 from tests.test_client_support import SR, convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
-
-try:  # the request's one home: captioner/payload.py once the client's transport rework lands
-    from captioner.payload import chat_request
-except ImportError:
-    from captioner.api import build_chat_request as chat_request
 
 sys.path.insert(0, str(ROOT / "lib"))
 import request_guard
