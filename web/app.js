@@ -60,7 +60,7 @@ async function ensureModel() {
   if (model) return model;
   if (config.key_required && !storedKey()) {
     askForKey();
-    throw new ApiError("key", "This service needs its API key: enter it above.");
+    throw new ApiError("key", "This service needs its API key: enter it below.");
   }
   model = await firstModel(storedKey());
   $("#key-form").hidden = true;
@@ -70,6 +70,11 @@ async function ensureModel() {
 }
 
 async function connect() {
+  if (config.key_required && !storedKey()) {  // nothing went wrong yet: just ask
+    $("#server").textContent = location.host;
+    askForKey();
+    return;
+  }
   try {
     await ensureModel();
   } catch (error) {
