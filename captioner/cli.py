@@ -40,7 +40,7 @@ from captioner.batch import (
     process_item,
     run_batch,
 )
-from captioner.config import SAMPLE_CLIP, Settings
+from captioner.config import SAMPLE_CLIP, ConfigError, Settings
 from captioner.errors import (
     CaptionerError,
     ExitCode,
@@ -188,7 +188,7 @@ class TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging must never raise
+        except Exception:  # logging must never raise
             self.handleError(record)
 
 
@@ -305,7 +305,10 @@ def run(args: argparse.Namespace) -> ExitCode:
     if args.prompt is not None:
         raise UsageError(PROMPT_REFUSED)
     fmt = choose_format(args)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     if args.inputs:
         items = resolve_inputs(args.inputs)
     else:

@@ -50,7 +50,8 @@ def parse(path: Path) -> list[tuple[int, str, str, list[str]]]:
         raise ConfigError(
             f"config file {path} not found or unreadable: create it from config.env.example"
         ) from None
-    found, comments = [], []
+    found: list[tuple[int, str, str, list[str]]] = []
+    comments: list[str] = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.rstrip("\r")
         if _BLANK_OR_COMMENT.match(line):

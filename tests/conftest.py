@@ -45,12 +45,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     yield from started(Service(tmp_path_factory.mktemp("server-logs")))
 
 
-@pytest.fixture(scope="session")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """A second real server that requires an API key."""
-    yield from started(Service(tmp_path_factory.mktemp("keyed-logs"), overrides={"API_KEY": "test-key-123"}))
-
-
 @pytest.fixture
 def fresh_service(tmp_path: Path) -> Iterator[Service]:
     """A service object of its own (not started) for lifecycle tests; cleaned up whatever happens."""

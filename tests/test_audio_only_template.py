@@ -6,14 +6,23 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from transformers import AutoTokenizer
 
 from captioner.payload import chat_request
 from tests.service import ROOT, TINY_MODEL
 
 AUDIO = chat_request("data:x", "model")["messages"]  # what the kit sends
+
+
+@pytest.fixture
+def tok() -> Any:
+    """The tiny model's tokenizer. transformers is imported here, not at collection: the unit tier
+    (-m "not server") neither needs the model nor pays the import's ~12 s."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_MODEL)
 
 
 def guarded(tmp_path: Path) -> str:
@@ -23,8 +32,8 @@ def guarded(tmp_path: Path) -> str:
     return out.read_text()
 
 
-def test_audio_renders_exactly_as_the_models_own_template(tmp_path: Path) -> None:
-    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+@pytest.mark.server
+def test_audio_renders_exactly_as_the_models_own_template(tmp_path: Path, tok: Any) -> None:
     own = tok.apply_chat_template(AUDIO, tokenize=False, add_generation_prompt=True)
     mine = tok.apply_chat_template(AUDIO, chat_template=guarded(tmp_path), tokenize=False,
                                    add_generation_prompt=True)
@@ -32,12 +41,13 @@ def test_audio_renders_exactly_as_the_models_own_template(tmp_path: Path) -> Non
     assert "<|audio_start|><|audio_pad|><|audio_end|>" in mine
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("part", [
     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
     {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}},
 ])
-def test_an_image_or_video_part_is_refused_with_the_reason(tmp_path: Path, part: dict[str, object]) -> None:
-    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+def test_an_image_or_video_part_is_refused_with_the_reason(
+        tmp_path: Path, tok: Any, part: dict[str, object]) -> None:
     messages = [{"role": "user", "content": [AUDIO[0]["content"][0], part]}]  # type: ignore[index]
     with pytest.raises(Exception, match="This service captions audio only"):
         tok.apply_chat_template(messages, chat_template=guarded(tmp_path), tokenize=False)

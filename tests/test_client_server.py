@@ -246,18 +246,6 @@ def test_prompt_is_refused(server: Any) -> None:
     assert result.returncode == 2 and "takes no text prompt" in result.stderr
 
 
-def test_wrong_api_key_exits_6_and_the_right_one_works(keyed_server: Any) -> None:
-    wrong = run_client(str(SAMPLE), "--api-key", "wrong-key", server=keyed_server)
-    assert wrong.returncode == 6
-    assert "HTTP 401" in wrong.stderr and "--api-key" in wrong.stderr
-    right = run_client(str(SAMPLE), "--api-key", keyed_server.api_key, server=keyed_server)
-    assert right.returncode == 0, right.stderr
-    from_env = run_client(
-        str(SAMPLE), server=keyed_server, env=client_env(CAPTIONER_API_KEY=keyed_server.api_key)
-    )
-    assert from_env.returncode == 0, from_env.stderr
-
-
 def test_two_base_urls_share_a_batch(server: Any, tmp_path: Path) -> None:
     other = server.base_url.replace("127.0.0.1", "localhost")  # same server, second client
     folder = tmp_path / "two"

@@ -80,7 +80,7 @@ def test_a_bad_config_file_is_one_line_naming_file_and_line_for_client_and_scrip
     client = [sys.executable, str(ROOT / "test_client.py"), str(ROOT / "samples" / "sample.wav")]
     env = {**os.environ, "CAPTIONER_CONFIG": str(config)}
     result = subprocess.run(client, env=env, capture_output=True, text=True)
-    assert (result.returncode, result.stderr) == (2, f"captioner: {expected}\n")
+    assert (result.returncode, result.stderr) == (2, f"captioner: error: {expected}\n")
 
 
 def test_a_config_file_named_but_missing_is_refused_while_none_at_all_is_fine(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ import requests
 
 from captioner.payload import SAMPLE_RATE, audio_part, chat_request, data_url, wav_bytes
 from tests.service import ROOT, SAMPLE, Service, started
+from tests.test_client_server import client_env, run_client
 
 sys.path.insert(0, str(ROOT / "lib"))
 from request_guard import (
@@ -159,14 +160,6 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         "API_KEY": KEY, "ALLOWED_MEDIA_DOMAINS": ",".join(["localhost", "127.0.0.2", *PRIVATE_NAME]),
         "MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS), "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
         "ALLOWED_HOSTS": EXTRA_HOST, "EXTRA_ROUTES": "/tokenize", "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT)}))
-
-
-def run_client(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
-    env.pop("API_KEY", None)
-    env["CAPTIONER_CONFIG"] = os.devnull
-    return subprocess.run([sys.executable, str(ROOT / "test_client.py"), *args], capture_output=True,
-                          text=True, encoding="latin-1", env=env, cwd=ROOT, timeout=timeout)
 
 
 # --- the request guard on its own (no server) ------------------------------------------------
@@ -488,10 +481,14 @@ def test_api_key_is_enforced_on_v1_and_the_client_sends_it(hardened: Service) ->
     assert chat(hardened, [audio_part(clip)], key=KEY).status_code == 200
     # /health stays open for monitors; every other route needs the key (test_every_route_...).
     assert requests.get(f"{hardened.base_url}/health", timeout=10).status_code == 200
-    denied = run_client(str(SAMPLE), "--base-url", hardened.base_url)
-    assert denied.returncode == 6 and "HTTP 401" in denied.stderr and "--api-key" in denied.stderr
+    for key in ([], ["--api-key", "wrong-key"]):
+        denied = run_client(str(SAMPLE), "--base-url", hardened.base_url, *key)
+        assert denied.returncode == 6 and "HTTP 401" in denied.stderr and "--api-key" in denied.stderr
     ok = run_client(str(SAMPLE), "--base-url", hardened.base_url, "--api-key", KEY, "--max-tokens", "8")
     assert ok.returncode == 0, ok.stderr
+    from_env = run_client(str(SAMPLE), "--base-url", hardened.base_url, "--max-tokens", "8",
+                          env=client_env(CAPTIONER_API_KEY=KEY))
+    assert from_env.returncode == 0, from_env.stderr
     # The key travels in the environment, never in argv (`ps` shows argv to every user).
     for pid in hardened.leftovers():
         assert KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -39,16 +39,32 @@ def port_is_free(port: int) -> bool:
     return out.strip() == ""
 
 
-def test_start_caption_by_curl_status_stop_leaves_no_process_and_frees_the_port(
+# One story, two starts: what an operator does on a good day, then after a crash of the API server.
+def test_start_caption_kill9_of_the_api_server_stop_cleans_orphans_restart_stop_leaves_nothing(
         fresh_service: Service) -> None:
     svc = fresh_service
     svc.start()
     assert requests.get(f"{svc.base_url}/health", timeout=5).status_code == 200
-    reply = curl_caption(svc)
-    assert reply["object"] == "chat.completion"
+    assert curl_caption(svc)["object"] == "chat.completion"
     assert svc.status().returncode == 0
     leader = svc.pid
     assert leader and len(svc.leftovers()) >= 2, "expected the API server and its engine"
+
+    os.kill(leader, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{leader}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert svc.leftovers(), "vLLM's engine should outlive a kill -9 of its API server"
+    status = svc.status()
+    assert status.returncode == 1
+    assert "orphaned process(es)" in status.stdout
+    stop = svc.stop()
+    assert stop.returncode == 0, stop.stderr
+    assert "orphaned process(es) of the service" in stop.stderr
+    assert svc.leftovers() == []
+
+    svc.start()
+    curl_caption(svc)
     stop = svc.stop()
     assert stop.returncode == 0, stop.stderr
     assert svc.status().returncode == 3
@@ -70,54 +86,29 @@ def test_a_bare_request_gets_the_server_side_sampling_defaults(server: Service) 
     assert "'temperature': 0.6, 'top_k': 20, 'top_p': 0.95, 'max_tokens': 64" in log
 
 
-def test_kill9_of_the_api_server_status_dead_stop_cleans_orphans_next_start_works(
+def test_two_starts_at_once_over_a_stale_pid_file_give_one_server_and_never_signal_its_pid(
         fresh_service: Service) -> None:
     svc = fresh_service
-    svc.start()
-    leader = svc.pid
-    assert leader
-    os.kill(leader, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{leader}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    orphans = svc.leftovers()
-    assert orphans, "vLLM's engine should outlive a kill -9 of its API server"
-    status = svc.status()
-    assert status.returncode == 1
-    assert "orphaned process(es)" in status.stdout
-    stop = svc.stop()
-    assert stop.returncode == 0, stop.stderr
-    assert "orphaned process(es) of the service" in stop.stderr
-    assert svc.leftovers() == []
-    svc.start()
-    curl_caption(svc)
-
-
-def test_two_starts_at_the_same_moment_give_one_server(fresh_service: Service) -> None:
-    svc = fresh_service
-    procs = [subprocess.Popen([str(Path(__file__).parent.parent / "start_service.sh")], env=svc.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=400) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    errs = "".join(e for _, e in outs)
-    assert errs.count("ready:") == 1 and errs.count("already running") == 1, errs
-    log = (svc.log_dir / "service.log").read_text()
-    assert log.count("=== ") == 1, "vLLM was launched twice"
-    svc.pid = int(svc.read_pid_file()["pid"])
-    curl_caption(svc)
-
-
-def test_a_pid_file_naming_an_unrelated_sleep_is_never_signalled(fresh_service: Service) -> None:
-    svc = fresh_service
     sleeper = subprocess.Popen(["sleep", "600"])
+    stale = f"pid={sleeper.pid}\npgid={sleeper.pid}\nstart_time=1\nlog_id=1:1\n"
     try:
         svc.log_dir.mkdir(parents=True, exist_ok=True)
-        svc.pid_file.write_text(f"pid={sleeper.pid}\npgid={sleeper.pid}\nstart_time=1\nlog_id=1:1\n")
+        svc.pid_file.write_text(stale)
         stop = svc.stop()
         assert stop.returncode == 0 and "stale PID file" in stop.stderr
-        svc.pid_file.write_text(f"pid={sleeper.pid}\npgid={sleeper.pid}\nstart_time=1\nlog_id=1:1\n")
-        start = svc.start()
-        assert "removing stale PID file" in start.stderr
+        svc.pid_file.write_text(stale)
+        start = [str(Path(__file__).parent.parent / "start_service.sh")]
+        pipe = subprocess.PIPE
+        procs = [subprocess.Popen(start, env=svc.env, stdout=pipe, stderr=pipe, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=400) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        errs = "".join(e for _, e in outs)
+        assert errs.count("ready:") == 1 and errs.count("already running") == 1, errs
+        assert errs.count("removing stale PID file") == 1, errs
+        log = (svc.log_dir / "service.log").read_text()
+        assert log.count("=== ") == 1, "vLLM was launched twice"
+        svc.pid = int(svc.read_pid_file()["pid"])
+        curl_caption(svc)
         assert svc.stop().returncode == 0
         assert sleeper.poll() is None, "the unrelated sleep was signalled"
     finally:
