@@ -262,7 +262,7 @@ def plan_windows(samples: Samples, max_seconds: float) -> list[tuple[int, int]]:
     while total - start > limit:
         cut = start + limit
         # Frames [first, last) lie within the search span that ends at the cut.
-        first = -(-(cut - search) // frame)
+        first = max(0, -(-(cut - search) // frame))  # windows under 2 s: the span starts at 0
         last = cut // frame
         if last > first:
             window_rms = rms[first:last]

@@ -53,6 +53,16 @@ def test_windows_tile_the_audio_without_gaps_or_overlap() -> None:
     assert all(0 < end - start <= 30 * SR for start, end in ranges)
 
 
+@pytest.mark.parametrize("limit", [0.5, 1, 1.9])
+def test_windows_shorter_than_the_cut_search_span_tile_the_audio(limit: float) -> None:
+    samples = tone(5)
+    samples[round(2.2 * SR) : round(2.4 * SR)] = 0  # a pause early in a later window
+    ranges = plan_windows(samples, limit)  # MAX_AUDIO_SECONDS=1 once raised ValueError here
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(samples)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    assert all(0 < end - start <= round(limit * SR) for start, end in ranges)
+
+
 def test_audio_at_or_under_the_limit_is_sent_as_the_original_bytes(tmp_path: Path) -> None:
     path = convert(write_wav(tmp_path / "a.wav", tone(5)), tmp_path / "a.flac")
     data = path.read_bytes()
