@@ -33,10 +33,36 @@ def pytest_configure(config: pytest.Config) -> None:
     # A SIGTERM (a CI time limit, `timeout`) must still run the fixtures' teardown, which stops the
     # servers the run started; by default it would end pytest on the spot and leave them running.
     signal.signal(signal.SIGTERM, _interrupt)
-    if not (TINY_MODEL / "config.json").exists():
+
+
+# The fixtures that start real servers. A test that uses one is in the server tier whatever its
+# module says, and a test outside that tier cannot start one (see below): `-m "not server"` is
+# the unit tier, seconds long, without the model.
+SERVER_FIXTURES = {"server", "hardened", "fresh_service", "two_services", "page_service"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any(item.get_closest_marker("server") for item in session.items) and not (
+        TINY_MODEL / "config.json"
+    ).exists():
         # The model is a build product (make model-tiny); build it once rather than fail.
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "tools" / "make_tiny_model.py"),
                         str(TINY_MODEL)], check=True)
+
+
+@pytest.fixture(autouse=True)
+def _servers_only_in_the_server_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("server") is None:
+        def refuse(self: Service, check: bool = True) -> None:
+            raise AssertionError("this test starts a server: mark it pytest.mark.server")
+
+        monkeypatch.setattr(Service, "start", refuse)
 
 
 @pytest.fixture(scope="session")
