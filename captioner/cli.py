@@ -78,7 +78,7 @@ DEFAULT_WAIT = retry_wait(DEFAULT_RETRIES)
 WAIT_10 = retry_wait(10)
 
 EPILOG = f"""\
-defaults from the environment, then config.env (or $CAPTIONER_CONFIG):
+defaults from the environment, then config.env (or $CAPTIONER_CONFIG), then config.env.example:
   CAPTIONER_BASE_URL    server URL(s), space- or comma-separated; else
                         http://127.0.0.1:PORT with the service's PORT ({DEFAULT_BASE_URL})
   CAPTIONER_API_KEY     API key, else API_KEY as the service uses it
