@@ -27,6 +27,14 @@ SAMPLE = ROOT / "samples" / "sample.wav"
 START_TIMEOUT = 300
 
 
+def sample_folder(folder: Path, count: int) -> Path:
+    """`folder` (made here) holding `count` copies of the sample clip: 00.wav, 01.wav, ..."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"{i:02d}.wav").write_bytes(SAMPLE.read_bytes())
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,10 +25,9 @@ from typing import Any
 import pytest
 
 from captioner.payload import chat_request, data_url
+from tests.service import ROOT, SAMPLE, sample_folder
 from tests.test_client_support import convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "samples" / "sample.wav"
 MAX_TOKENS = "16"  # keeps each request about a second on CPU
 FORMATS = ("wav", "mp3", "flac", "ogg", "m4a")
 PNG = bytes.fromhex(
@@ -48,7 +47,7 @@ def client_env(**extra: str) -> dict[str, str]:
 
 
 def client_command(*args: str, server: Any = None) -> list[str]:
-    command = [sys.executable, str(REPO / "test_client.py"), *args]
+    command = [sys.executable, str(ROOT / "test_client.py"), *args]
     if server is not None:
         command += ["--base-url", server.base_url, "--max-tokens", MAX_TOKENS]
     return command
@@ -69,7 +68,7 @@ def run_client(
         text=True,
         encoding="latin-1",  # captions of a random model are arbitrary bytes
         env=env or client_env(),
-        cwd=REPO,
+        cwd=ROOT,
         timeout=timeout,
     )
 
@@ -248,10 +247,7 @@ def test_prompt_is_refused(server: Any) -> None:
 
 def test_two_base_urls_share_a_batch(server: Any, tmp_path: Path) -> None:
     other = server.base_url.replace("127.0.0.1", "localhost")  # same server, second client
-    folder = tmp_path / "two"
-    folder.mkdir()
-    for i in range(4):
-        shutil.copy(SAMPLE, folder / f"{i}.wav")
+    folder = sample_folder(tmp_path / "two", 4)
     out = tmp_path / "out.jsonl"
     result = run_client(str(folder), "--base-url", other, "-o", str(out), server=server)
     assert result.returncode == 0, result.stderr
@@ -261,7 +257,7 @@ def test_two_base_urls_share_a_batch(server: Any, tmp_path: Path) -> None:
 def _start_batch(server: Any, folder: Path, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         client_command(str(folder), "-o", str(out), "--concurrency", "1", server=server),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=client_env(), cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=client_env(), cwd=ROOT,
     )  # fmt: skip
 
 
@@ -278,10 +274,7 @@ def _interrupt_after(proc: subprocess.Popen[bytes], out: Path, lines: int, sig: 
 
 
 def test_interrupted_batch_resumes_with_every_input_exactly_once(server: Any, tmp_path: Path) -> None:
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for i in range(40):
-        shutil.copy(SAMPLE, folder / f"{i:02d}.wav")
+    folder = sample_folder(tmp_path / "many", 40)
     out = tmp_path / "out.jsonl"
 
     first = _start_batch(server, folder, out)
@@ -336,10 +329,7 @@ def test_openai_sdk_works_unchanged(server: Any) -> None:
 def test_interrupted_json_batch_keeps_what_was_done_and_the_same_command_finishes_it(
     server: Any, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for i in range(12):
-        shutil.copy(SAMPLE, folder / f"{i:02d}.wav")
+    folder = sample_folder(tmp_path / "many", 12)
     out = tmp_path / "captions.json"
     state = tmp_path / "captions.json.partial.jsonl"
     first = _start_batch(server, folder, out)
@@ -413,10 +403,7 @@ def test_a_dead_base_url_next_to_a_live_server_leaves_the_rotation_and_the_batch
 ) -> None:
     from tests.service import free_port
 
-    folder = tmp_path / "failover"
-    folder.mkdir()
-    for i in range(6):
-        shutil.copy(SAMPLE, folder / f"{i}.wav")
+    folder = sample_folder(tmp_path / "failover", 6)
     dead = f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "out.jsonl"
     started = time.monotonic()

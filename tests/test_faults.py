@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import requests
 
-from tests.service import ROOT, SAMPLE, Service
+from tests.service import ROOT, SAMPLE, Service, sample_folder
+from tests.test_client_server import client_env
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("decoy_untouched")]
 
@@ -162,21 +163,16 @@ RESTART_RETRIES = "12"
 
 def test_server_restarted_under_a_running_batch_every_input_captioned_exactly_once(tmp_path: Path) -> None:
     svc = Service(tmp_path / "logs", overrides={"SHUTDOWN_DRAIN": "2"})
-    folder = tmp_path / "batch"
-    folder.mkdir()
     total = 40  # the stop comes after 4 records, and takes seconds: most inputs wait for the new server
-    for i in range(total):
-        shutil.copy(SAMPLE, folder / f"{i:03d}.wav")
+    folder = sample_folder(tmp_path / "batch", total)
     out = tmp_path / "out.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
-    env["CAPTIONER_CONFIG"] = os.devnull
     batch: subprocess.Popen[str] | None = None
     try:
         svc.start()
         batch = subprocess.Popen(
             [sys.executable, str(ROOT / "test_client.py"), str(folder), "-o", str(out), "--base-url",
              svc.base_url, "--max-tokens", "64", "--concurrency", "1", "--retries", RESTART_RETRIES],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=client_env(), cwd=ROOT)
         deadline = time.monotonic() + 120
         while not (out.exists() and out.read_bytes().count(b"\n") >= 4):
             assert batch.poll() is None, f"the batch ended before the restart: {batch.stderr}"

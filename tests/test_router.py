@@ -5,7 +5,6 @@ One test for both, so the suite starts these services once and never restarts on
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.service import ROOT, SAMPLE, Service, free_port
+from tests.service import ROOT, Service, free_port, sample_folder
 from tests.test_client_server import client_command, client_env
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -80,9 +79,7 @@ def router(two_services: tuple[Service, Service], tmp_path: Path) -> Iterator[st
 def start_batch(folder: Path, *base_urls: str) -> tuple[Path, Path, subprocess.Popen[str]]:
     """BATCH copies of the sample clip in `folder`, captioned into out.jsonl beside it through the
     given --base-urls; returns at once."""
-    folder.mkdir(parents=True)
-    for i in range(BATCH):
-        shutil.copy(SAMPLE, folder / f"{i:02d}.wav")
+    sample_folder(folder, BATCH)
     out = folder.with_name(folder.name + ".jsonl")
     urls = [arg for url in base_urls for arg in ("--base-url", url)]
     batch = subprocess.Popen(
