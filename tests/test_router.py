@@ -5,6 +5,7 @@ One test for both, so the suite starts these services once and never restarts on
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -99,6 +100,14 @@ def wait_under_way(*batches: tuple[Path, Path, subprocess.Popen[str]]) -> None:
             time.sleep(0.1)
 
 
+def sigterm_pending(pid: int | None) -> bool:
+    """Whether a SIGTERM waits to be delivered to `pid` (a stopped process gets it on SIGCONT)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    lines = [line.split() for line in status.splitlines()]
+    pending = [int(fields[1], 16) for fields in lines if fields and fields[0] in ("SigPnd:", "ShdPnd:")]
+    return any(mask & (1 << (signal.SIGTERM - 1)) for mask in pending)
+
+
 def finished_each_input_once(folder: Path, out: Path, batch: subprocess.Popen[str]) -> str:
     """The batch's stderr, once it has exited 0 with one good record per input, in input order."""
     _, err = batch.communicate(timeout=600)
@@ -119,12 +128,21 @@ def test_a_service_stopped_under_two_batches_one_routed_one_over_two_base_urls_e
     routed = start_batch(tmp_path / "routed", router)
     try:
         wait_under_way(direct, routed)
-        # The live service is frozen while the other stops (drains, then every process of it goes),
-        # so neither batch can end before the stop has happened under it, however fast this
-        # machine captions (CI, stop 15: a batch once did). The router's requests wait meanwhile.
+        # Both services are frozen while stop_service.sh sends its SIGTERM; the stopped one then
+        # runs again for its 2 s drain only, and the live one stays frozen until the other is gone.
+        # So the batches cannot end before the stop, nor can the stopped service caption all that
+        # is left while its stop gets going (it once did), however fast this machine captions.
         with live.paused():
-            stopped = stopping.stop()
-            assert stopped.returncode == 0, stopped.stderr
+            with stopping.paused():
+                stop = subprocess.Popen([str(ROOT / "stop_service.sh")], env=stopping.env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                deadline = time.monotonic() + 60
+                while not sigterm_pending(stopping.pid):
+                    assert stop.poll() is None, stop.communicate()
+                    assert time.monotonic() < deadline, "stop_service.sh sent no SIGTERM"
+                    time.sleep(0.05)
+            _, stop_err = stop.communicate(timeout=120)
+            assert stop.returncode == 0, stop_err
             assert direct[2].poll() is None and routed[2].poll() is None
         err = finished_each_input_once(*direct)
         assert f"captioner: warning: {stopping.base_url} left the rotation" in err
