@@ -33,8 +33,10 @@ have_uv() {
 install_lock() {
   local lock=$1 py=.venv/bin/python
   # --no-build-isolation: the kit's own build needs only setuptools, which both locks hold.
+  # --compile-bytecode: uv writes no .pyc (pip does), and where PYTHONDONTWRITEBYTECODE is set
+  # Python never will: each vLLM process would compile vLLM's sources anew (import 9.8 s, not 3.9 s).
   if have_uv "$lock"; then
-    .venv/bin/uv pip sync --quiet --python "$py" --require-hashes "$lock"
+    .venv/bin/uv pip sync --quiet --python "$py" --require-hashes --compile-bytecode "$lock"
     .venv/bin/uv pip install --quiet --python "$py" --no-deps --no-build-isolation -e .
   else
     [[ ${INSTALLER:-uv} == pip ]] || echo "$PROG: uv could not be installed; installing with pip (slower)" >&2
