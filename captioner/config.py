@@ -52,7 +52,7 @@ def parse(path: Path) -> list[tuple[int, str, str, list[str]]]:
         ) from None
     found: list[tuple[int, str, str, list[str]]] = []
     comments: list[str] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # lines as bash reads them: \n ends a line
         line = line.rstrip("\r")
         if _BLANK_OR_COMMENT.match(line):
             stripped = line.strip()
