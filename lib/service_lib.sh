@@ -13,7 +13,7 @@ if [[ -x $KIT_ROOT/.venv/bin/python ]]; then KIT_PYTHON=$KIT_ROOT/.venv/bin/pyth
 # "allow every host", so we allow one host that can never resolve (.invalid is reserved, RFC 2606).
 NO_REMOTE_MEDIA_HOST=no-remote-media.invalid
 # Largest request head (request line + headers) the HTTP parser buffers; uvicorn answers 400 past
-# it. Must match MAX_HEADER_BYTES in lib/request_guard.py.
+# it. Must match MAX_HEADER_BYTES in lib/request_guard.py (tests/test_security.py checks that it does).
 MAX_HEADER_BYTES=65536
 # The oldest vLLM with every fix we rely on (audio decode caps, media SSRF and API-key fixes).
 MIN_VLLM_VERSION=0.24.0

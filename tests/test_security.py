@@ -42,6 +42,7 @@ from tests.test_client_server import client_env, run_client
 sys.path.insert(0, str(ROOT / "lib"))
 from request_guard import (
     AUDIO_ONLY,
+    MAX_HEADER_BYTES,
     MAX_HEADER_COUNT,
     MEDIA_FETCH_FAILED,
     NO_AUDIO,
@@ -163,6 +164,12 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 # --- the request guard on its own (no server) ------------------------------------------------
+
+
+def test_the_header_cap_the_scripts_give_the_http_parser_is_the_guards() -> None:
+    # lib/service_lib.sh passes it to vLLM (--h11-max-incomplete-event-size); the guard reads its own.
+    shell = (ROOT / "lib" / "service_lib.sh").read_text()
+    assert f"\nMAX_HEADER_BYTES={MAX_HEADER_BYTES}\n" in shell
 
 
 def test_guard_knows_an_audio_request_from_a_text_only_one() -> None:
