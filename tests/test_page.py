@@ -40,7 +40,7 @@ from selenium.webdriver.support.ui import Select
 
 from captioner import api, audio
 from captioner.audio import plan_windows, prepare
-from captioner.formats import render
+from captioner.formats import render, timestamp
 from captioner.payload import chat_request
 from captioner.records import Record, Segment
 from tests.service import ROOT, Service, free_port, started
@@ -328,7 +328,8 @@ def test_a_dropped_wav_and_mp3_are_captioned_window_by_window_and_download_as_th
     assert srt == render([record], "srt", many=False)
     cues = parse_srt(srt)
     assert len(cues) == sum(1 for s in record.segments if s.caption.strip()) and cues
-    assert cues[0][0] == "00:00:00,000" and cues[-1][1] == "00:01:10,000"
+    spoken = [s for s in record.segments if s.caption.strip()]  # a random window may say nothing
+    assert (cues[0][0], cues[-1][1]) == (timestamp(spoken[0].start, ","), timestamp(spoken[-1].end, ","))
     vtt = download(browser, downloads, "seventy.mp3", "vtt", "seventy.vtt")
     assert vtt == render([record], "vtt", many=False) and len(parse_vtt(vtt)) == len(cues)
     text = download(browser, downloads, "seventy.mp3", "text", "seventy.txt")
