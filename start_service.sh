@@ -24,10 +24,14 @@ check_vllm() {
   command -v "$VLLM_PYTHON" >/dev/null 2>&1 || die "VLLM_PYTHON=$VLLM_PYTHON not found: run ./install.sh (or ./install.sh --cpu), or point VLLM_PYTHON at a Python that has vLLM"
   VLLM_VERSION=$("$VLLM_PYTHON" -c 'import vllm; print(vllm.__version__)' 2>/dev/null | tail -n 1) ||
     die "vLLM is not importable by $VLLM_PYTHON ($(command -v "$VLLM_PYTHON")): run ./install.sh, or set VLLM_PYTHON"
-  local base=${VLLM_VERSION%%+*}
+  local base=${VLLM_VERSION%%+*} locked
+  # The locked release: requirements/gpu.in names it (cpu.in the same; tests/test_install.py).
+  locked=$(sed -nE 's/^vllm(\[[a-z,]+\])?==([0-9.]+).*/\2/p' "$KIT_ROOT/requirements/gpu.in")
   if [[ $(printf '%s\n%s\n' "$MIN_VLLM_VERSION" "$base" | sort -V | head -n 1) != "$MIN_VLLM_VERSION" ]]; then
-    die "vLLM $VLLM_VERSION is too old: $MIN_VLLM_VERSION or newer is needed (audio decode limits, media-URL and API-key fixes); run ./install.sh"
+    die "vLLM $VLLM_VERSION is too old: $MIN_VLLM_VERSION or newer is needed (older releases crash on ordinary audio requests); run ./install.sh for vLLM $locked"
   fi
+  [[ $base == "$locked" ]] ||
+    say "warning: vLLM $VLLM_VERSION is not the locked $locked that the tests ran; going on (./install.sh installs $locked)"
 }
 
 check_gpus() {
@@ -76,20 +80,6 @@ check_log_dir() {
 
 # --- the launch ----------------------------------------------------------------------------------
 
-# vLLM 0.26's Qwen3-Omni thinker crashes at start with image:0/video:0 (its deepstack buffers live
-# in the skipped vision tower); 0.27 and later accept it. Before 0.27 the limit names audio alone,
-# and images and videos are refused by the model's own chat template behind an audio-only guard.
-mm_args() {
-  if [[ $(printf '%s\n%s\n' 0.27.0 "${VLLM_VERSION%%+*}" | sort -V | head -n 1) == 0.27.0 ]]; then
-    MM_ARGS=(--limit-mm-per-prompt '{"audio":1,"image":0,"video":0}')
-  else
-    local template="$LOG_DIR_ABS/chat_template_audio_only.jinja"
-    "$VLLM_PYTHON" "$KIT_ROOT/tools/audio_only_template.py" "$MODEL_DIR" "$template" ||
-      die "could not write the audio-only chat template for vLLM $VLLM_VERSION"
-    MM_ARGS=(--limit-mm-per-prompt '{"audio":1}' --chat-template "$template")
-  fi
-}
-
 build_args() {
   local gen domains
   gen=$(printf '{"temperature":%s,"top_p":%s,"top_k":%s,"max_new_tokens":%s}' "$TEMPERATURE" "$TOP_P" "$TOP_K" "$MAX_TOKENS")
@@ -101,9 +91,8 @@ build_args() {
     --load-format "$LOAD_FORMAT"
     --override-generation-config "$gen" --shutdown-timeout "$SHUTDOWN_DRAIN"
     --api-server-count "$API_SERVER_COUNT" --middleware request_guard.RequestGuard
-    --h11-max-incomplete-event-size "$MAX_HEADER_BYTES")
-  mm_args
-  VLLM_ARGS+=("${MM_ARGS[@]}")
+    --h11-max-incomplete-event-size "$MAX_HEADER_BYTES"
+    --limit-mm-per-prompt '{"audio":1,"image":0,"video":0}')
   # shellcheck disable=SC2206 # host names, split on spaces on purpose
   VLLM_ARGS+=(--allowed-media-domains $domains)
   [[ -z $UNIX_SOCKET ]] || VLLM_ARGS+=(--uds "$UNIX_SOCKET_ABS")

@@ -15,8 +15,10 @@ NO_REMOTE_MEDIA_HOST=no-remote-media.invalid
 # Largest request head (request line + headers) the HTTP parser buffers; uvicorn answers 400 past
 # it. Must match MAX_HEADER_BYTES in lib/request_guard.py (tests/test_security.py checks that it does).
 MAX_HEADER_BYTES=65536
-# The oldest vLLM with every fix we rely on (audio decode caps, media SSRF and API-key fixes).
-MIN_VLLM_VERSION=0.24.0
+# The oldest vLLM without the engine crashes that one ordinary audio request reached in 0.26
+# (out-of-vocabulary stop_token_ids, the multimodal cache desync after a rejected request, a forged
+# WAV sample rate, remote media read whole before the size caps: all fixed by 0.29).
+MIN_VLLM_VERSION=0.29.0
 
 say() { # progress, warnings and errors all go to stderr as "PROG: message"
   echo "$PROG: $*" >&2

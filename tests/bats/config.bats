@@ -120,8 +120,17 @@ refused() { # refused "exact message" — start fails with it and never launches
   STUB_NO_VLLM=1 refused "start_service: vLLM is not importable by $T/vllm-python ($T/vllm-python): run ./install.sh, or set VLLM_PYTHON"
 }
 
-@test "a vLLM older than 0.24.0 is refused" {
-  STUB_VLLM_VERSION=0.23.0 refused 'start_service: vLLM 0.23.0 is too old: 0.24.0 or newer is needed (audio decode limits, media-URL and API-key fixes); run ./install.sh'
+@test "a vLLM older than 0.29.0 (engine crashes on ordinary requests) is refused, naming the locked release" {
+  STUB_VLLM_VERSION=0.26.0 refused 'start_service: vLLM 0.26.0 is too old: 0.29.0 or newer is needed (older releases crash on ordinary audio requests); run ./install.sh for vLLM 0.32.0'
+}
+
+@test "a vLLM other than the locked release gets one warning and starts" {
+  STUB_EXIT=0 STUB_VLLM_VERSION=0.30.1 run "$KIT/start_service.sh" --foreground
+  assert_success
+  assert_output $'start_service: warning: vLLM 0.30.1 is not the locked 0.32.0 that the tests ran; going on (./install.sh installs 0.32.0)\nstub: failing on purpose'
+  STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
+  assert_success
+  assert_output 'stub: failing on purpose'
 }
 
 @test "cuda without an NVIDIA driver says to use DEVICE=cpu" {

@@ -45,17 +45,6 @@ teardown() { common_teardown; }
   refute_output --partial -- --uds
 }
 
-@test "argv: vLLM before 0.27 gets the audio-only limit its thinker accepts and the guarded template" {
-  printf '{"chat_template": "MODEL-TEMPLATE"}' >"$T/model/tokenizer_config.json"
-  STUB_EXIT=0 STUB_VLLM_VERSION=0.26.0 run "$KIT/start_service.sh" --foreground
-  assert_success
-  run cat "$T/args"
-  assert_output --partial -- $'--limit-mm-per-prompt\n{"audio":1}\n--chat-template\n'"$T/logs/chat_template_audio_only.jinja"
-  grep -q "raise_exception('This service captions audio only" "$T/logs/chat_template_audio_only.jinja"
-  run cat "$T/logs/chat_template_audio_only.jinja"
-  assert_output --regexp 'MODEL-TEMPLATE$'
-}
-
 @test "argv: the API key travels in the environment, never on the command line" {
   STUB_EXIT=0 API_KEY=s3cret-key run "$KIT/start_service.sh" --foreground
   assert_success
