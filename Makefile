@@ -13,9 +13,10 @@ PY := .venv/bin/python
 TINY := models/tiny-captioner
 CPU_STAMP := .venv/.cpu-ready
 GPU_STAMP := .venv/.gpu-ready
-# What `make model` and `make model-tiny` run in: the venv this checkout has (the CPU one once
-# `make install-cpu` made it), else the GPU host's, so `make install model` never installs the CPU build.
-ANY_STAMP := $(if $(wildcard $(CPU_STAMP)),$(CPU_STAMP),$(GPU_STAMP))
+# What `make model` (the real weights) runs in: the CPU venv where development made one (or is
+# making it: `make install-cpu model`), else the GPU host's, so `make install model` never
+# installs the CPU build. The tiny model and the tests are development: the CPU venv.
+MODEL_STAMP := $(if $(or $(wildcard $(CPU_STAMP)),$(filter install-cpu demo test pytest,$(MAKECMDGOALS))),$(CPU_STAMP),$(GPU_STAMP))
 SHELL_SCRIPTS := start_service.sh stop_service.sh status_service.sh install.sh lib/service_lib.sh tools/demo.sh deploy/install_systemd.sh deploy/router.sh
 
 # The CPU lock is for the project's machines (Python 3.11, x86_64, torch's CPU wheel in
@@ -46,17 +47,17 @@ $(CPU_STAMP): install.sh requirements/cpu.lock tools/fix_cpu_wheels.py
 	rm -f $(GPU_STAMP)
 	touch $@
 
-lock: $(ANY_STAMP)
+lock: $(MODEL_STAMP)
 	$(UV_COMPILE) --extra dev requirements/cpu.in -o requirements/cpu.lock --no-emit-package torchcodec \
 	  --find-links $(TORCH_CPU_WHEELS) --emit-find-links --python-version 3.11 --python-platform x86_64-manylinux_2_28
 	$(UV_COMPILE) requirements/gpu.in -o requirements/gpu.lock --universal --python-version 3.11
 
-model: $(ANY_STAMP)
+model: $(MODEL_STAMP)
 	$(PY) tools/fetch_model.py
 
 model-tiny: $(TINY)/config.json
 
-$(TINY)/config.json: tools/make_tiny_model.py | $(ANY_STAMP)
+$(TINY)/config.json: tools/make_tiny_model.py | $(CPU_STAMP)
 	$(PY) tools/make_tiny_model.py $(TINY)
 
 lint: $(CPU_STAMP)

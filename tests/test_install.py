@@ -96,24 +96,28 @@ def test_the_locked_vllm_is_named_once_per_in_file_and_start_service_reads_it_th
     assert "requirements/gpu.in" in (ROOT / "start_service.sh").read_text()
 
 
-def test_make_install_then_model_on_a_gpu_host_never_installs_the_cpu_build(tmp_path: Path) -> None:
-    """A fresh checkout (the tracked files, no .venv): what `make install model` and `make model`
-    alone would run, read with make -n."""
+def test_make_installs_one_build_per_host_the_gpu_one_for_install_model_the_cpu_one_for_test(
+        tmp_path: Path) -> None:
+    """A fresh checkout (the tracked files, no .venv): what the GPU host's `make install model` and
+    the developer's `make test`, `make demo` would run, read with make -n."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split("\0")
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, tmp_path / name)
-    for goals in (["install", "model"], ["model"], ["install", "model-tiny", "model"]):
-        plan = subprocess.run(["make", "-n", *goals], cwd=tmp_path, capture_output=True, text=True,
+    def plan(*goals: str) -> str:
+        return subprocess.run(["make", "-n", *goals], cwd=tmp_path, capture_output=True, text=True,
                               check=True).stdout
-        assert "./install.sh\n" in plan and "tools/fetch_model.py" in plan, plan
-        assert "install.sh --cpu" not in plan, f"make {' '.join(goals)} installs the CPU build:\n{plan}"
-    # The development sequence still builds the CPU venv, and a model after it uses that venv.
-    plan = subprocess.run(["make", "-n", "install-cpu"], cwd=tmp_path, capture_output=True, text=True,
-                          check=True).stdout
-    assert "./install.sh --cpu" in plan and "./install.sh\n" not in plan
+
+    for goals in (["install", "model"], ["model"]):
+        steps = plan(*goals)
+        assert "./install.sh\n" in steps and "tools/fetch_model.py" in steps, steps
+        assert "install.sh --cpu" not in steps, f"make {' '.join(goals)} installs the CPU build:\n{steps}"
+    # Development, the other way round: the CPU venv only, never the GPU build over it.
+    for goals in (["test"], ["demo"], ["install-cpu", "model-tiny", "model"], ["pytest"]):
+        steps = plan(*goals)
+        assert "./install.sh --cpu" in steps and "./install.sh\n" not in steps, (goals, steps)
 
 
 def test_the_locks_leave_out_only_what_make_lock_excludes() -> None:
