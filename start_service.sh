@@ -71,20 +71,46 @@ check_port() {
 }
 
 check_log_dir() {
+  local made=""
+  [[ -d $LOG_DIR_ABS ]] || made=1
   mkdir -p "$LOG_DIR_ABS" 2>/dev/null || die "LOG_DIR=$LOG_DIR cannot be created ($LOG_DIR_ABS)"
   [[ -w $LOG_DIR_ABS ]] || die "LOG_DIR=$LOG_DIR is not writable ($LOG_DIR_ABS)"
   if ! mkdir -p "$(dirname "$PID_FILE_ABS")" 2>/dev/null || [[ ! -w $(dirname "$PID_FILE_ABS") ]]; then
     die "PID_FILE=$PID_FILE_ABS: its folder is not writable"
   fi
+  close_logs "$made"
+}
+
+# service.log records requests (paths, clients, errors): other accounts get no access to it (issue
+# #21). The folder is closed (0750) when it is the service's own: made by this start, or ours and
+# not shared (shared_dir). A shared one (LOG_DIR=/tmp) is left as it is; the logs in it are closed.
+close_logs() { # close_logs MADE
+  local mode f
+  if [[ -n $1 ]]; then
+    chmod 0750 "$LOG_DIR_ABS"
+  elif [[ -O $LOG_DIR_ABS ]] && ! shared_dir "$LOG_DIR_ABS"; then
+    chmod o= "$LOG_DIR_ABS"
+  else
+    mode=$(stat -L -c %a "$LOG_DIR_ABS")
+    if ((8#$mode & 5)); then
+      say "warning: LOG_DIR=$LOG_DIR is open to other accounts (mode $mode, $LOG_DIR_ABS) and is shared or not ours, so it is left as it is: give the service a folder of its own"
+    fi
+  fi
+  for f in "$LOG_FILE" "$LOG_FILE"[.-]*; do
+    if [[ -f $f && ! -L $f && -O $f ]]; then chmod o= "$f"; fi
+  done
+  new_log
+}
+
+new_log() { # service.log, made 0640 if it is missing
+  [[ -e $LOG_FILE ]] || (umask 027 && : >>"$LOG_FILE")
 }
 
 # --- the launch ----------------------------------------------------------------------------------
 
 build_args() {
-  local gen domains
+  local gen
   gen=$(printf '{"temperature":%s,"top_p":%s,"top_k":%s,"max_new_tokens":%s}' "$TEMPERATURE" "$TOP_P" "$TOP_K" "$MAX_TOKENS")
-  domains=${ALLOWED_MEDIA_DOMAINS//,/ }
-  [[ -n ${domains// /} ]] || domains=$NO_REMOTE_MEDIA_HOST
   VLLM_ARGS=(-m vllm.entrypoints.cli.main serve "$MODEL_DIR"
     --host "$HOST" --port "$PORT" --served-model-name "$SERVED_MODEL_NAME"
     --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS"
@@ -93,8 +119,9 @@ build_args() {
     --api-server-count "$API_SERVER_COUNT" --middleware request_guard.RequestGuard
     --h11-max-incomplete-event-size "$MAX_HEADER_BYTES"
     --limit-mm-per-prompt '{"audio":1,"image":0,"video":0}')
-  # shellcheck disable=SC2206 # host names, split on spaces on purpose
-  VLLM_ARGS+=(--allowed-media-domains $domains)
+  # vLLM fetches nothing: the request guard fetches ALLOWED_MEDIA_DOMAINS' URLs itself and hands
+  # vLLM the bytes inline (lib/media_fetch.py); vLLM is allowed only a host that never resolves.
+  VLLM_ARGS+=(--allowed-media-domains "$NO_REMOTE_MEDIA_HOST")
   [[ -z $UNIX_SOCKET ]] || VLLM_ARGS+=(--uds "$UNIX_SOCKET_ABS")
   [[ -z $MAX_NUM_BATCHED_TOKENS ]] || VLLM_ARGS+=(--max-num-batched-tokens "$MAX_NUM_BATCHED_TOKENS")
   [[ -z $QUANTIZATION ]] || VLLM_ARGS+=(--quantization "$QUANTIZATION")
@@ -120,8 +147,13 @@ export_service_env() {
   export CAPTIONER_MAX_REQUEST_BYTES=$MAX_REQUEST_BYTES PYTHONPATH=$KIT_ROOT/lib${PYTHONPATH:+:$PYTHONPATH}
   export CAPTIONER_ALLOWED_HOSTS=$ALLOWED_HOSTS CAPTIONER_EXTRA_ROUTES=$EXTRA_ROUTES
   export CAPTIONER_REQUEST_TIMEOUT=$REQUEST_TIMEOUT CAPTIONER_ALLOWED_MEDIA_DOMAINS=$ALLOWED_MEDIA_DOMAINS
-  # A fetch the operator allowed gets one attempt and 10 s in all (vLLM retries 3 times, each longer).
-  export VLLM_AUDIO_FETCH_TIMEOUT=10 VLLM_MEDIA_FETCH_MAX_RETRIES=1
+  # What the guard checks request fields against (lib/request_policy.py): the served model's name
+  # and vocabulary, the caption length and the context.
+  export CAPTIONER_MODEL_DIR=$MODEL_DIR CAPTIONER_SERVED_MODEL_NAME=$SERVED_MODEL_NAME
+  export CAPTIONER_MAX_TOKENS=$MAX_TOKENS CAPTIONER_MAX_MODEL_LEN=$MAX_MODEL_LEN
+  # uvicorn believes X-Forwarded-For from loopback by default: any local account could write
+  # another client address into the access log. No proxy stands in front of the service.
+  export FORWARDED_ALLOW_IPS=
   # A caption request has no use for thousands of samples (vLLM allows n up to 16384).
   export VLLM_MAX_N_SEQUENCES=16
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
@@ -174,6 +206,7 @@ fail_start() { # fail_start MESSAGE
 launch() {
   build_args
   rotate_logs
+  new_log
   echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) start_service: vLLM $VLLM_VERSION, $VLLM_PYTHON ${VLLM_ARGS[*]}" >>"$LOG_FILE"
   (
     export_service_env

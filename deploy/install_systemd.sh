@@ -6,7 +6,8 @@
 # Fills deploy/captioner.service.in and deploy/captioner.logrotate.in with this kit's absolute
 # path and its configuration (config.env, or FILE; the environment wins, as for start_service.sh),
 # validated first; the unit starts the service with that file (--config). Writes /etc/systemd/system/UNIT.service and /etc/logrotate.d/UNIT, creates the
-# log folder owned by the service user, and runs `systemctl daemon-reload`. It enables and starts
+# log folder (0750) and service.log (0640) owned by the service user (a shared LOG_DIR such as /tmp
+# is left as it is, with a warning), and runs `systemctl daemon-reload`. It enables and starts
 # nothing: it prints the commands for that.
 #   --print       write both files to stdout instead; install nothing (no root needed).
 #   --user NAME   the account the service runs as (default: the owner of the kit's folder).
@@ -63,7 +64,15 @@ main() {
   fi
   ((EUID == 0)) || die "must run as root to install (or use --print)"
   local unit_dir=${SYSTEMD_DIR:-/etc/systemd/system} rotate_dir=${LOGROTATE_DIR:-/etc/logrotate.d}
-  install -d -o "$SERVICE_USER" -g "$SERVICE_GROUP" -m 0750 "$LOG_DIR_ABS"
+  # The log folder is the service user's and closed to other accounts, unless it is shared (/tmp):
+  # install -d would chown and chmod that one too.
+  if [[ -d $LOG_DIR_ABS ]] && shared_dir "$LOG_DIR_ABS"; then
+    say "warning: LOG_DIR=$LOG_DIR ($LOG_DIR_ABS) is shared with other accounts: left as it is; give the service a folder of its own"
+  else
+    install -d -o "$SERVICE_USER" -g "$SERVICE_GROUP" -m 0750 "$LOG_DIR_ABS"
+  fi
+  # systemd opens service.log as root (StandardOutput=append:); made here, it is the service's, 0640.
+  [[ -e $LOG_FILE ]] || install -o "$SERVICE_USER" -g "$SERVICE_GROUP" -m 0640 /dev/null "$LOG_FILE"
   install -d -o "$SERVICE_USER" -g "$SERVICE_GROUP" "$KIT_ROOT/.cache"
   fill "$dir/captioner.service.in" >"$unit_dir/$UNIT.service"
   fill "$dir/captioner.logrotate.in" >"$rotate_dir/$UNIT"

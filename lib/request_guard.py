@@ -20,16 +20,16 @@ the API server passes here first, cheapest check first, and nothing vLLM does st
 6. Bodies: over CAPTIONER_MAX_REQUEST_BYTES is 413, from the Content-Length or while streaming
    (the body is never read whole before that decision).
 7. /v1/chat/completions: JSON nested deeper than MAX_JSON_DEPTH is 400 (not a 500 and a
-   traceback); audio only means one user message whose content is audio parts only, and only
-   the request fields a caption needs (no tools, templates or documents carrying text); an
-   http(s) audio_url is refused at once (no DNS) when CAPTIONER_ALLOWED_MEDIA_DOMAINS is empty,
-   else its host must be listed and, unless the operator listed `localhost` or the address
-   itself, resolve to public addresses only. vLLM's errors for such a request are replaced by
-   one that does not say what was at the address.
+   traceback); then lib/request_policy.py: one user message holding exactly one audio part of
+   one of two exact shapes, and only the fields a caption needs, each with vLLM's own types and
+   ranges, all decided before vLLM sees the media. An http(s) audio_url is refused at once (no DNS)
+   when CAPTIONER_ALLOWED_MEDIA_DOMAINS is empty; else the guard fetches it itself
+   (lib/media_fetch.py) and hands vLLM the bytes inline, and any failure is one uniform error.
 8. vLLM's 500 "cannot schedule new futures after shutdown" (a request that arrives while it
    drains) becomes 503 + Retry-After, which clients retry.
 
-Client mistakes cost one access-log line each (uvicorn's), never a traceback. Errors use vLLM's
+Client mistakes cost one access-log line each (uvicorn's), never a traceback, and that line holds
+no query string and at most MAX_LOGGED_TARGET escaped characters of the path. Errors use vLLM's
 JSON shape. Loaded with `--middleware request_guard.RequestGuard` and PYTHONPATH=<kit>/lib.
 
 Importing this module also makes uvicorn's "auto" HTTP implementation GuardedH11Protocol: vLLM
@@ -41,19 +41,20 @@ uvicorn, no timeout for a connection that never finishes its request.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import ipaddress
 import json
 import logging
 import os
-import socket
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
 import h11
 import uvicorn.config
+from media_fetch import FETCH_FAILED, FetchFailed, fetch_audio
+from request_policy import Limits, audio_only_problem, escape, remote_audio_urls
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 Scope = MutableMapping[str, Any]
@@ -82,41 +83,17 @@ ROUTES: dict[str, Route] = {
 PAGE_ROUTE = Route(frozenset({"GET", "HEAD"}), True)
 
 CHAT_PATH = "/v1/chat/completions"
-AUDIO_PART_TYPES = frozenset({"audio_url", "input_audio"})
-# Request fields a caption request may carry: sampling and output controls. Everything that can
-# put text into the prompt (tools, functions, documents, chat_template*, continue_final_message,
-# ...) or ask for more than a caption is refused.
-CHAT_FIELDS = frozenset({
-    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-    "min_p", "n", "seed", "stop", "stop_token_ids", "stream", "stream_options", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "min_tokens", "user", "logprobs", "top_logprobs",
-    "request_id", "priority", "skip_special_tokens", "include_stop_str_in_output", "ignore_eos",
-    "return_token_ids",
-})  # fmt: skip
-# Fields accepted only at vLLM's default value: vllm-router (deploy/router.sh) adds all of these
-# to every request it forwards; at these values none changes the prompt.
-DEFAULT_ONLY_FIELDS: dict[str, bool] = {
-    "no_stop_trim": False, "continue_final_message": False, "return_hidden_states": False,
-    "separate_reasoning": True, "stream_reasoning": True, "include_reasoning": True,
-}  # fmt: skip
 MAX_JSON_DEPTH = 32  # a caption request is 6 deep
 MAX_HEADER_COUNT = 100
 MAX_HEADER_BYTES = 65536  # also passed to vLLM as --h11-max-incomplete-event-size
-DNS_TIMEOUT = 5.0
+FETCH_SECONDS = 10.0  # a remote clip's whole fetch, and the time every failed fetch takes
+DEFAULT_FETCH_BYTES = 256 * 2**20
 
-NO_AUDIO = (
-    "this server captions audio: the request holds no audio part (send one audio_url or "
-    "input_audio part; the Captioner takes no text prompt)"
-)
-AUDIO_ONLY = (
-    "this server captions audio only: send one user message whose content is audio parts "
-    "and nothing else"
-)
 NO_REMOTE_MEDIA = (
     "this server fetches no URL (ALLOWED_MEDIA_DOMAINS is empty): send the audio inline as a "
     "data: URL or input_audio (test_client.py does)"
 )
-MEDIA_FETCH_FAILED = "could not fetch or decode the audio at the URL"
+MEDIA_FETCH_FAILED = FETCH_FAILED
 UNAUTHORIZED = "missing or wrong API key: send the header 'Authorization: Bearer <API_KEY>'"
 CROSS_ORIGIN = ("cross-origin request refused: this API answers only its own page (open "
                 "http://127.0.0.1:<port>/ through the tunnel) and clients that send no Origin")
@@ -228,73 +205,55 @@ def json_depth(value: Any) -> int:
     return depth
 
 
-def has_audio_part(body: Any) -> bool:
-    """True when some message's content list holds an audio part (or the body is not a chat
-    request we understand: vLLM's own validation answers that one)."""
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-        return True
-    for message in body["messages"]:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") in AUDIO_PART_TYPES:
-                    return True
-    return False
+def limits_from_env(environ: MutableMapping[str, str] | os._Environ[str]) -> Limits:
+    """What start_service.sh exports about the served model and the settings (request_policy)."""
+    def number(name: str) -> int | None:
+        value = environ.get(name, "")
+        return int(value) if value.isdigit() else None
+
+    return Limits(vocab_size=vocab_size(environ.get("CAPTIONER_MODEL_DIR")),
+                  served_model=environ.get("CAPTIONER_SERVED_MODEL_NAME") or None,
+                  max_tokens=number("CAPTIONER_MAX_TOKENS"), max_model_len=number("CAPTIONER_MAX_MODEL_LEN"),
+                  max_audio_seconds=number("VLLM_MAX_AUDIO_DECODE_DURATION_S"))
 
 
-def audio_only_problem(body: Any) -> str | None:
-    """Why a parsed chat request is not audio-only (None when it is, or when it is no chat
-    request at all: vLLM's own validation answers that one)."""
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+def vocab_size(model_dir: str | None) -> int | None:
+    """The vocabulary vLLM checks token ids against: the text model's (the thinker's) vocab_size."""
+    if not model_dir:
         return None
-    if not has_audio_part(body):
-        return NO_AUDIO
-    extra = sorted(f for f in set(body) - CHAT_FIELDS
-                   if not (f in DEFAULT_ONLY_FIELDS and body[f] is DEFAULT_ONLY_FIELDS[f]))
-    if extra:
-        return f"{AUDIO_ONLY}; these request fields are not accepted: {', '.join(extra)}"
-    messages = body["messages"]
-    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
-        return f"{AUDIO_ONLY} (no system, assistant or other messages)"
-    unknown = sorted(set(messages[0]) - {"role", "content"})
-    if unknown:
-        return f"{AUDIO_ONLY}; these message fields are not accepted: {', '.join(unknown)}"
-    for part in messages[0]["content"]:
-        if not isinstance(part, dict) or part.get("type") not in AUDIO_PART_TYPES:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            return f"{AUDIO_ONLY} (this one holds a part of type {kind!s})"
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    thinker = config.get("thinker_config", {})
+    for part in (thinker.get("text_config", {}), config.get("text_config", {}), config):
+        if isinstance(part, dict) and isinstance(part.get("vocab_size"), int):
+            return int(part["vocab_size"])
     return None
 
 
-def remote_audio_urls(body: Any) -> list[str]:
-    """The http(s) URLs of a chat request's audio_url parts (an audio-only request)."""
-    urls = []
-    for part in body["messages"][0]["content"]:
-        spec = part.get("audio_url")
-        url = spec.get("url") if isinstance(spec, dict) else spec
-        if isinstance(url, str) and url.split(":", 1)[0].strip().lower() in ("http", "https"):
-            urls.append(url)
-    return urls
-
-
-def is_public_address(address: str) -> bool:
-    return ipaddress.ip_address(address.split("%", 1)[0]).is_global
-
-
-def explicitly_named(host: str, allowed: Iterable[str]) -> bool:
-    """The operator named this host as an address or `localhost`: its private address is meant."""
-    return host in set(allowed) and (host == "localhost" or _is_ip(host))
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
 # --- ASGI -----------------------------------------------------------------------------------
+
+MAX_LOGGED_TARGET = 200  # characters of a request's path (and method) in the access log
+
+
+def bounded_log(scope: Scope, send: Send) -> Send:
+    """A `send` that, as the response starts (when uvicorn writes the access-log line from the
+    scope), leaves in the scope only what may be logged: no query string (a key sent as
+    ?api_key= never reaches the log), the path and method escaped and cut to MAX_LOGGED_TARGET
+    characters (a 65 KB path costs ~200 bytes of log, not 65 KB)."""
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            scope["query_string"] = b""
+            for key in ("path", "method"):
+                value = scope.get(key)
+                if isinstance(value, str) and (len(value) > MAX_LOGGED_TARGET or escape(value) != value):
+                    cut = escape(value[:MAX_LOGGED_TARGET])[:MAX_LOGGED_TARGET]
+                    scope[key] = cut + ("..." if len(value) > MAX_LOGGED_TARGET else "")
+        await send(message)
+
+    return wrapped
+
 
 
 async def error_response(
@@ -346,7 +305,7 @@ def shutdown_aware(send: Send, hide_errors: bool = False) -> Send:
 class RequestGuard:
     def __init__(self, app: ASGIApp, max_bytes: int | None = None, api_key: str | None = None,
                  extra_routes: str | None = None, allowed_hosts: str | None = None,
-                 media_domains: str | None = None) -> None:
+                 media_domains: str | None = None, limits: Limits | None = None) -> None:
         def setting(given: str | None, name: str) -> list[str]:
             return split_list(os.environ.get(name) if given is None else given)
 
@@ -358,6 +317,10 @@ class RequestGuard:
         self.extra_routes = setting(extra_routes, "CAPTIONER_EXTRA_ROUTES")
         self.allowed_hosts = setting(allowed_hosts, "CAPTIONER_ALLOWED_HOSTS")
         self.media_domains = setting(media_domains, "CAPTIONER_ALLOWED_MEDIA_DOMAINS")
+        self.limits = limits_from_env(os.environ) if limits is None else limits
+        # A fetched clip is held whole, as an uploaded one is: the body cap, or vLLM's decode cap.
+        caps = [c for c in (self.max_bytes, int(os.environ.get("VLLM_MAX_AUDIO_DECODE_BYTES") or 0)) if c]
+        self.max_fetch_bytes = min(caps) if caps else DEFAULT_FETCH_BYTES
         self.page = Page.load(WEB_DIR, key_required=bool(self.api_key))
 
     def too_large(self, size: int) -> str:
@@ -395,52 +358,53 @@ class RequestGuard:
                 raise Refusal(413, "RequestEntityTooLarge", self.too_large(int(declared)))
         return route
 
-    async def check_chat(self, body: bytes) -> list[str]:
-        """A chat request's checks; the http(s) URLs it makes the server fetch."""
+    async def check_chat(self, body: bytes) -> tuple[bytes, bool]:
+        """A chat request's checks: the body vLLM gets (remote audio fetched and inlined), and
+        whether anything was fetched."""
         try:
             parsed = json.loads(body)
         except RecursionError:
             raise bad_request(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
         except ValueError:
-            return []  # vLLM answers malformed JSON itself (400)
+            return body, False  # vLLM answers malformed JSON itself (400)
         if json_depth(parsed) > MAX_JSON_DEPTH:
             raise bad_request(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        problem = audio_only_problem(parsed)
+        problem = audio_only_problem(parsed, self.limits)
         if problem:
             raise bad_request(problem)
         if not isinstance(parsed, dict) or not isinstance(parsed.get("messages"), list):
-            return []
-        urls = remote_audio_urls(parsed)
-        for url in urls:
-            await self.check_media_url(url)
-        return urls
+            return body, False
+        if not remote_audio_urls(parsed):
+            return body, False
+        return await self.inline_remote_audio(parsed), True
 
-    async def check_media_url(self, url: str) -> None:
+    async def inline_remote_audio(self, parsed: dict[str, Any]) -> bytes:
+        """Fetch each http(s) audio URL (lib/media_fetch.py: resolved once, the address checked
+        and pinned, no redirects, size and time capped, one error after a uniform time) and put
+        the bytes in the request as a data: URL: vLLM never fetches anything."""
         if not self.media_domains:
             raise bad_request(NO_REMOTE_MEDIA)
-        try:
-            host = (urlsplit(url).hostname or "").lower()
-        except ValueError:
-            raise bad_request("malformed audio URL") from None
-        if host not in self.media_domains:
-            raise bad_request(f"the audio URL's host is not in ALLOWED_MEDIA_DOMAINS ({host})")
-        if explicitly_named(host, self.media_domains):
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            lookup = loop.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-            infos = await asyncio.wait_for(lookup, DNS_TIMEOUT)
-        except (OSError, asyncio.TimeoutError):
-            raise bad_request(MEDIA_FETCH_FAILED) from None
-        if not infos or not all(is_public_address(str(info[4][0])) for info in infos):
-            raise bad_request(
-                f"the audio URL's host {host} resolves to a loopback, link-local or private address; "
-                "the server fetches those only when ALLOWED_MEDIA_DOMAINS names the address itself")
+        for part in parsed["messages"][0]["content"]:
+            url = part.get("audio_url", {}).get("url", "") if part.get("type") == "audio_url" else ""
+            if url.split(":", 1)[0].strip().lower() not in ("http", "https"):
+                continue
+            try:
+                data, _ = await fetch_audio(url, self.media_domains, max_bytes=self.max_fetch_bytes,
+                                            timeout=FETCH_SECONDS, uniform_seconds=FETCH_SECONDS)
+            except FetchFailed as exc:
+                if exc.detail:
+                    logging.getLogger("request_guard").warning("request_guard: audio fetch failed: %s",
+                                                               exc.detail)
+                raise bad_request(str(exc)) from None
+            # vLLM detects the container from the bytes; the type here only makes a valid data: URL.
+            part["audio_url"]["url"] = "data:audio/wav;base64," + base64.b64encode(data).decode("ascii")
+        return json.dumps(parsed).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)  # lifespan
             return
+        send = bounded_log(scope, send)
         try:
             route = self.check_head(scope)
         except Refusal as r:
@@ -462,10 +426,10 @@ class RequestGuard:
             return
         except ClientGone:
             return
-        urls: list[str] = []
+        fetched = False
         if scope.get("path") == CHAT_PATH:
             try:
-                urls = await self.check_chat(body)
+                body, fetched = await self.check_chat(body)
             except Refusal as r:
                 await error_response(send, r.status, r.kind, r.message)
                 return
@@ -487,7 +451,7 @@ class RequestGuard:
             await send(message)
 
         try:
-            await self.app(scope, replay, shutdown_aware(tracked, hide_errors=bool(urls)))
+            await self.app(scope, replay, shutdown_aware(tracked, hide_errors=fetched))
         except Exception as exc:
             # vLLM's handler for uncaught exceptions sits outside this middleware (Starlette's
             # ServerErrorMiddleware): a shutdown error, or a fetch that failed, reaches us raised.
@@ -495,7 +459,7 @@ class RequestGuard:
                 raise
             if any(m.decode() in str(exc) for m in SHUTTING_DOWN_MARKERS):
                 await error_response(send, 503, "ServiceUnavailable", SHUTTING_DOWN, [(b"retry-after", b"5")])
-            elif urls:  # the exception's text would tell what is at the address; no traceback either
+            elif fetched:  # the exception's text would tell what is at the address; no traceback either
                 await error_response(send, 400, "BadRequestError", MEDIA_FETCH_FAILED)
             else:
                 raise

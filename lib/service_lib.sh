@@ -9,8 +9,9 @@ PROG=${PROG:-$(basename "$0" .sh)}
 # The Python that reads the configuration (captioner/config.py, standard library only): the kit's
 # venv, else the system's. It is also the default VLLM_PYTHON.
 if [[ -x $KIT_ROOT/.venv/bin/python ]]; then KIT_PYTHON=$KIT_ROOT/.venv/bin/python; else KIT_PYTHON=python3; fi
-# Sent to the server when no remote media host is allowed: vLLM treats an empty allow-list as
-# "allow every host", so we allow one host that can never resolve (.invalid is reserved, RFC 2606).
+# vLLM's only allowed media host: vLLM fetches nothing (the request guard fetches what the operator
+# allows), and it treats an empty allow-list as "allow every host", so it gets one host that can
+# never resolve (.invalid is reserved, RFC 2606).
 NO_REMOTE_MEDIA_HOST=no-remote-media.invalid
 # Largest request head (request line + headers) the HTTP parser buffers; uvicorn answers 400 past
 # it. Must match MAX_HEADER_BYTES in lib/request_guard.py (tests/test_security.py checks that it does).
@@ -76,6 +77,16 @@ abs_path() {
     /*) printf '%s' "$1" ;;
     *) printf '%s' "$KIT_ROOT/$1" ;;
   esac
+}
+
+# shared_dir DIR: is DIR other accounts' too, so never ours to chmod or chown? It is when others
+# may make files in it (writable by all, or sticky, as /tmp) or it holds an entry of an account
+# other than its owner (as /var/log does).
+shared_dir() {
+  local mode owner
+  mode=$(stat -L -c %a "$1") owner=$(stat -L -c %u "$1")
+  ((8#$mode & 01002)) && return 0
+  [[ -n $(find -H "$1" -mindepth 1 -maxdepth 1 ! -uid "$owner" -print -quit 2>/dev/null) ]]
 }
 
 derive_config() {

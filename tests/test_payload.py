@@ -20,7 +20,7 @@ from captioner.payload import SAMPLE_RATE, chat_request, data_url, wav_bytes
 from tests.service import ROOT
 
 sys.path.insert(0, str(ROOT / "lib"))
-from request_guard import audio_only_problem
+from request_policy import audio_only_problem
 
 sys.path.insert(0, str(ROOT / "bench"))
 import loadgen

@@ -60,6 +60,15 @@ print_split() {
   grep -q '^/srv/captioner-logs/service.log {$' "$T/captioner.logrotate"
 }
 
+@test "--print: the unit's umask and the snippet keep service.log closed to other accounts" {
+  print_split
+  grep -qx 'UMask=0027' "$T/captioner.service" # systemd creates a missing log 0666 & ~UMask: 0640
+  grep -qx "StandardOutput=append:$KIT/logs/service.log" "$T/captioner.service"
+  # copytruncate keeps the file and its mode; a `create` line would do nothing beside it.
+  grep -qx '    copytruncate' "$T/captioner.logrotate"
+  refute grep -q '^ *create' "$T/captioner.logrotate"
+}
+
 @test "systemd-analyze verify accepts the unit" {
   command -v systemd-analyze >/dev/null || skip "systemd-analyze is not installed (apt package: systemd)"
   print_split
@@ -105,6 +114,22 @@ print_split() {
   assert_equal "$(tail -n 1 "$T/logs/service.log")" "line 400"
 }
 
+@test "logrotate keeps service.log and its copies, compressed too, at 0640" {
+  command -v logrotate >/dev/null || skip "logrotate is not installed (apt package: logrotate)"
+  LOG_DIR=$T/logs print_split --user root
+  mkdir -m 0750 "$T/logs"
+  (umask 027 && echo one >"$T/logs/service.log")
+  run logrotate -f -s "$T/state" "$T/captioner.logrotate"
+  assert_success
+  sleep 1 # dateformat counts seconds: the next copy gets a name of its own
+  echo two >>"$T/logs/service.log"
+  run logrotate -f -s "$T/state" "$T/captioner.logrotate" # compresses the first copy (delaycompress)
+  assert_success
+  ls "$T/logs"/service.log-*.gz
+  assert_equal "$(ls "$T/logs" | wc -l)" 3
+  assert_equal "$(stat -c %a "$T/logs" "$T/logs"/* | sort -u)" $'640\n750'
+}
+
 @test "install writes the unit and the snippet where told, and makes the log folder" {
   ((EUID == 0)) || skip "installing needs root"
   mkdir -p "$T/units" "$T/rotate"
@@ -112,9 +137,19 @@ print_split() {
   assert_success
   [ -f "$T/units/captioner.service" ]
   [ -f "$T/rotate/captioner" ]
-  [ -d "$T/newlogs" ]
+  assert_equal "$(stat -c '%a %U' "$T/newlogs" "$T/newlogs/service.log")" $'750 root\n640 root'
   grep -q "^ExecStart=$KIT/start_service.sh --foreground --config $T/empty.env$" "$T/units/captioner.service"
   assert_output --partial "install_systemd: wrote $T/units/captioner.service and $T/rotate/captioner (runs as root)"
+}
+
+@test "install leaves a shared LOG_DIR (like /tmp) as it is, with a warning" {
+  ((EUID == 0)) || skip "installing needs root"
+  mkdir -p "$T/units" "$T/rotate"
+  mkdir -m 1777 "$T/shared"
+  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate LOG_DIR=$T/shared run "$KIT/deploy/install_systemd.sh" --user root
+  assert_success
+  assert_line "install_systemd: warning: LOG_DIR=$T/shared ($T/shared) is shared with other accounts: left as it is; give the service a folder of its own"
+  assert_equal "$(stat -c %a "$T/shared" "$T/shared/service.log")" $'1777\n640'
 }
 
 @test "an unknown user, a bad name and a bad configuration are refused before anything is written" {

@@ -31,8 +31,10 @@ teardown() { common_teardown; }
   grep -qx 'CAPTIONER_ALLOWED_HOSTS=' "$T/env"
   grep -qx 'CAPTIONER_EXTRA_ROUTES=' "$T/env"
   grep -qx 'CAPTIONER_ALLOWED_MEDIA_DOMAINS=' "$T/env"
-  grep -qx 'VLLM_MEDIA_FETCH_MAX_RETRIES=1' "$T/env"
-  grep -qx 'VLLM_AUDIO_FETCH_TIMEOUT=10' "$T/env"
+  # What the guard checks fields against; uvicorn believes no X-Forwarded-For.
+  grep -qx "CAPTIONER_MODEL_DIR=$T/model" "$T/env"
+  grep -qx 'CAPTIONER_MAX_TOKENS=16384' "$T/env"
+  grep -qx 'FORWARDED_ALLOW_IPS=' "$T/env"
 }
 
 @test "argv: UNIX_SOCKET makes vLLM listen on that socket (--uds)" {
@@ -52,7 +54,7 @@ teardown() { common_teardown; }
   grep -qx 'VLLM_API_KEY=s3cret-key' "$T/env"
 }
 
-@test "argv: allowed media domains, TP on cuda, extra args split on spaces" {
+@test "argv: allowed media domains go to the guard (vLLM fetches nothing), TP on cuda, extra args split on spaces" {
   mkdir -p "$T/bin"
   printf '#!/bin/sh\necho "GPU 0: x"\necho "GPU 1: y"\n' >"$T/bin/nvidia-smi"
   chmod +x "$T/bin/nvidia-smi"
@@ -61,7 +63,8 @@ teardown() { common_teardown; }
   assert_success
   grep -qx 'CAPTIONER_ALLOWED_MEDIA_DOMAINS=a.example.com,b.example.com' "$T/env"
   run cat "$T/args"
-  assert_output --partial -- $'--allowed-media-domains\na.example.com\nb.example.com\n'
+  assert_output --partial -- $'--allowed-media-domains\nno-remote-media.invalid\n'
+  refute_output --partial a.example.com
   assert_output --partial -- $'--tensor-parallel-size\n2\n--gpu-memory-utilization\n0.95\n'
   assert_equal "$(tail -n 4 "$T/args")" $'--max-log-len\n100\n--seed\n1'
   refute_output --partial enforce-eager
@@ -184,6 +187,44 @@ teardown() { common_teardown; }
   [ -f "$T/logs/service.log.1" ]
   [ -f "$T/logs/service.log.2" ]
   [ ! -e "$T/logs/service.log.3" ]
+}
+
+@test "the log folder and service.log are closed to other accounts: 0750 and 0640, rotated copies too" {
+  STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
+  assert_success
+  assert_equal "$(stat -c %a "$T/logs" "$T/logs/service.log")" $'750\n640'
+  # Left open by an older kit: closed at the next start, and the logs it rotates stay closed.
+  chmod 0755 "$T/logs"
+  echo old >"$T/logs/service.log"
+  echo older >"$T/logs/service.log.1"
+  chmod 0644 "$T/logs/service.log" "$T/logs/service.log.1"
+  run "$KIT/start_service.sh"
+  assert_success
+  refute_output --partial warning
+  assert_equal "$(stat -c '%n %a' "$T/logs" "$T/logs"/service.log*)" "$T/logs 750
+$T/logs/service.log 640
+$T/logs/service.log.1 640
+$T/logs/service.log.2 640"
+  assert_equal "$(cat "$T/logs/service.log.1")" old
+}
+
+@test "a shared LOG_DIR (like /tmp) is left as it is, with a warning; the service's log in it is closed" {
+  mkdir -m 1777 "$T/shared"
+  echo old >"$T/shared/service.log"
+  chmod 0644 "$T/shared/service.log"
+  STUB_EXIT=0 LOG_DIR=$T/shared run "$KIT/start_service.sh" --foreground
+  assert_success
+  assert_line "start_service: warning: LOG_DIR=$T/shared is open to other accounts (mode 1777, $T/shared) and is shared or not ours, so it is left as it is: give the service a folder of its own"
+  assert_equal "$(stat -c %a "$T/shared" "$T/shared/service.log")" $'1777\n640'
+  ((EUID == 0)) || return 0
+  # Ours and writable by us alone, but holding another account's file: shared too.
+  mkdir -m 0755 "$T/team"
+  touch "$T/team/notes"
+  chown nobody "$T/team/notes"
+  STUB_EXIT=0 LOG_DIR=$T/team run "$KIT/start_service.sh" --foreground
+  assert_success
+  assert_line --partial "start_service: warning: LOG_DIR=$T/team is open to other accounts (mode 755, "
+  assert_equal "$(stat -c %a "$T/team" "$T/team/service.log")" $'755\n640'
 }
 
 @test "an unwritable log folder is refused before launching" {
