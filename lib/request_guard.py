@@ -32,15 +32,13 @@ Client mistakes cost one access-log line each (uvicorn's), never a traceback, an
 no query string and at most MAX_LOGGED_TARGET escaped characters of the path. Errors use vLLM's
 JSON shape. Loaded with `--middleware request_guard.RequestGuard` and PYTHONPATH=<kit>/lib.
 
-Importing this module also makes uvicorn's "auto" HTTP implementation GuardedH11Protocol: vLLM
-0.32 has no option to pick uvicorn's parser, and "auto" means httptools, which has no header
-size limit (one client sending a 100 MB header line stalled /health for 20 s) and, like h11 in
-uvicorn, no timeout for a connection that never finishes its request.
+Beside it: lib/request_policy.py (what a caption request may be), lib/media_fetch.py (the fetch
+of an allowed audio URL), lib/caption_page.py (the page at /), lib/http_limits.py (the HTTP
+parser's header cap and deadline; importing this module imports it, which selects it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import ipaddress
@@ -51,11 +49,10 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import h11
-import uvicorn.config
+import http_limits  # noqa: F401  (importing it selects the guarded HTTP parser)
+from caption_page import WEB_DIR, Page
 from media_fetch import FETCH_FAILED, FetchFailed, fetch_audio
 from request_policy import Limits, audio_only_problem, escape, remote_audio_urls
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -85,7 +82,6 @@ PAGE_ROUTE = Route(frozenset({"GET", "HEAD"}), True)
 CHAT_PATH = "/v1/chat/completions"
 MAX_JSON_DEPTH = 32  # a caption request is 6 deep
 MAX_HEADER_COUNT = 100
-MAX_HEADER_BYTES = 65536  # also passed to vLLM as --h11-max-incomplete-event-size
 FETCH_SECONDS = 10.0  # a remote clip's whole fetch, and the time every failed fetch takes
 DEFAULT_FETCH_BYTES = 256 * 2**20
 
@@ -479,151 +475,3 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
-
-
-# --- the caption page (web/): static files and the client's constants, answered by the guard ---
-
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-PAGE_TYPES = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
-              ".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml"}
-# Scripts, styles and fetches from this origin only, no inline script or style, nothing from
-# elsewhere; blob: media for the player of a dropped file; no framing, no form posts.
-PAGE_CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-            b"connect-src 'self'; media-src blob:; base-uri 'none'; form-action 'none'; "
-            b"frame-ancestors 'none'")
-PAGE_HEADERS = [
-    (b"content-security-policy", PAGE_CSP),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"cross-origin-opener-policy", b"same-origin"),
-    (b"cross-origin-resource-policy", b"same-origin"),
-    (b"permissions-policy", b"microphone=(self), camera=(), geolocation=()"),
-    (b"cache-control", b"no-cache"),
-]
-PAGE_MAX_SECONDS = 3600  # longest audio the page decodes: 16 kHz float32 in a browser tab, 230 MB
-
-
-def page_config(key_required: bool) -> dict[str, Any]:
-    """What the page must share with the client, read from the client's own constants (one home):
-    how audio is cut into windows (captioner/audio.py: the longest window, lowered to the server's
-    MAX_AUDIO_SECONDS as the client lowers it) and when a request is retried (captioner/api.py)."""
-    from captioner import api, audio
-
-    max_audio = os.environ.get("VLLM_MAX_AUDIO_DECODE_DURATION_S")
-    return {
-        "sample_rate": audio.SAMPLE_RATE,
-        "frame_seconds": audio.FRAME_SECONDS,
-        "quiet_floor": audio.QUIET_FLOOR,
-        "quiet_ratio": audio.QUIET_RATIO,
-        "cut_search_seconds": audio.CUT_SEARCH_SECONDS,
-        "cut_search_divisor": audio.CUT_SEARCH_DIVISOR,
-        "max_window_seconds": audio.window_seconds(float(max_audio) if max_audio else None),
-        "retry_statuses": [*api.RETRY_STATUSES, 429],
-        "retry_pauses": api.retry_pauses(),
-        "key_required": key_required,
-        "page_max_seconds": PAGE_MAX_SECONDS,
-    }
-
-
-class Page:
-    """The files of web/ (read once: a few KB) under / and /page/NAME, and /page/config.json."""
-
-    def __init__(self, files: dict[str, tuple[bytes, bytes]]) -> None:
-        self.files = files  # path -> (content type, body)
-
-    @classmethod
-    def load(cls, folder: Path, key_required: bool) -> Page:
-        if not (folder / "index.html").is_file():
-            return cls({})
-        try:
-            config = page_config(key_required)
-        except ImportError as exc:  # a Python without the kit's client: the API still serves
-            logging.getLogger("request_guard").warning(
-                "request_guard: no caption page (%s); pip install -e %s", exc, folder.parent)
-            return cls({})
-        files = {"/page/config.json": (b"application/json", json.dumps(config).encode())}
-        for path in sorted(folder.iterdir()):
-            kind = PAGE_TYPES.get(path.suffix)
-            if kind and path.is_file():
-                files["/" if path.name == "index.html" else f"/page/{path.name}"] = (kind, path.read_bytes())
-        return cls(files)
-
-    async def serve(self, scope: Scope, send: Send) -> None:
-        kind, body = self.files[scope["path"]]
-        await send({
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()), *PAGE_HEADERS],
-        })  # fmt: skip
-        await send({"type": "http.response.body", "body": b"" if scope.get("method") == "HEAD" else body})
-
-
-# --- the HTTP parser: h11 with a header cap and a deadline for unfinished requests ------------
-
-REQUEST_TIMEOUT = float(os.environ.get("CAPTIONER_REQUEST_TIMEOUT") or 30)
-
-
-MIN_BODY_BYTES = 65536  # a body must bring at least this much every REQUEST_TIMEOUT s
-
-
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol (header bytes capped by --h11-max-incomplete-event-size) that
-    also closes a connection whose request is unfinished: no complete header REQUEST_TIMEOUT s
-    after its first byte (or after the connection opened), or a body that brings less than
-    MIN_BODY_BYTES in REQUEST_TIMEOUT s (silent, or trickling) while the app waits for it.
-    uvicorn's keep-alive timeout covers only the wait *between* requests."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._guard_timer: asyncio.TimerHandle | None = None
-        self._guard_body_bytes = 0
-        super().connection_made(transport)  # type: ignore[arg-type]
-        self._guard_arm()
-
-    def data_received(self, data: bytes) -> None:
-        in_body = self.conn.their_state is h11.SEND_BODY
-        super().data_received(data)
-        state = self.conn.their_state
-        if state is h11.SEND_BODY:
-            if in_body:
-                self._guard_body_bytes += len(data)
-            else:  # the headers just completed: the body's first period starts now
-                self._guard_body_bytes = 0
-                self._guard_arm()
-        elif state is h11.IDLE:
-            if self._guard_timer is None:
-                self._guard_arm()  # header deadline: from the first byte, not restarted
-        else:
-            self._guard_disarm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._guard_disarm()
-        super().connection_lost(exc)
-
-    def on_response_complete(self) -> None:
-        self._guard_disarm()
-        super().on_response_complete()
-
-    def _guard_arm(self) -> None:
-        self._guard_disarm()
-        self._guard_timer = self.loop.call_later(REQUEST_TIMEOUT, self._guard_expired)
-
-    def _guard_disarm(self) -> None:
-        if self._guard_timer is not None:
-            self._guard_timer.cancel()
-            self._guard_timer = None
-
-    def _guard_expired(self) -> None:
-        self._guard_timer = None
-        if self.transport.is_closing():
-            return
-        brought, self._guard_body_bytes = self._guard_body_bytes, 0
-        if self.flow.read_paused or (self.conn.their_state is h11.SEND_BODY and brought >= MIN_BODY_BYTES):
-            self._guard_arm()  # the app is slow to read, or the body is coming: next period
-            return
-        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
-            self.logger.warning("request_guard: closed a connection from %s: request unfinished after %g s",
-                                self.client, REQUEST_TIMEOUT)
-            self.transport.close()
-
-
-uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedH11Protocol"

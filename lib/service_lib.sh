@@ -14,7 +14,7 @@ if [[ -x $KIT_ROOT/.venv/bin/python ]]; then KIT_PYTHON=$KIT_ROOT/.venv/bin/pyth
 # never resolve (.invalid is reserved, RFC 2606).
 NO_REMOTE_MEDIA_HOST=no-remote-media.invalid
 # Largest request head (request line + headers) the HTTP parser buffers; uvicorn answers 400 past
-# it. Must match MAX_HEADER_BYTES in lib/request_guard.py (tests/test_security.py checks that it does).
+# it. Must match MAX_HEADER_BYTES in lib/http_limits.py (tests/test_security.py checks that it does).
 MAX_HEADER_BYTES=65536
 # The oldest vLLM without the engine crashes that one ordinary audio request reached in 0.26
 # (out-of-vocabulary stop_token_ids, the multimodal cache desync after a rejected request, a forged

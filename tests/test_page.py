@@ -47,8 +47,9 @@ from tests.service import ROOT, Service, free_port, started
 from tests.test_client_support import SR, convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
 
 sys.path.insert(0, str(ROOT / "lib"))
-import request_guard
-from request_guard import CROSS_ORIGIN, PAGE_CSP, RequestGuard, same_origin
+import caption_page
+from caption_page import PAGE_CSP
+from request_guard import CROSS_ORIGIN, RequestGuard, same_origin
 
 KEY = "page-key-42"
 SCREENSHOT = ROOT / "logs" / "page-screenshot.png"
@@ -447,7 +448,7 @@ def test_the_page_resamples_retries_and_says_what_went_wrong_in_plain_words(
         browser: WebDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Against the guard in front of a scripted API (no vLLM): what the page sends, and the
     errors a real server gives only with effort (503 and 429 with Retry-After, 413)."""
-    monkeypatch.setattr(request_guard, "PAGE_MAX_SECONDS", 8)
+    monkeypatch.setattr(caption_page, "PAGE_MAX_SECONDS", 8)
     stub = StubApi()
     guard = RequestGuard(stub, api_key="", max_bytes=150_000)  # type: ignore[arg-type]
     stereo = stereo_wav(tmp_path / "stereo.wav", 2)

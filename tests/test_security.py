@@ -42,9 +42,9 @@ from tests.service import ROOT, SAMPLE, Service, started
 from tests.test_client_server import client_env, run_client
 
 sys.path.insert(0, str(ROOT / "lib"))
+from http_limits import MAX_HEADER_BYTES
 from media_fetch import is_public as is_public_address
 from request_guard import (
-    MAX_HEADER_BYTES,
     MAX_HEADER_COUNT,
     MEDIA_FETCH_FAILED,
     NO_REMOTE_MEDIA,
