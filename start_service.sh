@@ -118,7 +118,11 @@ build_args() {
     --override-generation-config "$gen" --shutdown-timeout "$SHUTDOWN_DRAIN"
     --api-server-count "$API_SERVER_COUNT" --middleware request_guard.RequestGuard
     --h11-max-incomplete-event-size "$MAX_HEADER_BYTES"
-    --limit-mm-per-prompt '{"audio":1,"image":0,"video":0}')
+    --limit-mm-per-prompt '{"audio":1,"image":0,"video":0}'
+    --mm-processor-cache-gb 0)
+  # --mm-processor-cache-gb 0: every clip is new, so vLLM's multimodal processor cache never hits;
+  # it grows to 4 GiB and is state one request can leave out of step for the next
+  # (bench/results/2026-12-06-cpu-mm-processor-cache).
   # vLLM fetches nothing: the request guard fetches ALLOWED_MEDIA_DOMAINS' URLs itself and hands
   # vLLM the bytes inline (lib/media_fetch.py); vLLM is allowed only a host that never resolves.
   VLLM_ARGS+=(--allowed-media-domains "$NO_REMOTE_MEDIA_HOST")
