@@ -102,6 +102,30 @@ SHUTTING_DOWN = ("the server is shutting down or its engine stopped (stop, resta
                  "retry in a few seconds")
 
 
+# vLLM's 500s when the audio cannot be decoded (soundfile, PyAV, the model's processor): the
+# client's mistake, so 400.
+DECODE_MARKERS = ("Error opening", "decode", "Invalid or corrupted audio", "Failed to apply", "audio")
+MAX_ERROR_CHARS = 300
+
+
+def error_text(body: bytes) -> tuple[str | None, str]:
+    """(message, type) of a JSON error body in vLLM's shape; (None, "") for any other body."""
+    try:
+        error = json.loads(body)["error"]
+        message, kind = error["message"], error.get("type") or "Error"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, ""
+    return (message, str(kind)) if isinstance(message, str) else (None, "")
+
+
+def one_line(message: str) -> str:
+    """An error message as one bounded, printable line ("Failed to apply X on data={<array>}"
+    loses its data)."""
+    line = message.split(" on data=", 1)[0].strip().splitlines()[0] if message.strip() else message
+    line = escape(line)
+    return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS] + "..."
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -269,27 +293,33 @@ async def error_response(
 
 
 def shutdown_aware(send: Send, hide_errors: bool = False) -> Send:
-    """A `send` that holds back an error until its body shows whether it is vLLM shutting down
-    (then 503). With hide_errors, any 4xx/5xx becomes MEDIA_FETCH_FAILED (400): for requests
-    that made the server fetch a URL, whose errors would tell what is at the address."""
+    """A `send` that holds back an error until its body is known, then answers: vLLM shutting
+    down → 503 + Retry-After; with hide_errors (the request made the guard fetch a URL, and
+    errors would tell what is at the address) → MEDIA_FETCH_FAILED (400); vLLM failing to decode
+    the audio (its 500) → 400; any other error message as one bounded line (vLLM's messages can
+    hold a whole array dump)."""
     held: list[Message] = []
 
     async def wrapped(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            status = message.get("status", 200)
-            if status == 500 or (hide_errors and status >= 400):
-                held.append(message)
-                return
+        if message["type"] == "http.response.start" and message.get("status", 200) >= 400:
+            held.append(message)
+            return
         if not held:
             await send(message)
             return
         held.append(message)
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             body = b"".join(m.get("body", b"") for m in held[1:])
+            status, (text, kind) = held[0].get("status", 500), error_text(body)
             if any(marker in body for marker in SHUTTING_DOWN_MARKERS):
                 await error_response(send, 503, "ServiceUnavailable", SHUTTING_DOWN, [(b"retry-after", b"5")])
             elif hide_errors:
                 await error_response(send, 400, "BadRequestError", MEDIA_FETCH_FAILED)
+            elif status == 500 and text is not None and any(m in text for m in DECODE_MARKERS):
+                decode_error = f"could not decode the audio: {one_line(text)}"
+                await error_response(send, 400, "BadRequestError", decode_error)
+            elif text is not None and one_line(text) != text:
+                await error_response(send, status, kind, one_line(text))
             else:
                 for m in held:
                     await send(m)

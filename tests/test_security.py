@@ -251,9 +251,23 @@ def test_guard_turns_vllms_500_while_shutting_down_into_a_retryable_503() -> Non
     asyncio.run(RequestGuard(app_answering(500, engine_dead), max_bytes=0, api_key="")(scope, receive, send))
     assert sent[0]["status"] == 503 and json.loads(sent[1]["body"])["error"]["message"] == SHUTTING_DOWN
     sent.clear()
-    other_500 = b'{"error":{"message":"Error opening <_io.BytesIO object>","code":500}}'
+    decode_500 = b'{"error":{"message":"Error opening <_io.BytesIO object>","code":500}}'
+    asyncio.run(RequestGuard(app_answering(500, decode_500), max_bytes=0, api_key="")(scope, receive, send))
+    assert sent[0]["status"] == 400  # vLLM could not decode the client's audio: the client's mistake
+    decoded = json.loads(sent[1]["body"])["error"]["message"]
+    assert decoded == "could not decode the audio: Error opening <_io.BytesIO object>"
+    sent.clear()
+    other_500 = b'{"error":{"message":"something else broke","type":"InternalServerError","code":500}}'
     asyncio.run(RequestGuard(app_answering(500, other_500), max_bytes=0, api_key="")(scope, receive, send))
     assert sent[0]["status"] == 500 and sent[1]["body"] == other_500
+    sent.clear()
+    array = "Failed to apply Qwen3OmniMoeProcessor on data={'audio': [array([0.,\n" + "0., " * 5000 + "])]}"
+    dump = json.dumps({"error": {"message": array, "type": "BadRequestError", "code": 400}}).encode()
+    guard = RequestGuard(app_answering(400, dump), max_bytes=0, api_key="")
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["error"] == {"message": "Failed to apply Qwen3OmniMoeProcessor",
+                                                    "type": "BadRequestError", "param": None, "code": 400}
 
     async def raising(scope: Any, receive: Any, send: Any) -> None:
         raise RuntimeError("cannot schedule new futures after shutdown")
@@ -1064,10 +1078,12 @@ def test_each_request_vllm_rejects_after_the_media_is_refused_first_and_the_same
     ("sample rate 0", "rate0", "sample rate is 0 Hz"),
     ("65535 channels", "channels", "65535 channels"),
     ("zero frames", "empty", "zero frames"),
+    ("8 frames: vLLM's processor fails with an array dump", "short", "Failed to apply"),
 ])
 def test_a_wav_that_decodes_to_nothing_is_a_one_line_400_and_no_traceback(
         server: Service, what: str, wav: str, words: str) -> None:
-    shapes = {"rate0": (0, 1, 1600), "channels": (16000, 65535, 1), "empty": (16000, 1, 0)}
+    shapes = {"rate0": (0, 1, 1600), "channels": (16000, 65535, 1), "empty": (16000, 1, 0),
+              "short": (16000, 1, 8)}
     rate, channels, frames = shapes[wav]
     block = channels * 2
     data = b"\x00" * (frames * block)
@@ -1078,6 +1094,7 @@ def test_a_wav_that_decodes_to_nothing_is_a_one_line_400_and_no_traceback(
     before = log.stat().st_size
     r = server.caption(clip)
     assert r.status_code == 400 and words in error_message(r) and "\n" not in error_message(r), r.text
+    assert len(r.content) < 1000, r.text
     with log.open("rb") as f:
         f.seek(before)
         assert b"Traceback" not in f.read()
