@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import wave
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,20 @@ def wait_for(what: Callable[[], Any], timeout: float = 30, message: str = "") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s: {message or what}")
         time.sleep(0.2)
+
+
+def click_in(browser: WebDriver, item_name: str, button: str) -> None:
+    item = browser.find_element(By.XPATH, f"//article[.//h2[text()='{item_name}']]")
+    item.find_element(By.CSS_SELECTOR, button).click()
+
+
+def download_all(browser: WebDriver, downloads: Path, fmt: str, file_name: str) -> bytes:
+    Select(browser.find_element(By.ID, "all-format")).select_by_value(fmt)
+    target = downloads / file_name
+    target.unlink(missing_ok=True)
+    browser.find_element(By.ID, "download-all").click()
+    wait_for(lambda: target.exists() and not list(downloads.glob("*.crdownload")), message=f"{file_name}")
+    return target.read_bytes()
 
 
 def open_page(browser: WebDriver, svc: Service) -> None:
@@ -385,6 +400,7 @@ class StubApi:
     def __init__(self) -> None:
         self.replies: list[tuple[int, dict[str, str], str]] = []
         self.requests: list[dict[str, Any]] = []
+        self.delay = 0.0  # seconds before each chat answer
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["path"] == "/v1/models":
@@ -395,6 +411,7 @@ class StubApi:
             message = await receive()
             body, more = body + message.get("body", b""), message.get("more_body", False)
         self.requests.append(json.loads(body))
+        await asyncio.sleep(self.delay)
         if self.replies:
             status, headers, text = self.replies.pop(0)
             await self.answer(send, status, headers, {"error": {"message": text, "code": status}})
@@ -548,3 +565,70 @@ def test_a_wrong_key_and_a_stopped_server_each_get_one_line(
     (item,) = finished_items(browser, 1)
     assert item["state"] == "failed" and item["error"] == unreachable(page_service.base_url), item
     assert message(browser) == unreachable(page_service.base_url)
+
+
+def test_a_failed_file_retries_a_busy_one_cancels_all_download_at_once_and_a_phone_reads_it(
+        browser: WebDriver, downloads: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #20's page round, against the guard in front of a scripted API (no vLLM)."""
+    monkeypatch.setattr(caption_page, "PAGE_MAX_SECONDS", 8)
+    stub = StubApi()
+    guard = RequestGuard(stub, api_key="", max_bytes=2_000_000)  # type: ignore[arg-type]
+    first, second = write_wav(tmp_path / "first.wav", tone(2)), write_wav(tmp_path / "second.wav", tone(3))
+    with serving(guard) as base_url:
+        browser.get(base_url + "/")
+        wait_for(lambda: "model stub-model" in browser.find_element(By.ID, "server").text, message="connects")
+        # A file the server refused is captioned again with Retry, without picking it again.
+        stub.replies = [(400, {}, "no such luck")]
+        drop(browser, first)
+        (item,) = finished_items(browser, 1)
+        assert item["state"] == "failed" and "no such luck" in item["error"], item
+        click_in(browser, "first.wav", ".retry")
+        wait_for(lambda: finished_items(browser, 1)[0]["state"] == "done", message="retried")
+        assert len(stub.requests) == 2
+        # A file waiting on a slow server is cancelled at once, and can be retried.
+        stub.delay = 20
+        drop(browser, second)
+        wait_for(lambda: len(stub.requests) == 3, message="the second file's request is sent")
+        t0 = time.monotonic()
+        click_in(browser, "second.wav", ".cancel")
+        (item,) = finished_items(browser, 1)
+        assert time.monotonic() - t0 < 5
+        cancelled = "Cancelled: press Retry to caption it again."
+        assert (item["state"], item["error"]) == ("failed", cancelled), item
+        stub.delay = 0
+        click_in(browser, "second.wav", ".retry")
+        wait_for(lambda: finished_items(browser, 1)[0]["state"] == "done", message="retried after cancel")
+        # Too long is known from the container before decoding: nothing is decoded.
+        browser.execute_script("""
+            window.decodes = 0;
+            const decode = BaseAudioContext.prototype.decodeAudioData;
+            BaseAudioContext.prototype.decodeAudioData = function (...a) {
+              window.decodes++;
+              return decode.apply(this, a);
+            };""")
+        drop(browser, write_wav(tmp_path / "ten.wav", tone(10)))
+        assert finished_items(browser, 1)[0]["error"] == \
+            "Too long for the page: 0:10.0 (it takes up to 0:08.0); caption it with test_client.py."
+        assert browser.execute_script("return window.decodes") == 0
+        # Download all: text and JSON as the client writes a batch, SRT and VTT one file each in a zip.
+        singles = [json.loads(download(browser, downloads, f"{name}.wav", "json", f"{name}.json"))
+                   for name in ("first", "second")]
+        records = [record_of(single) for single in singles]
+        text = download_all(browser, downloads, "text", "captions.txt").decode()
+        assert text == render(records, "text", True)
+        assert json.loads(download_all(browser, downloads, "json", "captions.json")) == singles
+        for fmt in ("srt", "vtt"):
+            zipped = download_all(browser, downloads, fmt, f"captions-{fmt}.zip")
+            archive = zipfile.ZipFile(io.BytesIO(zipped))
+            assert archive.testzip() is None
+            expected = {f"{r.source.removesuffix('.wav')}.{fmt}": render([r], fmt, False) for r in records}
+            assert {n: archive.read(n).decode() for n in archive.namelist()} == expected
+        # On a 390 px phone the time range sits above its caption, which keeps the width.
+        browser.set_window_size(390, 844)
+        try:
+            columns, width = browser.execute_script("""
+                const w = document.querySelector('.window');
+                return [getComputedStyle(w).gridTemplateColumns, w.querySelector('.text').offsetWidth];""")
+            assert len(columns.split()) == 1 and width > 300, (columns, width)
+        finally:
+            browser.set_window_size(1100, 1000)

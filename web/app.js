@@ -3,7 +3,8 @@
 
 import { ApiError, firstModel, streamCaption } from "./api.js";
 import { dataUrl, decodeToMono, planWindows, wavBytes } from "./audio.js";
-import { FORMATS, joinCaptions, render, strip } from "./formats.js";
+import { FORMATS, joinCaptions, render, renderAll, strip } from "./formats.js";
+import { zipFiles } from "./zip.js";
 
 const CONCURRENCY = 4;  // windows in flight at once, over every file of the page
 const KEY_ITEM = "captioner.apiKey";
@@ -110,6 +111,19 @@ const clock = (seconds) => {
 
 const baseName = (name) => name.replace(/\.[^.]*$/, "") || "caption";
 
+const CANCELLED = "Cancelled: press Retry to caption it again.";
+const items = [];
+
+function saveAs(blob, name) {
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+}
+
 class Item {
   constructor(file) {
     this.file = file;
@@ -118,14 +132,32 @@ class Item {
     $(".player", this.node).src = URL.createObjectURL(file);
     $(".copy", this.node).addEventListener("click", () => this.copy());
     $(".download", this.node).addEventListener("click", () => this.download());
+    $(".cancel", this.node).addEventListener("click", () => {
+      this.abort?.abort(new DOMException(CANCELLED, "AbortError"));
+    });
+    $(".retry", this.node).addEventListener("click", () => run(this));
     this.rows = [];
     this.record = null;
+    this.abort = null;
+    items.push(this);
     $("#results").append(this.node);
+  }
+
+  // Back to a fresh start: for Retry.
+  reset() {
+    this.record = null;
+    this.rows = [];
+    $(".windows", this.node).replaceChildren();
+    $(".error", this.node).hidden = true;
+    $(".whole", this.node).hidden = true;
+    $(".exports", this.node).hidden = true;
+    $(".retry", this.node).hidden = true;
   }
 
   status(text, state = "") {
     $(".status", this.node).textContent = text;
     this.node.dataset.state = state;
+    $(".cancel", this.node).hidden = state !== "busy" && state !== "retrying";
   }
 
   fail(message) {
@@ -133,6 +165,7 @@ class Item {
     line.textContent = message;
     line.hidden = false;
     this.status("failed", "failed");
+    $(".retry", this.node).hidden = false;
   }
 
   showWindows(spans) {
@@ -154,6 +187,7 @@ class Item {
     $(".whole", this.node).hidden = false;
     $(".exports", this.node).hidden = false;
     this.status(`done in ${record.latency.toFixed(1)} s`, "done");
+    $("#all").hidden = false;
   }
 
   exported() {
@@ -174,15 +208,47 @@ class Item {
 
   download() {
     const [format, text] = this.exported();
-    const link = document.createElement("a");
-    link.href = URL.createObjectURL(new Blob([text], { type: FORMATS[format].mime }));
-    link.download = baseName(this.file.name) + FORMATS[format].extension;
-    document.body.append(link);
-    link.click();
-    link.remove();
-    setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+    saveAs(new Blob([text], { type: FORMATS[format].mime }), baseName(this.file.name) + FORMATS[format].extension);
   }
 }
+
+// Every finished caption in one download: text and JSON as test_client.py writes a batch, SRT and
+// VTT (one file per input) in a .zip, each named after its input (a repeated name gets " (2)").
+function downloadAll() {
+  const format = $("#all-format").value;
+  const records = items.filter((item) => item.record).map((item) => item.record);
+  if (!records.length) return;
+  if (format === "text" || format === "json") {
+    saveAs(new Blob([renderAll(records, format)], { type: FORMATS[format].mime }), `captions${FORMATS[format].extension}`);
+    return;
+  }
+  const seen = new Map();
+  const files = records.map((record) => {
+    const base = baseName(record.source);
+    const n = (seen.get(base) || 0) + 1;
+    seen.set(base, n);
+    return [`${base}${n > 1 ? ` (${n})` : ""}${FORMATS[format].extension}`, render(record, format)];
+  });
+  saveAs(zipFiles(files), `captions-${format}.zip`);
+}
+
+// The duration the container states, read by the browser without decoding (Infinity or NaN when it
+// states none, as a recording's WebM): a one-hour file is refused before it is decoded whole.
+function statedDuration(file) {
+  return new Promise((resolve) => {
+    const probe = new Audio();
+    const url = URL.createObjectURL(file);
+    const done = (value) => { clearTimeout(timer); URL.revokeObjectURL(url); probe.removeAttribute("src"); resolve(value); };
+    const timer = setTimeout(() => done(NaN), 5000);
+    probe.preload = "metadata";
+    probe.addEventListener("loadedmetadata", () => done(probe.duration), { once: true });
+    probe.addEventListener("error", () => done(NaN), { once: true });
+    probe.src = url;
+  });
+}
+
+const tooLong = (duration) => `Too long for the page: ${clock(duration)} (it takes up to ` +
+  `${clock(config.page_max_seconds)}); caption it with test_client.py.`;
 
 async function captionWindow(item, index, samples, abort) {
   const row = item.rows[index];
@@ -208,6 +274,14 @@ async function captionWindow(item, index, samples, abort) {
 async function caption(item) {
   const started = performance.now();
   const rate = config.sample_rate;
+  const abort = item.abort;
+  item.status("reading", "busy");
+  const stated = await statedDuration(item.file);
+  if (Number.isFinite(stated) && stated > config.page_max_seconds) {
+    item.fail(tooLong(stated));
+    return;
+  }
+  if (abort.signal.aborted) throw abort.signal.reason;
   item.status("decoding", "busy");
   let samples;
   try {
@@ -223,14 +297,13 @@ async function caption(item) {
   }
   const duration = samples.length / rate;
   if (duration > config.page_max_seconds) {
-    item.fail(`Too long for the page: ${clock(duration)} (it takes up to ${clock(config.page_max_seconds)}); ` +
-      "caption it with test_client.py.");
+    item.fail(tooLong(duration));
     return;
   }
+  if (abort.signal.aborted) throw abort.signal.reason;
   const ranges = planWindows(samples, config.max_window_seconds, config);
   const spans = ranges.map(([a, b]) => [a / rate, b / rate]);
   item.showWindows(spans);
-  const abort = new AbortController();
   try {
     await ensureModel();
     item.status(`captioning: 0 of ${spans.length} windows`, "busy");
@@ -246,16 +319,27 @@ async function caption(item) {
       model: captions[0].model, usage, latency: (performance.now() - started) / 1000, error: null });
   } catch (error) {
     for (const row of item.rows) if (row.dataset.state !== "done") row.dataset.state = "failed";
-    item.fail(error.message);
-    pageError(error);
+    throw error;
   }
 }
 
+// Caption one input (again, for Retry); Cancel aborts its decoding wait and its requests.
+function run(item) {
+  item.reset();
+  item.abort = new AbortController();
+  caption(item).catch((error) => {
+    if (item.abort.signal.aborted && item.abort.signal.reason?.message === CANCELLED) {
+      item.fail(CANCELLED);
+      return;
+    }
+    const expected = error instanceof ApiError || error.name === "AbortError";
+    item.fail(expected ? error.message : `Unexpected ${error.name}: ${error.message}`);
+    pageError(error);
+  });
+}
+
 function addFiles(files) {
-  for (const file of files) {
-    const item = new Item(file);
-    caption(item).catch((error) => item.fail(`Unexpected ${error.name}: ${error.message}`));
-  }
+  for (const file of files) run(new Item(file));
 }
 
 // --- drop, pick, record -----------------------------------------------------------------------
@@ -281,6 +365,7 @@ function setUpInputs() {
     event.target.value = "";
   });
   $("#record").addEventListener("click", toggleRecording);
+  $("#download-all").addEventListener("click", downloadAll);
   $("#key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     sessionStorage.setItem(KEY_ITEM, $("#key").value.trim());

@@ -64,6 +64,16 @@ function cues(record) {
   return record.segments.map((s) => [s.start, s.end, cueText(s.caption)]).filter((c) => c[2]);
 }
 
+// Several inputs in one file, as test_client.py writes a batch: text with a `# source` header per
+// input, JSON as an array (captioner.formats.render_text / render_json with many inputs).
+export function renderAll(records, format) {
+  if (format === "text") {
+    return records.filter((r) => r.error === null).map((r) => `# ${r.source}\n${strip(r.caption)}\n`).join("\n");
+  }
+  if (format === "json") return JSON.stringify(records.map(recordJson), null, 2) + "\n";
+  throw new Error(`${format} is one file per input`);
+}
+
 export function render(record, format) {
   if (format === "text") return record.error === null ? strip(record.caption) + "\n" : "";
   if (format === "json") return JSON.stringify(recordJson(record), null, 2) + "\n";
