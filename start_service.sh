@@ -5,13 +5,19 @@
 #
 # Reads config.env (or FILE, or $CAPTIONER_CONFIG); variables set in the environment win.
 # Validates every value, checks vLLM, GPUs, model folder and port, then launches `vllm serve` in
-# its own process group, writes a PID file that identifies it, appends to $LOG_DIR/service.log,
+# its own process group, writes a PID file that identifies it and records what it serves (port,
+# host, socket, log, model), appends to $LOG_DIR/service.log,
 # and waits for /health (up to START_TIMEOUT s). Two starts at once give one server.
 #   --foreground   run vLLM in this process instead (for systemd): the same checks, flags and
 #                  warm-up (once /health answers); no PID file, no wait.
 #
-# Exit codes: 0 started (or already running), 1 failed: bad config, preflight, or the server
-# died / never became healthy (its log tail is printed; no process and no PID file is left).
+# A second start while one runs reads the PID file (the running service's record): with the same
+# port, host, socket and model it says "already running" (exit 0); with others it says what runs
+# and what differs (exit 1): ./stop_service.sh first.
+#
+# Exit codes: 0 started (or already running as asked), 1 failed: bad config, preflight, a server
+# already running with other settings, or the server died / never became healthy (its log tail
+# is printed; no process and no PID file is left).
 # CAPTIONER_DEBUG=1 traces the script.
 set -euo pipefail
 PROG=start_service
@@ -258,13 +264,11 @@ wants_warm_up() { ((WARMUP_REQUESTS > 0)) && [[ $DEVICE == cuda ]]; }
 
 warm_up() {
   wants_warm_up || return 0
-  if [[ -n $UNIX_SOCKET ]]; then
-    say "warm-up skipped: tools/warm_up.py speaks TCP only (UNIX_SOCKET is set)"
-    return 0
-  fi
+  local -a args=(--base-url "$HTTP_URL" --requests "$WARMUP_REQUESTS")
+  [[ -z $UNIX_SOCKET_ABS ]] || args+=(--unix-socket "$UNIX_SOCKET_ABS")
   say "warming up with $WARMUP_REQUESTS concurrent requests"
-  CAPTIONER_API_KEY=$API_KEY "$VLLM_PYTHON" "$KIT_ROOT/tools/warm_up.py" --base-url "$BASE_URL" \
-    --requests "$WARMUP_REQUESTS" >>"$LOG_FILE" 2>&1 || say "warm-up failed (the service is up; see $LOG_FILE)"
+  CAPTIONER_API_KEY=$API_KEY "$VLLM_PYTHON" "$KIT_ROOT/tools/warm_up.py" "${args[@]}" >>"$LOG_FILE" 2>&1 ||
+    say "warm-up failed (the service is up; see $LOG_FILE)"
 }
 
 # --foreground: vLLM takes this shell's pid (exec); a child of it waits for /health, then warms up.
@@ -278,6 +282,29 @@ warm_up_when_healthy() {
     fi
     sleep 1
   done
+}
+
+# A server of ours runs (the PID file's leader). With the settings that decide what this start
+# would serve, that is success; with others, this start cannot give what was asked. The PID file
+# is the record of what runs (an older one, without these keys, is taken to match).
+already_running() {
+  local changes="" running="pid $PF_PID, ${PF_URL:-$BASE_URL}, model ${PF_SERVED_MODEL:-$SERVED_MODEL_NAME}"
+  if [[ -n $PF_URL ]]; then
+    changes+=$(differs UNIX_SOCKET "$PF_SOCKET" "$UNIX_SOCKET_ABS")
+    if [[ -z $PF_SOCKET && -z $UNIX_SOCKET_ABS ]]; then
+      changes+=$(differs HOST "$PF_BIND" "$HOST")
+      changes+=$(differs PORT "$PF_PORT" "$PORT")
+    fi
+    changes+=$(differs MODEL_PATH "$PF_MODEL" "$MODEL_DIR")
+    changes+=$(differs SERVED_MODEL_NAME "$PF_SERVED_MODEL" "$SERVED_MODEL_NAME")
+  fi
+  [[ -z $changes ]] || die "already running with other settings ($running): ${changes%; }; run ./stop_service.sh first to start with these"
+  say "already running ($running)"
+  exit 0
+}
+
+differs() { # differs SETTING RUNNING WANTED -> "SETTING is RUNNING there, WANTED here; " or nothing
+  [[ $2 == "$3" ]] || printf '%s is %s there, %s here; ' "$1" "${2:-empty}" "${3:-empty}"
 }
 
 main() {
@@ -301,8 +328,7 @@ main() {
 
   if read_pid_file; then
     if leader_is_ours; then
-      say "already running (pid $PF_PID, port $PF_PORT, $BASE_URL)"
-      exit 0
+      already_running
     fi
     if [[ -n $(service_pids) ]]; then
       die "a previous server's processes are still running (API server gone): run ./stop_service.sh first"

@@ -3,12 +3,15 @@
 #
 # Usage: ./stop_service.sh [--config FILE] [-h|--help]
 #
-# Reads the PID file and checks it against /proc (start time, session, log file) before
+# Reads the PID file (found from PID_FILE, else LOG_DIR: the running service's record, whatever
+# today's other settings say) and checks it against /proc (start time, session, log file) before
 # signalling anything: SIGTERM to the API server (vLLM drains in-flight
 # requests for SHUTDOWN_DRAIN s), then SIGTERM and after STOP_TIMEOUT SIGKILL to every process
 # of the service, the orphaned engine of a killed API server included, until none is left.
 # A stale PID file, or one whose pid now belongs to another process, is reported and removed
 # without signalling. Never kills by name: the video service on this host has the same names.
+# Checks only the settings it uses (PID_FILE, LOG_DIR, STOP_TIMEOUT, SHUTDOWN_DRAIN): a bad value
+# elsewhere in the configuration never blocks a stop.
 #
 # Exit codes: 0 stopped (or nothing was running), 1 bad config or processes that would not die.
 # CAPTIONER_DEBUG=1 traces the script.
@@ -16,6 +19,7 @@ set -euo pipefail
 PROG=stop_service
 # shellcheck source=lib/service_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/service_lib.sh"
+USES=(LOG_DIR PID_FILE SHUTDOWN_DRAIN STOP_TIMEOUT)
 
 main() {
   init_script "$@"
@@ -25,6 +29,7 @@ main() {
     exit 0
   fi
   local leader="" members
+  use_record
   if leader_is_ours; then leader=$PF_PID; fi
   members=$(service_pids)
   if [[ -z $members ]]; then
@@ -37,7 +42,7 @@ main() {
     exit 0
   fi
   if [[ -n $leader ]]; then
-    say "stopping pid $leader (port $PF_PORT; draining up to ${SHUTDOWN_DRAIN}s)"
+    say "stopping pid $leader ($BASE_URL; draining up to ${SHUTDOWN_DRAIN}s)"
   else
     say "API server pid $PF_PID is gone; stopping $(wc -w <<<"$members") orphaned process(es) of the service"
   fi

@@ -35,7 +35,9 @@ usage() { # the calling script's header comment, up to `set -euo pipefail`
 }
 
 # init_script "$@": the options every script takes (-h/--help, --config FILE; --foreground for
-# start_service), then the configuration, loaded and validated. Sets FOREGROUND.
+# start_service), then the configuration, loaded and validated: only the settings named in the
+# script's USES array when it sets one (so a bad value elsewhere never blocks a stop or a status),
+# else every setting. Sets FOREGROUND.
 init_script() {
   local config=""
   FOREGROUND=""
@@ -50,7 +52,7 @@ init_script() {
   done
   debug_setup
   load_config "$config"
-  validate_config
+  validate_config ${USES[@]+"${USES[@]}"}
 }
 
 debug_setup() {
@@ -70,6 +72,10 @@ load_config() {
   assignments=$("$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell --prog "$PROG" ${1:+--config "$1"}) || exit 1
   eval "$assignments"
   derive_config
+}
+
+schema_names() { # every setting's name, in config.env.example's order
+  sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' "$KIT_ROOT/config.env.example"
 }
 
 abs_path() {
@@ -103,12 +109,18 @@ derive_config() {
     *:*) HEALTH_HOST="[$HOST]" ;;
     *) HEALTH_HOST=$HOST ;;
   esac
-  BASE_URL="http://$HEALTH_HOST:$PORT"
-  # With UNIX_SOCKET the server listens on that socket alone (no TCP port); curl goes through it.
-  HTTP_URL=$BASE_URL CURL_SOCKET=() UNIX_SOCKET_ABS=""
-  if [[ -n $UNIX_SOCKET ]]; then
-    UNIX_SOCKET_ABS=$(abs_path "$UNIX_SOCKET")
-    BASE_URL="unix:$UNIX_SOCKET_ABS" HTTP_URL=http://localhost CURL_SOCKET=(--unix-socket "$UNIX_SOCKET_ABS")
+  UNIX_SOCKET_ABS=""
+  [[ -z $UNIX_SOCKET ]] || UNIX_SOCKET_ABS=$(abs_path "$UNIX_SOCKET")
+  set_address "$HEALTH_HOST" "$PORT" "$UNIX_SOCKET_ABS"
+}
+
+# set_address HEALTH_HOST PORT SOCKET: where the scripts reach the server. Sets BASE_URL (what they
+# print), HTTP_URL and CURL_SOCKET (what curl gets). With a socket the server listens on that
+# socket alone (no TCP port), and curl goes through it.
+set_address() {
+  BASE_URL="http://$1:$2" HTTP_URL="http://$1:$2" CURL_SOCKET=()
+  if [[ -n $3 ]]; then
+    BASE_URL="unix:$3" HTTP_URL=http://localhost CURL_SOCKET=(--unix-socket "$3")
   fi
 }
 
@@ -139,52 +151,73 @@ check_enum() { # check_enum VAR choice...
   bad "$var" "expected one of: $*"
 }
 
+# validate_config [NAME...]: the rules of the settings named, by default of every setting of the
+# schema, in its order. One rule per setting, first failure exits. A rule that reads another
+# setting (MAX_TOKENS reads MAX_MODEL_LEN, STOP_TIMEOUT reads SHUTDOWN_DRAIN) comes after that
+# one's: a script that names it names the other too, first.
 validate_config() {
-  [[ -n $MODEL_PATH ]] || bad MODEL_PATH "must name the model folder (run 'make model' to download it)"
-  [[ $SERVED_MODEL_NAME =~ ^[A-Za-z0-9._/:-]+$ ]] || bad SERVED_MODEL_NAME "letters, digits and . _ / : - only"
-  check_enum LOAD_FORMAT auto safetensors pt dummy
-  [[ $HOST =~ ^[A-Za-z0-9.:-]+$ ]] || bad HOST "an IP address or host name, e.g. 127.0.0.1"
-  check_int PORT 1 65535
-  [[ $API_KEY =~ ^[[:graph:]]*$ ]] || bad API_KEY "printable characters without spaces"
-  check_enum DEVICE cuda cpu
-  check_enum DTYPE bfloat16 float16 float32 auto
-  check_int TENSOR_PARALLEL_SIZE 1 64
-  check_int DATA_PARALLEL_SIZE 1 64
-  check_float GPU_MEMORY_UTIL "a fraction, 0 < x <= 1" "x > 0 && x <= 1"
-  [[ -z $QUANTIZATION ]] || check_enum QUANTIZATION fp8
-  check_int CPU_KVCACHE_GB 1
-  check_int MAX_MODEL_LEN 16
-  check_int MAX_NUM_SEQS 1 4096
-  [[ -z $MAX_NUM_BATCHED_TOKENS ]] || check_int MAX_NUM_BATCHED_TOKENS 16
-  check_int API_SERVER_COUNT 1 64
-  check_float TEMPERATURE "a number from 0 to 2" "x >= 0 && x <= 2"
-  check_float TOP_P "a fraction, 0 < x <= 1" "x > 0 && x <= 1"
-  [[ $TOP_K == -1 ]] || check_int TOP_K 1
-  check_int MAX_TOKENS 1
-  ((10#$MAX_TOKENS < 10#$MAX_MODEL_LEN)) || bad MAX_TOKENS "must be below MAX_MODEL_LEN ($MAX_MODEL_LEN): the prompt needs room"
-  [[ $ALLOWED_MEDIA_DOMAINS =~ ^[A-Za-z0-9.,\ -]*$ ]] || bad ALLOWED_MEDIA_DOMAINS "host names separated by commas, e.g. media.example.com,cdn.example.com"
-  check_int MAX_AUDIO_SECONDS 1
-  check_int MAX_AUDIO_BYTES 1024
-  check_int MAX_REQUEST_BYTES 1024
-  [[ $ALLOWED_HOSTS =~ ^[A-Za-z0-9.,\ -]*$ ]] || bad ALLOWED_HOSTS "host names separated by commas, e.g. gpu-host.example.com"
-  [[ $EXTRA_ROUTES == all || $EXTRA_ROUTES =~ ^(/[A-Za-z0-9/_.-]*)?([,\ ]+/[A-Za-z0-9/_.-]*)*$ ]] ||
-    bad EXTRA_ROUTES "all, or paths separated by commas, e.g. /tokenize,/v1/completions"
-  check_int REQUEST_TIMEOUT 1 3600
-  [[ -z $UNIX_SOCKET || ($UNIX_SOCKET =~ ^[A-Za-z0-9/_.-]+$ && ${#UNIX_SOCKET_ABS} -lt 100) ]] ||
-    bad UNIX_SOCKET "a socket path of letters, digits and / _ . - (under 100 characters in all)"
-  [[ -n $LOG_DIR ]] || bad LOG_DIR "must name a folder"
-  check_int LOG_KEEP 0 1000
-  check_int START_TIMEOUT 1
-  check_int SHUTDOWN_DRAIN 0
-  check_int STOP_TIMEOUT 1
-  ((10#$STOP_TIMEOUT > 10#$SHUTDOWN_DRAIN)) || bad STOP_TIMEOUT "must exceed SHUTDOWN_DRAIN ($SHUTDOWN_DRAIN s), or in-flight requests are killed mid-drain"
-  check_int WARMUP_REQUESTS 0 4096
-  [[ $EXTRA_VLLM_ARGS =~ ^[[:print:]]*$ ]] || bad EXTRA_VLLM_ARGS "printable characters only"
+  local name
+  local -a names=("$@")
+  (($#)) || mapfile -t names < <(schema_names)
+  for name in "${names[@]}"; do
+    case $name in
+      MODEL_PATH) [[ -n $MODEL_PATH ]] || bad MODEL_PATH "must name the model folder (run 'make model' to download it)" ;;
+      SERVED_MODEL_NAME) [[ $SERVED_MODEL_NAME =~ ^[A-Za-z0-9._/:-]+$ ]] || bad SERVED_MODEL_NAME "letters, digits and . _ / : - only" ;;
+      LOAD_FORMAT) check_enum LOAD_FORMAT auto safetensors pt dummy ;;
+      HOST) [[ $HOST =~ ^[A-Za-z0-9.:-]+$ ]] || bad HOST "an IP address or host name, e.g. 127.0.0.1" ;;
+      PORT) check_int PORT 1 65535 ;;
+      API_KEY) [[ $API_KEY =~ ^[[:graph:]]*$ ]] || bad API_KEY "printable characters without spaces" ;;
+      DEVICE) check_enum DEVICE cuda cpu ;;
+      DTYPE) check_enum DTYPE bfloat16 float16 float32 auto ;;
+      TENSOR_PARALLEL_SIZE) check_int TENSOR_PARALLEL_SIZE 1 64 ;;
+      DATA_PARALLEL_SIZE) check_int DATA_PARALLEL_SIZE 1 64 ;;
+      GPU_MEMORY_UTIL) check_float GPU_MEMORY_UTIL "a fraction, 0 < x <= 1" "x > 0 && x <= 1" ;;
+      QUANTIZATION) [[ -z $QUANTIZATION ]] || check_enum QUANTIZATION fp8 ;;
+      CPU_KVCACHE_GB) check_int CPU_KVCACHE_GB 1 ;;
+      MAX_MODEL_LEN) check_int MAX_MODEL_LEN 16 ;;
+      MAX_NUM_SEQS) check_int MAX_NUM_SEQS 1 4096 ;;
+      MAX_NUM_BATCHED_TOKENS) [[ -z $MAX_NUM_BATCHED_TOKENS ]] || check_int MAX_NUM_BATCHED_TOKENS 16 ;;
+      API_SERVER_COUNT) check_int API_SERVER_COUNT 1 64 ;;
+      TEMPERATURE) check_float TEMPERATURE "a number from 0 to 2" "x >= 0 && x <= 2" ;;
+      TOP_P) check_float TOP_P "a fraction, 0 < x <= 1" "x > 0 && x <= 1" ;;
+      TOP_K) [[ $TOP_K == -1 ]] || check_int TOP_K 1 ;;
+      MAX_TOKENS)
+        check_int MAX_TOKENS 1
+        ((10#$MAX_TOKENS < 10#$MAX_MODEL_LEN)) || bad MAX_TOKENS "must be below MAX_MODEL_LEN ($MAX_MODEL_LEN): the prompt needs room"
+        ;;
+      ALLOWED_MEDIA_DOMAINS) [[ $ALLOWED_MEDIA_DOMAINS =~ ^[A-Za-z0-9.,\ -]*$ ]] || bad ALLOWED_MEDIA_DOMAINS "host names separated by commas, e.g. media.example.com,cdn.example.com" ;;
+      MAX_AUDIO_SECONDS) check_int MAX_AUDIO_SECONDS 1 ;;
+      MAX_AUDIO_BYTES) check_int MAX_AUDIO_BYTES 1024 ;;
+      MAX_REQUEST_BYTES) check_int MAX_REQUEST_BYTES 1024 ;;
+      ALLOWED_HOSTS) [[ $ALLOWED_HOSTS =~ ^[A-Za-z0-9.,\ -]*$ ]] || bad ALLOWED_HOSTS "host names separated by commas, e.g. gpu-host.example.com" ;;
+      EXTRA_ROUTES)
+        [[ $EXTRA_ROUTES == all || $EXTRA_ROUTES =~ ^(/[A-Za-z0-9/_.-]*)?([,\ ]+/[A-Za-z0-9/_.-]*)*$ ]] ||
+          bad EXTRA_ROUTES "all, or paths separated by commas, e.g. /tokenize,/v1/completions"
+        ;;
+      REQUEST_TIMEOUT) check_int REQUEST_TIMEOUT 1 3600 ;;
+      UNIX_SOCKET)
+        [[ -z $UNIX_SOCKET || ($UNIX_SOCKET =~ ^[A-Za-z0-9/_.-]+$ && ${#UNIX_SOCKET_ABS} -lt 100) ]] ||
+          bad UNIX_SOCKET "a socket path of letters, digits and / _ . - (under 100 characters in all)"
+        ;;
+      LOG_DIR) [[ -n $LOG_DIR ]] || bad LOG_DIR "must name a folder" ;;
+      LOG_KEEP) check_int LOG_KEEP 0 1000 ;;
+      START_TIMEOUT) check_int START_TIMEOUT 1 ;;
+      SHUTDOWN_DRAIN) check_int SHUTDOWN_DRAIN 0 ;;
+      STOP_TIMEOUT)
+        check_int STOP_TIMEOUT 1
+        ((10#$STOP_TIMEOUT > 10#$SHUTDOWN_DRAIN)) || bad STOP_TIMEOUT "must exceed SHUTDOWN_DRAIN ($SHUTDOWN_DRAIN s), or in-flight requests are killed mid-drain"
+        ;;
+      WARMUP_REQUESTS) check_int WARMUP_REQUESTS 0 4096 ;;
+      EXTRA_VLLM_ARGS) [[ $EXTRA_VLLM_ARGS =~ ^[[:print:]]*$ ]] || bad EXTRA_VLLM_ARGS "printable characters only" ;;
+    esac
+  done
 }
 
 # --- process identity --------------------------------------------------------------------------
 # A PID file holds key=value lines: pid, pgid, start_time (clock ticks since boot, /proc/PID/stat
-# field 22), log_id (device:inode of the log file the service writes to), port, model, started_at.
+# field 22), log_id (device:inode of the log file the service writes to), started_at, and what the
+# service serves (write_pid_file): it is the running service's record, which status, stop and a
+# second start read rather than today's configuration.
 # The service is launched with setsid, so every process of it (API server, engine, workers, and
 # the engine orphaned by a kill -9 of the API server) sits in session PID and writes its stdout to
 # that log file. A process is ours only if both hold. The kernel never hands out a pid that is in
@@ -222,8 +255,9 @@ service_pids() {
   return 0
 }
 
-read_pid_file() { # sets PF_PID PF_PGID PF_START PF_LOG_ID PF_PORT PF_MODEL PF_STARTED_AT
-  PF_PID='' PF_PGID='' PF_START='' PF_LOG_ID='' PF_PORT='' PF_MODEL='' PF_STARTED_AT=''
+read_pid_file() { # sets PF_PID PF_PGID PF_START PF_LOG_ID PF_STARTED_AT and PF_<KEY> of every key
+  PF_PID='' PF_PGID='' PF_START='' PF_LOG_ID='' PF_STARTED_AT=''
+  PF_PORT='' PF_BIND='' PF_HOST='' PF_SOCKET='' PF_URL='' PF_LOG='' PF_MODEL='' PF_SERVED_MODEL=''
   [[ -f $PID_FILE_ABS ]] || return 1
   local key value
   while IFS='=' read -r key value; do
@@ -232,12 +266,27 @@ read_pid_file() { # sets PF_PID PF_PGID PF_START PF_LOG_ID PF_PORT PF_MODEL PF_S
       pgid) PF_PGID=$value ;;
       start_time) PF_START=$value ;;
       log_id) PF_LOG_ID=$value ;;
-      port) PF_PORT=$value ;;
-      model) PF_MODEL=$value ;;
       started_at) PF_STARTED_AT=$value ;;
+      port) PF_PORT=$value ;;
+      bind) PF_BIND=$value ;;
+      host) PF_HOST=$value ;;
+      socket) PF_SOCKET=$value ;;
+      url) PF_URL=$value ;;
+      log) PF_LOG=$value ;;
+      model) PF_MODEL=$value ;;
+      served_model) PF_SERVED_MODEL=$value ;;
     esac
   done <"$PID_FILE_ABS"
   return 0
+}
+
+# use_record: from here on, the service's address and log are the PID file's (read_pid_file
+# first), whatever today's configuration says. A PID file written before they were recorded
+# (no url= line) leaves today's in place.
+use_record() {
+  [[ -n $PF_URL ]] || return 0
+  set_address "$PF_HOST" "$PF_PORT" "$PF_SOCKET"
+  LOG_FILE=$PF_LOG
 }
 
 write_pid_file() { # write_pid_file PID — atomically
@@ -248,9 +297,16 @@ write_pid_file() { # write_pid_file PID — atomically
     echo "pgid=$(proc_stat_field "$pid" 5)"
     echo "start_time=$(proc_stat_field "$pid" 22)"
     echo "log_id=$(file_id "$LOG_FILE")"
-    echo "port=$PORT"
-    echo "model=$MODEL_DIR"
     echo "started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    # What the service serves, and where status, stop and a second start find it.
+    echo "port=$PORT"
+    echo "bind=$HOST"
+    echo "host=$HEALTH_HOST"
+    echo "socket=$UNIX_SOCKET_ABS"
+    echo "url=$BASE_URL"
+    echo "log=$LOG_FILE"
+    echo "model=$MODEL_DIR"
+    echo "served_model=$SERVED_MODEL_NAME"
   } >"$tmp"
   mv -f "$tmp" "$PID_FILE_ABS"
 }

@@ -8,8 +8,10 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 import requests
 
 from captioner.payload import chat_request, data_url
-from tests.service import SAMPLE, Service, script
+from tests.service import ROOT, SAMPLE, Service, script
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("decoy_untouched")]
 
@@ -121,3 +123,44 @@ def test_status_reports_request_counters_from_metrics(server: Service) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "health:   ok" in r.stdout
     assert re.search(r"^requests: \d+ running, \d+ waiting$", r.stdout, re.M), r.stdout
+
+
+def test_unix_socket_service_warm_up_through_the_socket_and_the_pid_file_is_the_record(
+        fresh_service: Service, tmp_path: Path) -> None:
+    """The socket mode on the real server (issue #20): tools/warm_up.py captions through the socket
+    (uvicorn and the request guard behind it); status and stop find the service from its PID file
+    under other settings, a bad unrelated value included; a second start for TCP says what runs."""
+    svc = fresh_service
+    sock_dir = Path(tempfile.mkdtemp(prefix="cap-", dir="/tmp"))  # a socket path is < 108 bytes
+    sock = sock_dir / "api.sock"
+    svc.env["UNIX_SOCKET"] = str(sock)
+    try:
+        start = svc.start()
+        assert f"ready: unix:{sock} (pid {svc.pid}," in start.stderr, start.stderr
+        assert port_is_free(svc.port)
+        warm = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "tools" / "warm_up.py"),
+             "--unix-socket", str(sock), "--base-url", "http://localhost", "--requests", "2",
+             "--seconds", "2", "--max-tokens", "4"],
+            capture_output=True, text=True, timeout=300)
+        assert warm.returncode == 0, warm.stdout + warm.stderr
+        assert "warm_up: 2 concurrent request(s) of 2 s audio, 4 tokens" in warm.stdout
+        assert warm.stdout.count(", 0 failed") == 2, warm.stdout
+
+        other = {k: v for k, v in svc.env.items() if k != "UNIX_SOCKET"} | {"TEMPERATURE": "abc"}
+        status = script("status_service.sh", other, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"url:      unix:{sock}\n" in status.stdout and "health:   ok\n" in status.stdout
+        second = script("start_service.sh", other | {"TEMPERATURE": "0.5"})
+        assert second.returncode == 1
+        assert second.stderr == (
+            f"start_service: already running with other settings (pid {svc.pid}, unix:{sock}, model "
+            f"{svc.model}): UNIX_SOCKET is {sock} there, empty here; run ./stop_service.sh first to "
+            "start with these\n")
+        stop = script("stop_service.sh", other)
+        assert stop.returncode == 0, stop.stderr
+        assert f"stopping pid {svc.pid} (unix:{sock}; draining up to " in stop.stderr
+        assert svc.leftovers() == []
+        assert script("status_service.sh", other, timeout=60).returncode == 3
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -95,6 +95,35 @@ teardown() { common_teardown; }
   grep -qx "start_service: warm-up failed (the service is up; see $T/logs/service.log)" "$T/err"
 }
 
+@test "UNIX_SOCKET: the start warms up through the socket; status and stop find it there" {
+  mkdir -p "$T/bin" "$T/stubroot/v1/chat"
+  printf '#!/bin/sh\necho "GPU 0: x"\necho "GPU 1: y"\n' >"$T/bin/nvidia-smi"
+  chmod +x "$T/bin/nvidia-smi"
+  echo '{"data": [{"id": "stub-model"}]}' >"$T/stubroot/v1/models"
+  echo '{"object": "chat.completion"}' >"$T/stubroot/v1/chat/completions"
+  export DEVICE=cuda WARMUP_REQUESTS=2 PATH="$T/bin:$PATH" UNIX_SOCKET=$T/api.sock
+  run "$KIT/start_service.sh"
+  assert_success
+  assert_line "start_service: warming up with 2 concurrent requests"
+  assert_line --index -1 --regexp "^start_service: ready: unix:$T/api\.sock \(pid "
+  refute_output --partial "warm-up skipped"
+  # Both waves answered through the socket (the stub listens on nothing else).
+  grep -q '^warm_up: 1 concurrent request(s) of 30 s audio, 32 tokens: .* 0 failed$' "$T/logs/service.log"
+  grep -q '^warm_up: 2 concurrent request(s) of 30 s audio, 32 tokens: .* 0 failed$' "$T/logs/service.log"
+  assert_equal "$(pid_field socket)" "$T/api.sock"
+  assert_equal "$(ss -Hltn "sport = :$PORT")" ""
+  unset UNIX_SOCKET
+  run "$KIT/status_service.sh"
+  assert_success
+  assert_line "url:      unix:$T/api.sock"
+  assert_line "health:   ok"
+  pid=$(pid_field pid)
+  run "$KIT/stop_service.sh"
+  assert_success
+  assert_line --index 0 "stop_service: stopping pid $pid (unix:$T/api.sock; draining up to 1s)"
+  assert_equal "$(session_of "$pid")" ""
+}
+
 @test "start, status 0, stop, status 3: nothing of the session is left" {
   run "$KIT/start_service.sh"
   assert_success
@@ -120,7 +149,40 @@ teardown() { common_teardown; }
   "$KIT/start_service.sh" 2>/dev/null
   run "$KIT/start_service.sh"
   assert_success
-  assert_output "start_service: already running (pid $(pid_field pid), port $PORT, http://127.0.0.1:$PORT)"
+  assert_output "start_service: already running (pid $(pid_field pid), http://127.0.0.1:$PORT, model Qwen3-Omni-30B-A3B-Captioner)"
+}
+
+@test "the PID file records what runs: port, host, socket, log, URL, model" {
+  "$KIT/start_service.sh" 2>/dev/null
+  assert_equal "$(pid_field port)" "$PORT"
+  assert_equal "$(pid_field bind)" 127.0.0.1
+  assert_equal "$(pid_field host)" 127.0.0.1
+  assert_equal "$(pid_field socket)" ""
+  assert_equal "$(pid_field url)" "http://127.0.0.1:$PORT"
+  assert_equal "$(pid_field log)" "$T/logs/service.log"
+  assert_equal "$(pid_field model)" "$T/model"
+  assert_equal "$(pid_field served_model)" Qwen3-Omni-30B-A3B-Captioner
+}
+
+@test "a second start with other settings says what runs and what differs, and exits 1" {
+  "$KIT/start_service.sh" 2>/dev/null
+  pid=$(pid_field pid)
+  running="pid $pid, http://127.0.0.1:$PORT, model Qwen3-Omni-30B-A3B-Captioner"
+  other=$(free_port)
+  PORT=$other run "$KIT/start_service.sh"
+  assert_failure 1
+  assert_output "start_service: already running with other settings ($running): PORT is $PORT there, $other here; run ./stop_service.sh first to start with these"
+  HOST=0.0.0.0 SERVED_MODEL_NAME=other run "$KIT/start_service.sh"
+  assert_failure 1
+  assert_output "start_service: already running with other settings ($running): HOST is 127.0.0.1 there, 0.0.0.0 here; SERVED_MODEL_NAME is Qwen3-Omni-30B-A3B-Captioner there, other here; run ./stop_service.sh first to start with these"
+  UNIX_SOCKET=$T/api.sock run "$KIT/start_service.sh"
+  assert_failure 1
+  assert_output "start_service: already running with other settings ($running): UNIX_SOCKET is empty there, $T/api.sock here; run ./stop_service.sh first to start with these"
+  # Nothing was launched or changed: the one server runs on, on its port.
+  assert_equal "$(pid_field pid)" "$pid"
+  assert_equal "$(grep -c '^=== ' "$T/logs/service.log")" 1
+  run "$KIT/status_service.sh"
+  assert_success
 }
 
 @test "two starts at the same moment give one server" {

@@ -95,3 +95,60 @@ teardown() { common_teardown; }
   assert_failure 1
   assert_line --index -1 "health:   HTTP 404"
 }
+
+@test "status and stop read the PID file, not today's port, host or log folder" {
+  mkdir -p "$T/run"
+  PID_FILE=$T/run/service.pid "$KIT/start_service.sh" 2>/dev/null
+  pid=$(sed -n 's/^pid=//p' "$T/run/service.pid")
+  port=$PORT
+  # The PID file is found as before (PID_FILE); everything else differs from the start's.
+  export PID_FILE=$T/run/service.pid PORT=8003 HOST=localhost LOG_DIR=$T/elsewhere
+  run "$KIT/status_service.sh"
+  assert_success
+  assert_line "url:      http://127.0.0.1:$port"
+  assert_line "log:      $T/logs/service.log"
+  assert_line "health:   ok"
+  run "$KIT/stop_service.sh"
+  assert_success
+  assert_line --index 0 "stop_service: stopping pid $pid (http://127.0.0.1:$port; draining up to 1s)"
+  assert_equal "$(session_of "$pid")" ""
+}
+
+@test "a bad value of a setting they do not use blocks neither stop nor status; start still refuses it" {
+  "$KIT/start_service.sh" 2>/dev/null
+  pid=$(pid_field pid)
+  TEMPERATURE=abc run "$KIT/start_service.sh"
+  assert_failure 1
+  assert_output 'start_service: TEMPERATURE="abc" is invalid: a number from 0 to 2'
+  export TEMPERATURE=abc PORT=abc MODEL_PATH=
+  run "$KIT/status_service.sh"
+  assert_success
+  assert_line "health:   ok"
+  # What stop uses is still checked.
+  STOP_TIMEOUT=1 run "$KIT/stop_service.sh"
+  assert_failure 1
+  assert_output 'stop_service: STOP_TIMEOUT="1" is invalid: must exceed SHUTDOWN_DRAIN (1 s), or in-flight requests are killed mid-drain'
+  API_KEY='a b' run "$KIT/status_service.sh"
+  assert_failure 1
+  assert_output 'status_service: API_KEY="a b" is invalid: printable characters without spaces'
+  run "$KIT/stop_service.sh"
+  assert_success
+  assert_line --index -1 "stop_service: stopped"
+  assert_equal "$(session_of "$pid")" ""
+}
+
+@test "status without the key the service requires: requests unknown, exit 0 all the same" {
+  "$KIT/start_service.sh" 2>/dev/null
+  echo 401 >"$T/stubroot/metrics.status" # what the guard answers without the key
+  run "$KIT/status_service.sh"
+  assert_success
+  assert_line "health:   ok"
+  assert_line --index -1 "requests: unknown (the API key is required to read /metrics)"
+  API_KEY=wrong-key run "$KIT/status_service.sh"
+  assert_success
+  assert_line --index -1 "requests: unknown (/metrics refused the API key given: give status the service's API_KEY)"
+  echo 500 >"$T/stubroot/metrics.status"
+  run "$KIT/status_service.sh"
+  assert_success
+  assert_line --index -1 "requests: unknown (/metrics answered HTTP 500)"
+}

@@ -1,9 +1,10 @@
 # Shared setup for the script tests: a throwaway folder per test, an empty config, a fake model
 # folder, a stub VLLM_PYTHON, and a decoy standing in for the video service on port 8002.
-# The stub answers the version probe; launched, it serves the files of $STUB_ROOT over HTTP (an
-# empty $STUB_ROOT/health is a healthy server; $STUB_ROOT/health.status holding 503 makes /health
-# answer 503) and forks an "engine" child, like vLLM's API server does. The real vLLM runs in the
-# pytest suite. Assertions: bats-support and bats-assert (Debian packages of the same names).
+# The stub answers the version probe; launched, it serves the files of $STUB_ROOT over HTTP on
+# its --port, or on its --uds socket (an empty $STUB_ROOT/health is a healthy server;
+# $STUB_ROOT/health.status holding 503 makes /health answer 503; a POST reads its body and answers
+# as a GET would) and forks an "engine" child, like vLLM's API server does. The real vLLM runs in
+# the pytest suite. Assertions: bats-support and bats-assert (Debian packages of the same names).
 
 bats_load_library bats-support
 bats_load_library bats-assert
@@ -33,18 +34,25 @@ fi
 printf '%s\n' "$@" >"$STUB_ARGS"
 env >"$STUB_ENV"
 [[ -z ${STUB_EXIT:-} ]] || { echo "stub: failing on purpose"; exit "$STUB_EXIT"; }
-port=0
-while (($#)); do [[ $1 == --port ]] && port=$2; shift; done
+port=0 uds=""
+while (($#)); do
+  [[ $1 == --port ]] && port=$2
+  [[ $1 == --uds ]] && uds=$2
+  shift
+done
 [[ -z ${STUB_SLOW:-} ]] || sleep "$STUB_SLOW"
 ( exec -a "VLLM::EngineCore $STUB_ROOT" sleep 1000 ) &
-exec python3 "${0%/*}/stub_server.py" "$STUB_ROOT" "$port" # the server beside this stub
+exec python3 "${0%/*}/stub_server.py" "$STUB_ROOT" "$port" $uds # the server beside this stub
 STUB
   chmod +x "$T/vllm-python"
   # python3 -m http.server, plus a status of our choosing: ROOT/PATH.status holds the code that
-  # PATH answers (GET and HEAD), with an empty body.
+  # PATH answers (GET, HEAD and POST), with an empty body. Given a third argument, it listens on
+  # that UNIX socket instead of the port, as vLLM does with --uds.
   cat >"$T/stub_server.py" <<'SERVER'
 import http.server
+import os
 import pathlib
+import socketserver
 import sys
 from functools import partial
 
@@ -61,8 +69,23 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         self.end_headers()
         return None
 
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.do_GET()
 
-http.server.ThreadingHTTPServer(("127.0.0.1", PORT), partial(Handler, directory=ROOT)).serve_forever()
+    def address_string(self):
+        return str(self.client_address[0]) if self.client_address else "unix"
+
+
+class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+handler = partial(Handler, directory=ROOT)
+if len(sys.argv) > 3:
+    os.umask(0o007)
+    UnixServer(sys.argv[3], handler).serve_forever()
+http.server.ThreadingHTTPServer(("127.0.0.1", PORT), handler).serve_forever()
 SERVER
   export CAPTIONER_CONFIG=$T/empty.env DEVICE=cpu MODEL_PATH=$T/model LOG_DIR=$T/logs
   export VLLM_PYTHON=$T/vllm-python STUB_ARGS=$T/args STUB_ENV=$T/env STUB_ROOT=$T/stubroot
