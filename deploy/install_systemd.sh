@@ -4,8 +4,12 @@
 # Usage: deploy/install_systemd.sh [--print] [--user NAME] [--name UNIT] [--config FILE] [-h|--help]
 #
 # Fills deploy/captioner.service.in and deploy/captioner.logrotate.in with this kit's absolute
-# path and its configuration (config.env, or FILE; the environment wins, as for start_service.sh),
-# validated first; the unit starts the service with that file (--config). Writes /etc/systemd/system/UNIT.service and /etc/logrotate.d/UNIT, creates the
+# path and its configuration (config.env, or FILE), validated first; the unit starts the service
+# with that file (--config) and nothing else. So a setting that the environment changes here is
+# refused by name (it would be in the unit's text but not in what the service reads): put it in
+# the file. With UNIX_SOCKET the unit may write the socket's folder (ReadWritePaths); a socket in
+# /tmp or /var/tmp is refused (the unit's PrivateTmp would hide it from every other process).
+# Writes /etc/systemd/system/UNIT.service and /etc/logrotate.d/UNIT, creates the
 # log folder (0750) and service.log (0640) owned by the service user (a shared LOG_DIR such as /tmp
 # is left as it is, with a warning), and runs `systemctl daemon-reload`. It enables and starts
 # nothing: it prints the commands for that.
@@ -14,7 +18,8 @@
 #   --name UNIT   unit name (default: captioner).
 # SYSTEMD_DIR and LOGROTATE_DIR override /etc/systemd/system and /etc/logrotate.d.
 #
-# Exit codes: 0 done, 1 bad option, bad config, unknown user, or not root without --print.
+# Exit codes: 0 done, 1 bad option, bad config, a setting from the environment, unknown user, or
+# not root without --print.
 # CAPTIONER_DEBUG=1 traces the script.
 set -euo pipefail
 PROG=install_systemd
@@ -23,10 +28,21 @@ source "$(dirname "${BASH_SOURCE[0]}")/../lib/service_lib.sh"
 
 fill() { # fill TEMPLATE -> stdout, every @KEY@ replaced
   sed -e "s|@UNIT@|$UNIT|g" -e "s|@KIT@|$KIT_ROOT|g" -e "s|@USER@|$SERVICE_USER|g" \
-    -e "s|@GROUP@|$SERVICE_GROUP|g" -e "s|@HOST@|$HOST|g" -e "s|@PORT@|$PORT|g" \
+    -e "s|@GROUP@|$SERVICE_GROUP|g" -e "s|@LISTEN@|$LISTEN|g" \
     -e "s|@LOG_DIR@|$LOG_DIR_ABS|g" -e "s|@LOG_FILE@|$LOG_FILE|g" -e "s|@SHUTDOWN_DRAIN@|$SHUTDOWN_DRAIN|g" \
     -e "s|@STOP_TIMEOUT@|$STOP_TIMEOUT|g" -e "s|@TIMEOUT_STOP@|$((10#$STOP_TIMEOUT + 30))|g" \
-    -e "s|@CONFIG@|$CONFIG_ABS|g" "$1"
+    -e "s|@CONFIG@|$CONFIG_ABS|g" -e "s|@SOCKET_DIR@|${UNIX_SOCKET_ABS:+ -${UNIX_SOCKET_ABS%/*}}|g" "$1"
+}
+
+# The settings the environment changes from what the config file gives: the unit will not see
+# them (it runs start_service.sh --config FILE with no environment of ours).
+environment_overrides() { # environment_overrides [FILE] -> their names, one a line
+  local name
+  local -a without=()
+  while read -r name; do without+=(-u "$name"); done < <(schema_names)
+  comm -13 <(env "${without[@]}" "$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell ${1:+--config "$1"} | sort) \
+    <("$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell ${1:+--config "$1"} | sort) |
+    sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p'
 }
 
 main() {
@@ -46,16 +62,25 @@ main() {
   debug_setup
   [[ $UNIT =~ ^[A-Za-z0-9_.@-]+$ ]] || die "--name $UNIT: letters, digits and _ . @ - only"
   load_config "$config"
+  CONFIG_ABS=$(realpath -m -- "${CONFIG_FILE:-$KIT_ROOT/config.env}")
+  local overrides
+  overrides=$(environment_overrides "$config" | paste -s -d ',' | sed 's/,/, /g')
+  [[ -z $overrides ]] ||
+    die "the environment sets $overrides, which the unit would not see (it reads only $CONFIG_ABS): put them in that file, or unset them"
   validate_config
+  case $UNIX_SOCKET_ABS in
+    /tmp/* | /var/tmp/*) die "UNIX_SOCKET=$UNIX_SOCKET_ABS: the unit has a /tmp of its own (PrivateTmp=yes), so no other process would see the socket; put it in a folder of /run, e.g. /run/captioner/api.sock" ;;
+  esac
   [[ -n $SERVICE_USER ]] || SERVICE_USER=$(stat -c %U "$KIT_ROOT")
   id "$SERVICE_USER" >/dev/null 2>&1 || die "user $SERVICE_USER does not exist (create it, or pass --user)"
   SERVICE_GROUP=$(id -gn "$SERVICE_USER")
   [[ $KIT_ROOT != *[[:space:]\|]* ]] || die "the kit's path $KIT_ROOT has spaces or '|': systemd units cannot name it; move the kit"
   # The unit starts with the file validated here, whatever the environment of a later start.
-  CONFIG_ABS=$(realpath -m -- "${CONFIG_FILE:-$KIT_ROOT/config.env}")
   [[ -f $CONFIG_ABS ]] || die "no configuration file to install with: create $CONFIG_ABS (it may be empty: config.env.example holds the defaults)"
   [[ $CONFIG_ABS != *[[:space:]\|]* ]] || die "--config $CONFIG_ABS has spaces or '|': systemd units cannot name it; move the file"
 
+  LISTEN=$HOST:$PORT
+  [[ -z $UNIX_SOCKET_ABS ]] || LISTEN=unix:$UNIX_SOCKET_ABS
   local dir=$KIT_ROOT/deploy
   if [[ -n $print ]]; then
     fill "$dir/captioner.service.in"

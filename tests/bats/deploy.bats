@@ -8,7 +8,15 @@ setup() {
   T=$BATS_TEST_TMPDIR
   : >"$T/empty.env"
   export CAPTIONER_CONFIG=$T/empty.env
-  unset HOST PORT LOG_DIR PID_FILE SHUTDOWN_DRAIN STOP_TIMEOUT
+  # No setting comes from this shell's environment: the installer refuses those (the unit reads
+  # only the config file).
+  while read -r name; do unset "$name"; done < <(sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' "$KIT/config.env.example")
+}
+
+# config_file KEY=VALUE...: the settings, in $T/c.env, which becomes the installer's config file.
+config_file() {
+  printf '%s\n' "$@" >"$T/c.env"
+  export CAPTIONER_CONFIG=$T/c.env
 }
 
 # The two files --print writes, split apart: $T/captioner.service and $T/captioner.logrotate.
@@ -50,7 +58,8 @@ print_split() {
 }
 
 @test "--print follows the configuration: drain window, log folder, port, user" {
-  SHUTDOWN_DRAIN=300 STOP_TIMEOUT=400 LOG_DIR=/srv/captioner-logs PORT=8123 print_split --user root --name cap2
+  config_file SHUTDOWN_DRAIN=300 STOP_TIMEOUT=400 LOG_DIR=/srv/captioner-logs PORT=8123
+  print_split --user root --name cap2
   run cat "$T/captioner.service"
   assert_line TimeoutStopSec=430
   assert_output --partial $'\nUser=root\nGroup=root\n'
@@ -79,7 +88,8 @@ print_split() {
 
 @test "logrotate accepts the snippet" {
   command -v logrotate >/dev/null || skip "logrotate is not installed (apt package: logrotate)"
-  LOG_DIR=$T/logs print_split --user root
+  config_file LOG_DIR=$T/logs
+  print_split --user root
   mkdir -p "$T/logs"
   echo line >"$T/logs/service.log"
   run logrotate -d -s "$T/state" "$T/captioner.logrotate"
@@ -94,7 +104,8 @@ print_split() {
 
 @test "copytruncate under a live O_APPEND writer: no hole, the writer goes on, at most a line or two lost" {
   command -v logrotate >/dev/null || skip "logrotate is not installed (apt package: logrotate)"
-  LOG_DIR=$T/logs print_split --user root
+  config_file LOG_DIR=$T/logs
+  print_split --user root
   mkdir -p "$T/logs"
   # Like vLLM under start_service.sh or systemd's append:, a writer that holds the file with O_APPEND.
   (for i in $(seq 1 400); do echo "line $i"; sleep 0.01; done >>"$T/logs/service.log") 3>&- &
@@ -116,7 +127,8 @@ print_split() {
 
 @test "logrotate keeps service.log and its copies, compressed too, at 0640" {
   command -v logrotate >/dev/null || skip "logrotate is not installed (apt package: logrotate)"
-  LOG_DIR=$T/logs print_split --user root
+  config_file LOG_DIR=$T/logs
+  print_split --user root
   mkdir -m 0750 "$T/logs"
   (umask 027 && echo one >"$T/logs/service.log")
   run logrotate -f -s "$T/state" "$T/captioner.logrotate"
@@ -133,12 +145,13 @@ print_split() {
 @test "install writes the unit and the snippet where told, and makes the log folder" {
   ((EUID == 0)) || skip "installing needs root"
   mkdir -p "$T/units" "$T/rotate"
-  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate LOG_DIR=$T/newlogs run "$KIT/deploy/install_systemd.sh" --user root
+  config_file LOG_DIR=$T/newlogs
+  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate run "$KIT/deploy/install_systemd.sh" --user root
   assert_success
   [ -f "$T/units/captioner.service" ]
   [ -f "$T/rotate/captioner" ]
   assert_equal "$(stat -c '%a %U' "$T/newlogs" "$T/newlogs/service.log")" $'750 root\n640 root'
-  grep -q "^ExecStart=$KIT/start_service.sh --foreground --config $T/empty.env$" "$T/units/captioner.service"
+  grep -q "^ExecStart=$KIT/start_service.sh --foreground --config $T/c.env$" "$T/units/captioner.service"
   assert_output --partial "install_systemd: wrote $T/units/captioner.service and $T/rotate/captioner (runs as root)"
 }
 
@@ -146,7 +159,8 @@ print_split() {
   ((EUID == 0)) || skip "installing needs root"
   mkdir -p "$T/units" "$T/rotate"
   mkdir -m 1777 "$T/shared"
-  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate LOG_DIR=$T/shared run "$KIT/deploy/install_systemd.sh" --user root
+  config_file LOG_DIR=$T/shared
+  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate run "$KIT/deploy/install_systemd.sh" --user root
   assert_success
   assert_line "install_systemd: warning: LOG_DIR=$T/shared ($T/shared) is shared with other accounts: left as it is; give the service a folder of its own"
   assert_equal "$(stat -c %a "$T/shared" "$T/shared/service.log")" $'1777\n640'
@@ -159,9 +173,48 @@ print_split() {
   run "$KIT/deploy/install_systemd.sh" --print --name 'a b'
   assert_failure 1
   assert_output "install_systemd: --name a b: letters, digits and _ . @ - only"
-  SHUTDOWN_DRAIN=90 STOP_TIMEOUT=60 run "$KIT/deploy/install_systemd.sh" --print
+  config_file SHUTDOWN_DRAIN=90 STOP_TIMEOUT=60
+  run "$KIT/deploy/install_systemd.sh" --print
   assert_failure 1
   assert_output 'install_systemd: STOP_TIMEOUT="60" is invalid: must exceed SHUTDOWN_DRAIN (90 s), or in-flight requests are killed mid-drain'
+}
+
+@test "a setting the environment changes is refused by name: the unit reads only the config file" {
+  config_file PORT=8124
+  PORT=9999 LOG_DIR=$T/x run "$KIT/deploy/install_systemd.sh" --print
+  assert_failure 1
+  assert_output "install_systemd: the environment sets LOG_DIR, PORT, which the unit would not see (it reads only $T/c.env): put them in that file, or unset them"
+  API_KEY=secret run "$KIT/deploy/install_systemd.sh" --print --config "$T/empty.env"
+  assert_failure 1
+  assert_output "install_systemd: the environment sets API_KEY, which the unit would not see (it reads only $T/empty.env): put them in that file, or unset them"
+  # The same value as the file's changes nothing: accepted.
+  PORT=8124 run "$KIT/deploy/install_systemd.sh" --print
+  assert_success
+  assert_output --partial 'on 127.0.0.1:8124'
+  ((EUID == 0)) || return 0
+  mkdir -p "$T/units" "$T/rotate"
+  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate PORT=9999 run "$KIT/deploy/install_systemd.sh" --user root
+  assert_failure 1
+  assert_equal "$(find "$T/units" "$T/rotate" -mindepth 1)" ""
+}
+
+@test "UNIX_SOCKET: the unit may write the socket's folder, and systemd-analyze verify accepts it" {
+  config_file UNIX_SOCKET=/run/captioner/api.sock
+  print_split
+  run grep '^ReadWritePaths=' "$T/captioner.service"
+  assert_output "ReadWritePaths=-$KIT/logs -$KIT/.cache -/run/captioner"
+  grep -qx 'Description=Qwen3-Omni Captioner (vLLM) on unix:/run/captioner/api.sock' "$T/captioner.service"
+  command -v systemd-analyze >/dev/null || skip "systemd-analyze is not installed (apt package: systemd)"
+  run systemd-analyze verify "$T/captioner.service"
+  assert_success
+  assert_output ''
+}
+
+@test "UNIX_SOCKET in /tmp is refused: the unit's private /tmp would hide the socket" {
+  config_file UNIX_SOCKET=/tmp/captioner.sock
+  run "$KIT/deploy/install_systemd.sh" --print
+  assert_failure 1
+  assert_output "install_systemd: UNIX_SOCKET=/tmp/captioner.sock: the unit has a /tmp of its own (PrivateTmp=yes), so no other process would see the socket; put it in a folder of /run, e.g. /run/captioner/api.sock"
 }
 
 @test "--help prints the usage" {
