@@ -40,6 +40,7 @@ QUIET_RATIO = 0.1  # or 20 dB below the file's median frame loudness
 CUT_SEARCH_SECONDS = 2.0  # a cut is looked for in the window's last 2 s,
 CUT_SEARCH_DIVISOR = 5  # or its last fifth when that is longer
 MAX_WINDOW_SECONDS = 30.0  # the longest window by default: the model is at its best on 30 s or less
+LIMIT_SLACK_SECONDS = 0.1  # over a length limit by less (codec padding, resampling) is not over
 
 # First matching FFmpeg demuxer name → MIME type for the data: URL.
 _MIME_BY_FORMAT = {
@@ -68,6 +69,16 @@ _HEADER_DURATION_FORMATS = {"wav", "aiff", "flac", "ogg", "mov", "mp4", "matrosk
 _FULL_DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 2)
 
 Samples = npt.NDArray[np.float32]
+
+
+class AudioTooLong(InputError):
+    """Audio longer than a caller's limit: `seconds` long (`exact`), or at least that long (the
+    decode stopped there)."""
+
+    def __init__(self, name: str, seconds: float, limit: float, exact: bool) -> None:
+        super().__init__(f"{name}: {'' if exact else 'more than '}{seconds:.1f} s of audio, "
+                         f"over the limit of {limit:g} s")
+        self.seconds, self.limit, self.exact = seconds, limit, exact
 
 
 @dataclass(frozen=True)
@@ -203,14 +214,23 @@ def _header_duration(container: av.container.InputContainer, stream: av.AudioStr
     return seconds if seconds > 0 else None
 
 
-def decode(data: bytes, name: str) -> Decoded:
-    """Decode any FFmpeg-readable audio to mono float32 at 16 kHz; `InputError` if not audio."""
+def decode(data: bytes, name: str, limit_seconds: float | None = None) -> Decoded:
+    """Decode any FFmpeg-readable audio to mono float32 at 16 kHz; `InputError` if not audio.
+    With `limit_seconds`, `AudioTooLong` as soon as more than that has been decoded: a small
+    file that decodes to hours (a header that lies, silence compressed to nothing) costs no more
+    memory than the limit."""
     try:
         with _open_audio(data, name) as (container, stream):
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             chunks: list[Samples] = []
+            decoded = 0
+            cap = None if limit_seconds is None else (limit_seconds + LIMIT_SLACK_SECONDS) * SAMPLE_RATE
             for frame in container.decode(stream):
-                chunks.extend(_mono(f) for f in resampler.resample(frame))
+                for f in resampler.resample(frame):
+                    chunks.append(_mono(f))
+                    decoded += len(chunks[-1])
+                if cap is not None and limit_seconds is not None and decoded > cap:
+                    raise AudioTooLong(name, decoded / SAMPLE_RATE, limit_seconds, exact=False)
             chunks.extend(_mono(f) for f in resampler.resample(None))
             container_name = container.format.name
     except av.FFmpegError as exc:
@@ -293,17 +313,30 @@ def to_pcm16(samples: Samples) -> npt.NDArray[np.int16]:
     return scaled.astype("<i2")
 
 
-def prepare(data: bytes, name: str, max_seconds: float) -> PreparedAudio:
+def _check_length(name: str, seconds: float, limit_seconds: float) -> None:
+    if seconds > limit_seconds + LIMIT_SLACK_SECONDS:
+        raise AudioTooLong(name, seconds, limit_seconds, exact=True)
+
+
+def prepare(
+    data: bytes, name: str, max_seconds: float, *, limit_seconds: float | None = None
+) -> PreparedAudio:
     """What to send for `data`: the original bytes, or WAV windows.
 
     Only audio longer than `max_seconds` by its probed duration (or of unknown
-    duration) is decoded in full; the decoded length then decides.
+    duration) is decoded in full; the decoded length then decides. With `limit_seconds`
+    (the service's own route: MAX_AUDIO_SECONDS), longer audio is `AudioTooLong`, from the
+    probed duration when it tells, else while decoding.
     """
     probed = probe(data, name)
+    if limit_seconds is not None and probed.duration is not None:
+        _check_length(name, probed.duration, limit_seconds)
     if probed.duration is not None and probed.duration <= max_seconds:
         return PreparedAudio(probed.duration, probed.mime, [Window(0.0, probed.duration, data, probed.mime)])
     with _FULL_DECODE_SLOTS:
-        decoded = decode(data, name)
+        decoded = decode(data, name, limit_seconds)
+        if limit_seconds is not None:
+            _check_length(name, decoded.duration, limit_seconds)
         if decoded.duration <= max_seconds:
             window = Window(0.0, decoded.duration, data, decoded.mime)
             return PreparedAudio(decoded.duration, decoded.mime, [window])
