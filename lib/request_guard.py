@@ -66,10 +66,13 @@ class Route(NamedTuple):
     public: bool  # answered without the API key
 
 
+# The OpenAI audio API (a multipart upload): lib/audio_api.py answers it, through the chat path.
+AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/captions")
 # What the kit documents; nothing else reaches vLLM. (The caption page is not here: the guard
 # answers it itself, see Page below.)
 ROUTES: dict[str, Route] = {
     "/v1/chat/completions": Route(frozenset({"POST"}), False),
+    **{path: Route(frozenset({"POST"}), False) for path in AUDIO_PATHS},
     "/v1/models": Route(frozenset({"GET"}), False),
     "/health": Route(frozenset({"GET"}), True),
     "/metrics": Route(frozenset({"GET"}), False),
@@ -441,6 +444,11 @@ class RequestGuard:
             return
         if route is PAGE_ROUTE:
             await self.page.serve(scope, send)
+            return
+        if scope.get("path") in AUDIO_PATHS:
+            import audio_api  # here, not above: it imports this module (and the client's decoder)
+
+            await audio_api.serve(self, scope, receive, send)
             return
         if scope["type"] == "websocket" or scope.get("method") != "POST":
             await self.app(scope, receive, send)

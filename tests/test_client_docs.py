@@ -1,4 +1,4 @@
-"""Run every client command and the Python example of README.md against the real server.
+"""Run every client command and the Python examples of README.md against the real server.
 
 Commands are the `$ ` lines of the ```console blocks; a trailing `# exit N` is the exit code
 they must give (else 0). They run in a folder holding the files the page names, with these
@@ -113,10 +113,13 @@ def test_documented_commands_run(commands: list[str], server: Any, workdir: tupl
         assert "Traceback" not in stderr, (command, stderr)
 
 
+@pytest.mark.parametrize(("heading", "code"), [
+    pytest.param(heading, code, id=re.sub(r"\W+", "-", heading.lower()).strip("-"))
+    for heading, code in blocks("python")
+])
 def test_documented_openai_sdk_example_runs(
-    server: Any, workdir: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+    heading: str, code: str, server: Any, workdir: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ((_, code),) = blocks("python")
     monkeypatch.chdir(workdir[0])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -11,13 +12,15 @@ from pathlib import Path
 import pytest
 
 from tests.service import ROOT, Service
+from tests.test_client_support import parse_srt
 
 README = (ROOT / "README.md").read_text()
 
 
-def bash_block_under(heading: str) -> str:
-    section = README.split(heading, 1)[1]
-    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+def bash_block_under(heading: str, holding: str = "") -> str:
+    """The first ```bash block under `heading` (in its section) that holds `holding`."""
+    section = re.split(r"^#{2,4} ", README.split(heading, 1)[1], flags=re.M)[0]  # (a bash comment is "# ")
+    return next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if holding in b)
 
 
 def test_every_make_target_the_readme_names_exists() -> None:
@@ -52,3 +55,15 @@ def test_the_readme_curl_example_returns_a_chat_completion(server: Service, tmp_
     reply = json.loads(r.stdout)
     assert reply["object"] == "chat.completion"
     assert isinstance(reply["choices"][0]["message"]["content"], str)
+
+
+@pytest.mark.server
+def test_the_readme_upload_example_returns_subtitles(server: Service, tmp_path: Path) -> None:
+    block = bash_block_under("### Caption with curl", "/v1/audio/transcriptions")
+    (tmp_path / "clip.wav").write_bytes((ROOT / "samples" / "sample.wav").read_bytes())
+    block = block.replace("http://127.0.0.1:8003", server.base_url)
+    env = {**os.environ, "API_KEY": ""}  # the test server has none: the header is sent empty
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert all(cue[:2] == ("00:00:00,000", "00:00:05,578") for cue in parse_srt(r.stdout)), r.stdout

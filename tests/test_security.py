@@ -605,6 +605,41 @@ def test_oversize_bodies_are_refused_before_they_are_read(hardened: Service) -> 
     assert chat(hardened, [audio_part(data_url(SAMPLE.read_bytes()))], key=KEY).status_code == 200
 
 
+@pytest.mark.server
+def test_the_audio_route_is_behind_the_key_and_the_size_and_length_caps(hardened: Service) -> None:
+    """The upload (lib/audio_api.py, issue #22; the rest in tests/test_audio_api.py) on the keyed
+    server: 401 without the key, before the body is read; a form streamed past MAX_REQUEST_BYTES
+    413 once past it; audio over MAX_AUDIO_SECONDS 413 saying the limit; with the key, a caption."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    clip = {"file": ("clip.wav", SAMPLE.read_bytes())}
+    for path in ("/v1/audio/transcriptions", "/v1/audio/captions"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = requests.post(hardened.base_url + path, files=clip, headers=headers, timeout=60)
+            assert r.status_code == 401 and "API key" in error_message(r), (path, headers, r.text)
+        r = requests.post(hardened.base_url + path, files=clip, headers=auth, timeout=120)
+        assert r.status_code == 200 and isinstance(r.json()["text"], str), r.text
+    with socket.create_connection(("127.0.0.1", hardened.port), timeout=5) as s:
+        s.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 1000000000\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 401 ")
+    url = f"{hardened.base_url}/v1/audio/transcriptions"
+
+    def form() -> Iterator[bytes]:  # no Content-Length: chunked, a file part that never ends
+        yield b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n\r\n'
+        for _ in range(MAX_REQUEST_BYTES // 65536 + 2):
+            yield b"\0" * 65536
+
+    multipart = {**auth, "Content-Type": "multipart/form-data; boundary=b0undary"}
+    r = requests.post(url, data=form(), headers=multipart, timeout=60)
+    assert r.status_code == 413 and "MAX_REQUEST_BYTES" in error_message(r), r.text
+    long = {"file": ("long.wav", tone_wav(MAX_AUDIO_SECONDS + 3))}
+    r = requests.post(url, files=long, headers=auth, timeout=60)
+    assert r.status_code == 413, r.text
+    assert error_message(r).startswith(f"the audio is {MAX_AUDIO_SECONDS + 3}.0 s long: this server takes "
+                                       f"at most {MAX_AUDIO_SECONDS} s (MAX_AUDIO_SECONDS)")
+    _good(hardened, KEY)
+
+
 # --- round 2: every route behind the key, audio only everywhere, bounded before parsing ---------
 
 
@@ -625,7 +660,8 @@ def _vllm_routes(svc: Service) -> set[tuple[str, str]]:
     return routes
 
 
-DOCUMENTED = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version"}
+DOCUMENTED = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version",
+              "/v1/audio/transcriptions", "/v1/audio/captions"}  # the upload: tests/test_audio_api.py
 
 
 @pytest.mark.server
