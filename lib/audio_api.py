@@ -6,8 +6,8 @@ The request guard (lib/request_guard.py) hands these paths here after its Host, 
 route and declared-size checks. The body is a multipart form, parsed as it streams in and held in
 memory only (python_multipart's parser, fed chunk by chunk: nothing is spooled to disk), capped by
 MAX_REQUEST_BYTES (413 as soon as it passes): `file` (any container the client decodes) and,
-optionally, `model` (the served name), `response_format` (json, text, srt, vtt, verbose_json),
-`temperature` (0-2) and `stream` (server-sent `transcript.text.delta` events, then
+optionally, `model` (any name: the served model answers), `response_format` (json, text, srt,
+vtt, verbose_json), `temperature` (0-2) and `stream` (server-sent `transcript.text.delta` events, then
 `transcript.text.done`, as OpenAI's API sends them). Any other part is a 400 naming it.
 
 The audio is cut with the client's own rule (captioner/audio.py's prepare: windows of at most 30 s,
@@ -208,7 +208,7 @@ class Options:
 
     response_format: str = "json"
     stream: bool = False
-    model: str | None = None  # the served name, or None: vLLM's default (the same)
+    model: str | None = None  # the served name (whatever the form named), or None: vLLM's default
     temperature: float | None = None
 
 
@@ -223,13 +223,15 @@ def options_for(fields: dict[str, str], limits: Limits) -> Options:
         raise bad_request(f"the form field stream must be true or false, not {shown(fields['stream'])}")
     if stream == "true" and fmt not in STREAM_FORMATS:
         raise bad_request(f"stream=true sends text events: response_format {fmt} needs stream=false")
-    chat: dict[str, Any] = {"model": fields.get("model", limits.served_model)}
+    # `model` is any name: Whisper clients send their own ("whisper-1"), and this route has one
+    # model to offer, so it is checked as text (bounded, printable) and the served one answers.
+    chat: dict[str, Any] = {"model": fields.get("model", "-")}
     if "temperature" in fields:
         chat["temperature"] = _number(fields["temperature"])
-    problem = field_problem(chat, limits)
+    problem = field_problem(chat, Limits(vocab_size=limits.vocab_size))
     if problem:
         raise bad_request(problem)
-    return Options(fmt, stream == "true", chat["model"], chat.get("temperature"))
+    return Options(fmt, stream == "true", limits.served_model, chat.get("temperature"))
 
 
 def _number(text: str) -> float | str:
