@@ -33,8 +33,9 @@ no query string and at most MAX_LOGGED_TARGET escaped characters of the path. Er
 JSON shape. Loaded with `--middleware request_guard.RequestGuard` and PYTHONPATH=<kit>/lib.
 
 Beside it: lib/request_policy.py (what a caption request may be), lib/media_fetch.py (the fetch
-of an allowed audio URL), lib/caption_page.py (the page at /), lib/http_limits.py (the HTTP
-parser's header cap and deadline; importing this module imports it, which selects it).
+of an allowed audio URL), lib/audio_api.py (the OpenAI audio API's upload route, captioned
+through the chat path), lib/caption_page.py (the page at /), lib/http_limits.py (the HTTP parser's
+header cap and deadline; importing this module imports it, which selects it).
 """
 
 from __future__ import annotations
