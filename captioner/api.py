@@ -17,6 +17,10 @@ read timeout must not be resent (slow captions would be sent twice). A caption
 request has no side effects, so resending one the server may have started costs at
 most some work. An answer cut off after it began is not resent.
 
+Each retry's pause is announced by one line on stderr (a warning of the "captioner" logger):
+the server, what failed, and the next try ("retry 2 of 7 in 1 s"). Identical lines within a
+second (many requests failing at once on one server) are said once.
+
 One case is resent even with --retries 0, at once: a *reused* keep-alive connection
 that the server closed while it sat idle in the pool (vLLM closes the connection
 after some errors, e.g. its 500 for undecodable audio, a moment after answering).
@@ -26,6 +30,9 @@ resent over once; a fresh connection never is, so it cannot loop.
 
 All of that is the one `CaptionRetry`; nothing here loops or sleeps on its own. A failed
 request's exception is turned into the client's error by its type, in `transport_error`.
+
+A request's body is built once, as the bytes sent (payload.chat_request_bytes), and the same
+bytes go out on every retry and to every server a request fails over to.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from urllib3.exceptions import (
     NewConnectionError,
     ProtocolError,
     ReadTimeoutError,
+    SSLError,
 )
 from urllib3.util.retry import RequestHistory, Retry
 
@@ -59,11 +67,12 @@ from captioner.errors import (
     ServerHTTPError,
     ServerTimeoutError,
 )
-from captioner.payload import chat_request
+from captioner.options import BACKOFF_MAX, DEFAULT_BACKOFF, DEFAULT_BASE_URL, DEFAULT_RETRIES
+from captioner.payload import chat_request_bytes
 
 log = logging.getLogger("captioner")
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8003"
+__all__ = ["BACKOFF_MAX", "DEFAULT_BACKOFF", "DEFAULT_BASE_URL", "DEFAULT_RETRIES", "CaptionClient"]
 RETRY_STATUSES = (502, 503, 504)
 # vLLM's messages for the client mistakes it answers with HTTP 500 (docs/RELIABILITY.md,
 # "Bad input"): audio its decoders cannot read, whatever the codec — libsndfile's
@@ -76,9 +85,7 @@ BAD_INPUT_500 = re.compile(
     r"Cannot load local files|allowed-local-media-path|file://",
     re.IGNORECASE,
 )
-DEFAULT_RETRIES = 7
-DEFAULT_BACKOFF = 0.5  # seconds: the pauses are 0, 1, 2, 4, ... (urllib3's formula)
-BACKOFF_MAX = 30.0  # longest single pause
+JSON = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -134,22 +141,25 @@ class _ReuseTrackingHTTPSPool(HTTPSConnectionPool):
         return _mark_reuse(super()._get_conn(timeout))
 
 
+# Told a retry is coming: (what failed, this retry's number, how many in all, the pause,
+# whether the server's Retry-After set the pause).
+RetryHook = Callable[[str, int, int, float, bool], None]
+
+
 class CaptionRetry(Retry):
     """urllib3's `Retry`, plus: a request the server dropped before answering is retried
     like a refused connection, one dropped on a stale kept-alive connection is resent at
-    once without counting (see the module docstring), and `before_first_retry`, when set,
-    is called as a request's retries begin, before their first pause."""
+    once without counting (see the module docstring), and `on_retry`, when set, is told of
+    each retry before its pause."""
 
-    def __init__(
-        self, *args: Any, before_first_retry: Callable[[], None] | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, on_retry: RetryHook | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.before_first_retry = before_first_retry
+        self.on_retry = on_retry
         self._pause = True
 
     def new(self, **kw: Any) -> CaptionRetry:
         retry = super().new(**kw)
-        retry.before_first_retry = self.before_first_retry
+        retry.on_retry = self.on_retry
         return retry
 
     def _is_connection_error(self, err: Exception) -> bool:
@@ -175,8 +185,15 @@ class CaptionRetry(Retry):
     def sleep(self, response: Any = None) -> None:
         if not self._pause:
             return
-        if self.before_first_retry is not None and len(self.history) == 1:
-            self.before_first_retry()
+        if self.on_retry is not None and self.history:
+            # The pause urllib3's own sleep() is about to take: Retry-After if the answer has one
+            # (a 0 counts as none, as there), else the backoff.
+            asked = response is not None and self.respect_retry_after_header
+            retry_after = self.get_retry_after(response) if asked else None
+            pause = retry_after or self.get_backoff_time()
+            number = len(self.history)
+            left = self.total if isinstance(self.total, int) and not isinstance(self.total, bool) else 0
+            self.on_retry(retry_reason(self.history[-1]), number, number + left, pause, bool(retry_after))
         super().sleep(response)
 
     def pauses(self) -> list[float]:
@@ -190,10 +207,22 @@ class CaptionRetry(Retry):
         return pauses
 
 
+def retry_reason(attempt: RequestHistory) -> str:
+    """`connection refused`, `HTTP 503`: why a request is being retried, in words."""
+    if attempt.status:
+        return f"HTTP {attempt.status}"
+    if attempt.error is not None:
+        causes = list(_causes(attempt.error))
+        if any(isinstance(c, ProtocolError) for c in causes):
+            return "the connection was dropped before an answer"
+        return _connect_failure(causes, None)
+    return "no answer"
+
+
 def caption_retry(
     retries: int = DEFAULT_RETRIES,
     backoff: float = DEFAULT_BACKOFF,
-    before_first_retry: Callable[[], None] | None = None,
+    on_retry: RetryHook | None = None,
 ) -> CaptionRetry:
     """The client's retry policy: refused or dropped connections and 502/503/504, each
     retried `retries` times in all with exponential backoff; never a read timeout."""
@@ -208,7 +237,7 @@ def caption_retry(
         backoff_factor=backoff,
         backoff_max=BACKOFF_MAX,
         raise_on_status=False,
-        before_first_retry=before_first_retry,
+        on_retry=on_retry,
     )
 
 
@@ -234,9 +263,8 @@ def normalize_base_url(url: str) -> str:
 class CaptionClient:
     """One server: a pooled, retrying `requests.Session` plus the calls we make.
 
-    `on_not_answering`, when set, is called (with the client) once if a request is about
-    to be retried before the server has answered any: a run that starts while the server
-    is down or restarting waits for it, and can say so. Later retries are quiet.
+    Every retry's pause is announced with one warning line (`_retrying`): a run that starts
+    while the server is down or restarting waits for it, and says so as it goes.
     """
 
     def __init__(
@@ -248,13 +276,14 @@ class CaptionClient:
         retries: int = DEFAULT_RETRIES,
         backoff: float = DEFAULT_BACKOFF,
         pool_size: int = 8,
-        on_not_answering: Callable[[CaptionClient], None] | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self.timeout = (connect_timeout, read_timeout)
         self.retries = retries
-        self._not_answering = on_not_answering  # called at most once, and only before an answer
-        self._retry = caption_retry(retries, backoff, self._retries_begin)
+        self._said: dict[str, float] = {}  # retry line -> when it was said
+        self._said_lock = threading.Lock()
+        self.closed = False
+        self._retry = caption_retry(retries, backoff, self._retrying)
         self.session = requests.Session()
         adapter = CaptionAdapter(max_retries=self._retry, pool_maxsize=max(pool_size, 1))
         self.session.mount("http://", adapter)
@@ -263,6 +292,8 @@ class CaptionClient:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     def close(self) -> None:
+        """The run is over: a request still under way (the batch stopped) retries no more."""
+        self.closed = True
         self.session.close()
 
     @property
@@ -270,10 +301,18 @@ class CaptionClient:
         """Seconds the retries of one request may pause in all (Retry-After aside)."""
         return sum(self._retry.pauses())
 
-    def _retries_begin(self) -> None:
-        hook, self._not_answering = self._not_answering, None
-        if hook is not None:
-            hook(self)
+    def _retrying(self, reason: str, number: int, total: int, pause: float, asked: bool) -> None:
+        if self.closed:  # raised through urllib3 and requests as it is: the request ends here
+            raise ServerConnectionError(f"{self.base_url}: {reason} (not retried: the run is over)")
+        when = "now" if pause <= 0 else f"in {pause:g} s" + (" (Retry-After)" if asked else "")
+        line = f"{self.base_url}: {reason}; retry {number} of {total} {when}"
+        now = time.monotonic()
+        with self._said_lock:
+            if now - self._said.get(line, -1e9) < 1.0:
+                return
+            self._said = {k: t for k, t in self._said.items() if now - t < 1.0}
+            self._said[line] = now
+        log.warning("%s", line)
 
     def list_models(self) -> list[str]:
         """The served models."""
@@ -281,9 +320,14 @@ class CaptionClient:
         return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
 
     def caption(self, audio_url: str, model: str, max_tokens: int | None = None) -> Caption:
+        """Caption the audio at `audio_url` (a `data:` URL, or one the server may fetch)."""
+        return self.caption_body(chat_request_bytes(audio_url, model, max_tokens), model)
+
+    def caption_body(self, body: bytes, model: str) -> Caption:
+        """Send a chat request built as bytes (payload.chat_request_bytes); `model` stands in
+        for the answer's when it names none."""
         started = time.monotonic()
-        body = chat_request(audio_url, model, max_tokens)
-        data = self._json(self._request("POST", "/v1/chat/completions", json=body))
+        data = self._json(self._request("POST", "/v1/chat/completions", data=body, headers=JSON))
         try:
             text = data["choices"][0]["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
@@ -303,9 +347,13 @@ class CaptionClient:
         max_tokens: int | None = None,
     ) -> Caption:
         """Stream a caption (SSE), calling `on_text` with each piece as it arrives."""
+        return self.caption_stream_body(chat_request_bytes(audio_url, model, max_tokens, stream=True),
+                                        model, on_text)  # fmt: skip
+
+    def caption_stream_body(self, body: bytes, model: str, on_text: Callable[[str], None]) -> Caption:
+        """`caption_stream` of a request built as bytes (with `stream=True`)."""
         started = time.monotonic()
-        body = chat_request(audio_url, model, max_tokens, stream=True)
-        response = self._request("POST", "/v1/chat/completions", json=body, stream=True)
+        response = self._request("POST", "/v1/chat/completions", data=body, headers=JSON, stream=True)
         pieces: list[str] = []
         usage = Usage()
         answered_model = model
@@ -350,7 +398,6 @@ class CaptionClient:
                 body = response.text
             response.close()
             raise _http_error(response.status_code, body, self.base_url)
-        self._not_answering = None  # the server answers: later retries are quiet
         return response
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
@@ -399,17 +446,49 @@ def transport_error(
     )
 
 
-def _connect_failure(causes: list[BaseException], connect_timeout: float) -> str:
+def describe_failure(exc: requests.RequestException, timeout: tuple[float, float]) -> str:
+    """What went wrong with a request that got no whole answer, in words (`connection refused`,
+    `no answer within 120 s`, `TLS error: certificate verify failed ...`), for messages about
+    hosts other than the caption server (a download)."""
+    causes = list(_causes(exc))
+    if any(isinstance(c, (ReadTimeoutError, requests.exceptions.ReadTimeout)) for c in causes):
+        return f"no answer within {timeout[1]:g} s"
+    if any(isinstance(c, (SSLError, requests.exceptions.SSLError)) for c in causes):
+        return f"TLS error: {_deepest_words(causes)}"
+    if any(isinstance(c, requests.exceptions.TooManyRedirects) for c in causes):
+        return "too many redirects"
+    if any(isinstance(c, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema))
+           for c in causes):  # fmt: skip
+        return "not a URL that can be fetched"
+    if any(isinstance(c, ProtocolError) and dropped_before_answer(c) for c in causes):
+        return "the server closed the connection without an answer"
+    if any(isinstance(c, ProtocolError) for c in causes):
+        return "the connection was closed in the middle of the answer"
+    return f"cannot connect: {_connect_failure(causes, timeout[0])}"
+
+
+def _connect_failure(causes: list[BaseException], connect_timeout: float | None) -> str:
     """`connection refused`, `host name not found`, ...: why no connection was made."""
     for cause in causes:
         if isinstance(cause, (NameResolutionError, socket.gaierror)):
             return "host name not found"
         if isinstance(cause, ConnectTimeoutError) and not isinstance(cause, NewConnectionError):
+            if connect_timeout is None:
+                return "no connection in time"
             return f"no connection within {connect_timeout:g} s"
     for cause in causes:
         if isinstance(cause, OSError) and cause.strerror:  # ConnectionRefusedError, ENETUNREACH ...
             return cause.strerror[0].lower() + cause.strerror[1:]
-    return type(causes[0]).__name__
+    return _deepest_words(causes)
+
+
+def _deepest_words(causes: list[BaseException]) -> str:
+    """The innermost cause's own message, on one line, without urllib3's object reprs."""
+    for cause in reversed(causes):
+        text = re.sub(r"<[^>]*>:? ?", "", str(cause)).strip(" :")
+        if text:
+            return re.sub(r"\s+", " ", text)[:200]
+    return "the request failed"
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:

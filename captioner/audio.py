@@ -16,6 +16,13 @@ full. Longer audio is cut into windows of at most `max_seconds`, each cut placed
 quietest moment of the window's last stretch when that moment is really quiet,
 else exactly at the limit; windows are sent as 16 kHz mono 16-bit WAV, the rate the
 model's audio encoder works at.
+
+Memory does not grow with the length of the audio: the full decode streams its 16-bit
+samples into an unnamed temporary file (`PcmSpool`) and keeps only the loudness of each
+50 ms frame (what the cuts are planned from); a window's WAV is made from the file only when
+its `data` is asked for (when its request goes out), and the file goes when the last window
+is dropped. Files are read by FFmpeg from their path, not loaded: a long file is never in
+memory whole.
 """
 
 from __future__ import annotations
@@ -23,23 +30,28 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import av
 import numpy as np
 import numpy.typing as npt
 
 from captioner.errors import InputError
+from captioner.options import MAX_WINDOW_SECONDS
 from captioner.payload import SAMPLE_RATE, WAV_MIME, wav_bytes
+
+__all__ = ["MAX_WINDOW_SECONDS", "SAMPLE_RATE", "prepare", "probe"]
 
 FRAME_SECONDS = 0.05  # loudness is measured over 50 ms frames
 QUIET_FLOOR = 10 ** (-45 / 20)  # below -45 dBFS RMS counts as quiet whatever the rest
 QUIET_RATIO = 0.1  # or 20 dB below the file's median frame loudness
 CUT_SEARCH_SECONDS = 2.0  # a cut is looked for in the window's last 2 s,
 CUT_SEARCH_DIVISOR = 5  # or its last fifth when that is longer
-MAX_WINDOW_SECONDS = 30.0  # the longest window by default: the model is at its best on 30 s or less
 LIMIT_SLACK_SECONDS = 0.1  # over a length limit by less (codec padding, resampling) is not over
 
 # First matching FFmpeg demuxer name → MIME type for the data: URL.
@@ -64,11 +76,13 @@ _MIME_BY_FORMAT = {
 # counting packets instead.
 _HEADER_DURATION_FORMATS = {"wav", "aiff", "flac", "ogg", "mov", "mp4", "matroska", "webm", "asf"}
 
-# A full decode is CPU-bound and holds the whole file as float32 while its windows are
-# cut: no more at once than there are cores, however many inputs wait on the server.
-_FULL_DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 2)
+# Full decodes (and window encodes, batch.py) at once: CPU-bound work, a few at a time whatever
+# the core count or the concurrency.
+DECODE_WORKERS = min(4, os.cpu_count() or 1)
+_FULL_DECODE_SLOTS = threading.BoundedSemaphore(DECODE_WORKERS)
 
 Samples = npt.NDArray[np.float32]
+Media = str | bytes | BinaryIO  # a file's path, the bytes themselves, or a seekable binary file
 
 
 class AudioTooLong(InputError):
@@ -99,22 +113,77 @@ class Probed:
     container: str
 
 
-@dataclass(frozen=True)
+class PcmSpool:
+    """A long input's decoded audio, 16-bit mono samples at SAMPLE_RATE, in an unnamed temporary
+    file: written once by the decode, then read a window at a time from any thread. The file is
+    closed when the spool is garbage (its last window sent or dropped), or by `close()`."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="captioner-pcm-")
+        self._closer = weakref.finalize(self, self._file.close)
+        self.samples = 0
+
+    def append(self, samples: Samples) -> None:
+        self._file.write(to_pcm16(samples).tobytes())
+        self.samples += len(samples)
+
+    def done(self) -> None:
+        self._file.flush()
+
+    def read(self, start: int, end: int) -> bytes:
+        """Samples [start, end) as little-endian 16-bit PCM."""
+        want, offset, parts = (end - start) * 2, start * 2, []
+        while want > 0:
+            part = os.pread(self._file.fileno(), want, offset)
+            if not part:
+                break
+            parts.append(part)
+            want, offset = want - len(part), offset + len(part)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._closer()
+
+
 class Window:
-    start: float  # seconds into the input
-    end: float
-    data: bytes
-    mime: str
+    """One request's audio: `start` and `end` in seconds, its MIME type, and `data`, the bytes
+    to send: the input's own, or a WAV made from the spool when asked (as its request goes
+    out), so a window waiting to be sent holds no audio."""
+
+    def __init__(
+        self,
+        start: float,
+        end: float,
+        data: bytes | None,
+        mime: str,
+        spool: PcmSpool | None = None,
+        samples: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.start, self.end, self.mime = start, end, mime
+        self._data, self._spool, self._samples = data, spool, samples
+
+    @property
+    def size(self) -> int:
+        """The length of `data`, known without making it."""
+        if self._data is not None:
+            return len(self._data)
+        return (self._samples[1] - self._samples[0]) * 2 + 44  # 16-bit samples and the WAV header
+
+    @property
+    def data(self) -> bytes:
+        if self._data is not None:
+            return self._data
+        if self._spool is None:
+            raise RuntimeError("a window without audio")
+        return wav_bytes(self._spool.read(*self._samples))
 
 
 class PreparedAudio:
-    """What to send for one input: its windows, made one at a time.
+    """What to send for one input: its windows.
 
-    Short audio is one window, the input's own bytes. Long audio keeps its decoded
-    samples as 16-bit PCM (half the float32) and the planned cuts; each window's WAV
-    is encoded only when asked for (`window(i)`), so a 7-minute file holds 13 MB, not
-    its 14 encoded windows as well, and `release()` lets it go once the last window
-    is out.
+    Short audio is one window, the input's own bytes. Long audio is a `PcmSpool` and the planned
+    cuts; each window's WAV is made only when its `data` is asked for, and `release()` drops this
+    object's hold on the spool (windows already handed out keep theirs).
     """
 
     def __init__(
@@ -122,13 +191,13 @@ class PreparedAudio:
         duration: float,
         mime: str,
         windows: list[Window] | None = None,
-        pcm: npt.NDArray[np.int16] | None = None,
+        spool: PcmSpool | None = None,
         ranges: list[tuple[int, int]] | None = None,
     ) -> None:
         self.duration = duration
         self.mime = mime
         self._windows = windows
-        self._pcm = pcm
+        self._spool = spool
         self.spans = (
             [(w.start, w.end) for w in windows]
             if windows is not None
@@ -143,35 +212,66 @@ class PreparedAudio:
     def window(self, index: int) -> Window:
         if self._windows is not None:
             return self._windows[index]
-        if self._pcm is None:
+        if self._spool is None:
             raise RuntimeError("window() after release()")
         start, end = self._ranges[index]
-        wav = wav_bytes(self._pcm[start:end].tobytes())
-        return Window(start / SAMPLE_RATE, end / SAMPLE_RATE, wav, WAV_MIME)
+        return Window(start / SAMPLE_RATE, end / SAMPLE_RATE, None, WAV_MIME, self._spool, (start, end))
 
     @property
     def windows(self) -> list[Window]:
         return [self.window(i) for i in range(self.count)]
 
     def release(self) -> None:
-        """Drop the audio (the spans stay): every window has been made."""
+        """Every window has been handed out: drop the audio held here (the spans stay)."""
         self._windows = None if self._windows is None else []
-        self._pcm = None
+        self._spool = None
+
+
+def media_bytes(media: Media, name: str) -> bytes:
+    """All the bytes of `media`; `InputError` if they cannot be read."""
+    if isinstance(media, bytes):
+        return media
+    try:
+        if isinstance(media, str):
+            with open(media, "rb") as f:
+                return f.read()
+        media.seek(0)
+        return media.read()
+    except OSError as exc:
+        raise InputError(f"{name}: {exc.strerror or exc}") from exc
+
+
+def _media_size(media: Media, name: str) -> int:
+    if isinstance(media, bytes):
+        return len(media)
+    try:
+        if isinstance(media, str):
+            return os.stat(media).st_size
+        return media.seek(0, os.SEEK_END)
+    except OSError as exc:
+        raise InputError(f"{name}: {exc.strerror or exc}") from exc
 
 
 @contextlib.contextmanager
-def _open_audio(data: bytes, name: str) -> Iterator[tuple[av.container.InputContainer, av.AudioStream]]:
-    """The container and its first audio stream; `InputError` for empty input or no audio stream.
-    FFmpeg errors pass through for the caller to word."""
-    if not data:
+def _open_audio(media: Media, name: str) -> Iterator[tuple[av.container.InputContainer, av.AudioStream]]:
+    """The container and its first audio stream; `InputError` for empty or unreadable input or no
+    audio stream. FFmpeg errors pass through for the caller to word."""
+    if not _media_size(media, name):
         raise InputError(f"{name}: empty input (0 bytes)")
-    with av.open(io.BytesIO(data), mode="r") as container:
+    if isinstance(media, bytes):
+        source: str | BinaryIO = io.BytesIO(media)
+    elif isinstance(media, str):
+        source = "file:" + os.path.abspath(media)  # FFmpeg reads it: no protocol but file's
+    else:
+        media.seek(0)
+        source = media
+    with av.open(source, mode="r") as container:
         if not container.streams.audio:
             raise InputError(f"{name}: no audio stream ({container.format.name} data, not audio)")
         yield container, container.streams.audio[0]
 
 
-def probe(data: bytes, name: str) -> Probed:
+def probe(data: Media, name: str) -> Probed:
     """Check that `data` is audio (its first frame decodes) and read its duration cheaply.
 
     The same `InputError`s as `decode` for input that is not audio, without decoding
@@ -214,24 +314,32 @@ def _header_duration(container: av.container.InputContainer, stream: av.AudioStr
     return seconds if seconds > 0 else None
 
 
-def decode(data: bytes, name: str, limit_seconds: float | None = None) -> Decoded:
-    """Decode any FFmpeg-readable audio to mono float32 at 16 kHz; `InputError` if not audio.
-    With `limit_seconds`, `AudioTooLong` as soon as more than that has been decoded: a small
-    file that decodes to hours (a header that lies, silence compressed to nothing) costs no more
-    memory than the limit."""
+def _resampled(
+    container: av.container.InputContainer, stream: av.AudioStream, name: str, limit_seconds: float | None
+) -> Iterator[Samples]:
+    """The stream decoded to mono float32 at SAMPLE_RATE, a chunk at a time. With `limit_seconds`,
+    `AudioTooLong` as soon as more than that has been decoded: a small file that decodes to hours
+    (a header that lies, silence compressed to nothing) costs no more than the limit."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    decoded = 0
+    cap = None if limit_seconds is None else (limit_seconds + LIMIT_SLACK_SECONDS) * SAMPLE_RATE
+    for frame in container.decode(stream):
+        for f in resampler.resample(frame):
+            chunk = _mono(f)
+            decoded += len(chunk)
+            yield chunk
+        if cap is not None and limit_seconds is not None and decoded > cap:
+            raise AudioTooLong(name, decoded / SAMPLE_RATE, limit_seconds, exact=False)
+    yield from (_mono(f) for f in resampler.resample(None))
+
+
+def decode(data: Media, name: str, limit_seconds: float | None = None) -> Decoded:
+    """Decode any FFmpeg-readable audio to mono float32 at 16 kHz, whole; `InputError` if not
+    audio, `AudioTooLong` past `limit_seconds` (see `_resampled`). `prepare` does not hold long
+    audio whole: it streams it to a `PcmSpool` (`decode_to_spool`)."""
     try:
         with _open_audio(data, name) as (container, stream):
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            chunks: list[Samples] = []
-            decoded = 0
-            cap = None if limit_seconds is None else (limit_seconds + LIMIT_SLACK_SECONDS) * SAMPLE_RATE
-            for frame in container.decode(stream):
-                for f in resampler.resample(frame):
-                    chunks.append(_mono(f))
-                    decoded += len(chunks[-1])
-                if cap is not None and limit_seconds is not None and decoded > cap:
-                    raise AudioTooLong(name, decoded / SAMPLE_RATE, limit_seconds, exact=False)
-            chunks.extend(_mono(f) for f in resampler.resample(None))
+            chunks = list(_resampled(container, stream, name, limit_seconds))
             container_name = container.format.name
     except av.FFmpegError as exc:
         raise InputError(f"{name}: cannot decode audio: {_ffmpeg_reason(exc)}") from exc
@@ -240,6 +348,67 @@ def decode(data: bytes, name: str, limit_seconds: float | None = None) -> Decode
     if samples.size == 0:
         raise InputError(f"{name}: no audio samples decoded (empty or truncated file)")
     return Decoded(samples, mime_for_container(container_name), container_name)
+
+
+@dataclass(frozen=True)
+class Spooled:
+    spool: PcmSpool
+    loudness: Samples  # RMS of each FRAME_SECONDS frame (`frame_rms`)
+    mime: str
+
+    @property
+    def duration(self) -> float:
+        return self.spool.samples / SAMPLE_RATE
+
+
+class _Loudness:
+    """RMS per frame of samples that arrive in chunks: the same numbers as `frame_rms` of them
+    all at once (each frame's mean is taken over the same 800 values in the same way)."""
+
+    def __init__(self) -> None:
+        self.frame = int(FRAME_SECONDS * SAMPLE_RATE)
+        self._carry: Samples = np.zeros(0, np.float32)
+        self._parts: list[Samples] = []
+
+    def add(self, chunk: Samples) -> None:
+        data = np.concatenate([self._carry, chunk]) if self._carry.size else chunk
+        whole = len(data) // self.frame * self.frame
+        if whole:
+            self._parts.append(frame_rms(data[:whole], self.frame))
+        self._carry = data[whole:].copy()
+
+    def result(self) -> Samples:
+        return np.concatenate(self._parts) if self._parts else np.zeros(0, np.float32)
+
+
+def frame_rms(samples: Samples, frame: int) -> Samples:
+    """RMS of each whole `frame` of `samples` (a tail shorter than a frame is left out)."""
+    n_frames = len(samples) // frame
+    return np.sqrt(np.mean(np.square(samples[: n_frames * frame].reshape(n_frames, frame)), axis=1))
+
+
+def decode_to_spool(data: Media, name: str, limit_seconds: float | None = None) -> Spooled:
+    """Decode `data` as `decode` does, into a `PcmSpool` and the loudness of its frames, holding
+    no more than a chunk of samples at a time."""
+    spool = PcmSpool()
+    loudness = _Loudness()
+    try:
+        with _open_audio(data, name) as (container, stream):
+            for chunk in _resampled(container, stream, name, limit_seconds):
+                loudness.add(chunk)
+                spool.append(chunk)
+            container_name = container.format.name
+    except av.FFmpegError as exc:
+        spool.close()
+        raise InputError(f"{name}: cannot decode audio: {_ffmpeg_reason(exc)}") from exc
+    except BaseException:
+        spool.close()
+        raise
+    spool.done()
+    if spool.samples == 0:
+        spool.close()
+        raise InputError(f"{name}: no audio samples decoded (empty or truncated file)")
+    return Spooled(spool, loudness.result(), mime_for_container(container_name))
 
 
 def _mono(frame: av.AudioFrame) -> Samples:
@@ -265,15 +434,18 @@ def plan_windows(samples: Samples, max_seconds: float) -> list[tuple[int, int]]:
     the cut lands exactly at the limit. Sound with no pause is therefore cut at
     0-30, 30-60, 60-75 s; speech is cut between words.
     """
-    total = len(samples)
+    return plan_cuts(frame_rms(samples, int(FRAME_SECONDS * SAMPLE_RATE)), len(samples), max_seconds)
+
+
+def plan_cuts(rms: Samples, total: int, max_seconds: float) -> list[tuple[int, int]]:
+    """`plan_windows` from what a streamed decode keeps: the loudness of each frame (`frame_rms`)
+    and the number of samples."""
     limit = round(max_seconds * SAMPLE_RATE)
     if limit <= 0:
         raise ValueError("max_seconds must be positive")
     if total <= limit:
         return [(0, total)]
     frame = int(FRAME_SECONDS * SAMPLE_RATE)
-    n_frames = total // frame
-    rms = np.sqrt(np.mean(np.square(samples[: n_frames * frame].reshape(n_frames, frame)), axis=1))
     threshold = max(QUIET_FLOOR, QUIET_RATIO * float(np.median(rms)))
     search = max(round(CUT_SEARCH_SECONDS * SAMPLE_RATE), limit // CUT_SEARCH_DIVISOR)
 
@@ -319,9 +491,10 @@ def _check_length(name: str, seconds: float, limit_seconds: float) -> None:
 
 
 def prepare(
-    data: bytes, name: str, max_seconds: float, *, limit_seconds: float | None = None
+    data: Media, name: str, max_seconds: float, *, limit_seconds: float | None = None
 ) -> PreparedAudio:
-    """What to send for `data`: the original bytes, or WAV windows.
+    """What to send for `data` (bytes, a file's path, or a seekable file): the original bytes,
+    or WAV windows made from a `PcmSpool` as they are sent.
 
     Only audio longer than `max_seconds` by its probed duration (or of unknown
     duration) is decoded in full; the decoded length then decides. With `limit_seconds`
@@ -332,16 +505,19 @@ def prepare(
     if limit_seconds is not None and probed.duration is not None:
         _check_length(name, probed.duration, limit_seconds)
     if probed.duration is not None and probed.duration <= max_seconds:
-        return PreparedAudio(probed.duration, probed.mime, [Window(0.0, probed.duration, data, probed.mime)])
+        window = Window(0.0, probed.duration, media_bytes(data, name), probed.mime)
+        return PreparedAudio(probed.duration, probed.mime, [window])
     with _FULL_DECODE_SLOTS:
-        decoded = decode(data, name, limit_seconds)
-        if limit_seconds is not None:
-            _check_length(name, decoded.duration, limit_seconds)
-        if decoded.duration <= max_seconds:
-            window = Window(0.0, decoded.duration, data, decoded.mime)
-            return PreparedAudio(decoded.duration, decoded.mime, [window])
-        ranges = plan_windows(decoded.samples, max_seconds)
-        pcm = to_pcm16(decoded.samples)
-        duration, mime = decoded.duration, decoded.mime
-        del decoded  # the float32 samples: twice the PCM
-    return PreparedAudio(duration, mime, pcm=pcm, ranges=ranges)
+        spooled = decode_to_spool(data, name, limit_seconds)
+    if limit_seconds is not None:
+        try:
+            _check_length(name, spooled.duration, limit_seconds)
+        except AudioTooLong:
+            spooled.spool.close()
+            raise
+    if spooled.duration <= max_seconds:
+        spooled.spool.close()
+        window = Window(0.0, spooled.duration, media_bytes(data, name), spooled.mime)
+        return PreparedAudio(spooled.duration, spooled.mime, [window])
+    ranges = plan_cuts(spooled.loudness, spooled.spool.samples, max_seconds)
+    return PreparedAudio(spooled.duration, spooled.mime, spool=spooled.spool, ranges=ranges)

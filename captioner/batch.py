@@ -1,42 +1,49 @@
 """Caption many inputs: concurrency, several servers, bounded memory.
 
-Two thread pools. A few reader threads read, probe and (when longer than a window)
-decode one input at a time and queue its windows; `concurrency` request threads send
-them, so no more than `concurrency` requests are in flight however inputs split into
+Two thread pools. A few reader threads (`audio.DECODE_WORKERS`: at most 4, whatever the
+core count, and never more than the concurrency) read, probe and (when longer than a
+window) decode one input at a time and queue its windows; `concurrency` request threads
+send them, so no more than `concurrency` requests are in flight however inputs split into
 windows, and a long file's windows are captioned in parallel. Readers take a request
-slot before reading an input or encoding a window, so nothing is read further ahead
+slot before reading an input or queueing a window, so nothing is read further ahead
 than requests are in flight, and no thread waits for an input's captions: the last
 window to come back completes the record. Requests go to the least-busy live server
 (servers.py). Records reach the caller in the main thread, one at a time, as inputs
 finish; output.py keeps them (resume, input order).
+
+Memory: a queued window of a long input holds no audio (audio.py spools the decoded
+samples to a temporary file); its request thread makes the WAV and the request body, once,
+as bytes (a few threads at a time), and drops the window's audio: a request in flight
+holds its body and nothing else, so memory is about `concurrency` bodies (1.3 MB for 30 s),
+never more than BODY_BUDGET of them, plus the readers' decodes, however many or long the
+inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import requests
 
 from captioner.api import Caption, Usage
-from captioner.audio import Window, prepare
+from captioner.audio import DECODE_WORKERS, Window, prepare
 from captioner.errors import (
     CaptionerError,
     ExitCode,
     exit_code_for,
     is_fatal,
 )
-from captioner.inputs import InputItem, load_bytes
+from captioner.inputs import InputItem, open_media
 from captioner.output import RECORD_PREFIX, ResumeInfo, StateFile
-from captioner.payload import data_url
+from captioner.payload import chat_request_bytes
 from captioner.records import Record, Segment, join_captions
 from captioner.servers import ServerPool
 
@@ -112,27 +119,90 @@ class Summary:
 
 ClientRing = ServerPool  # the old name: requests go to the least-busy live server
 
+# Window bodies made at once (WAV, base64, JSON: a few MB while it runs): a few, however many
+# request threads have a window to send.
+_ENCODERS = threading.BoundedSemaphore(DECODE_WORKERS)
+BODY_BUDGET = 160 << 20  # bytes of request bodies held at once: 128 windows of 30 s (1.22 MiB each)
+
+
+class _Budget:
+    """Bytes of request bodies in memory at once, across every request thread: a body is made
+    only when it fits (or when none is held: one larger than the budget goes alone), and its
+    bytes come back when its request ends. Memory then stays bounded at any --concurrency: past
+    the budget, requests wait to be made instead of holding their bodies."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        with self._cond:
+            while self.used and self.used + size > self.limit:
+                self._cond.wait()
+            self.used += size
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= size
+                self._cond.notify_all()
+
+
+_BODIES = _Budget(BODY_BUDGET)
+
 
 def _call(
     ring: ClientRing,
-    audio_url: str,
+    body: bytes,
     options: BatchOptions,
     on_text: Callable[[str], None] | None = None,
 ) -> Caption:
+    """Send one request body, built once: the same bytes on every retry and every server."""
     if on_text is not None:
         stream = on_text
-        return ring.call(lambda c: c.caption_stream(audio_url, options.model, stream, options.max_tokens))
-    return ring.call(lambda c: c.caption(audio_url, options.model, options.max_tokens))
+        return ring.call(lambda c: c.caption_stream_body(body, options.model, stream))
+    return ring.call(lambda c: c.caption_body(body, options.model))
+
+
+def _call_url(
+    ring: ClientRing, url: str, options: BatchOptions, on_text: Callable[[str], None] | None = None
+) -> Caption:
+    """--server-fetch: the server downloads `url` itself."""
+    body = chat_request_bytes(url, options.model, options.max_tokens, stream=on_text is not None)
+    return _call(ring, body, options, on_text)
+
+
+class _Handout:
+    """A window handed to a request thread once: taken, nothing else holds it (the thread
+    pool's work item keeps its arguments until the request is done)."""
+
+    def __init__(self, window: Window) -> None:
+        self._window: Window | None = window
+
+    def take(self) -> Window:
+        window, self._window = self._window, None
+        assert window is not None, "a window is sent once"
+        return window
 
 
 def _call_window(
     ring: ClientRing,
-    window: Window,
+    window: Window | _Handout,
     options: BatchOptions,
     on_text: Callable[[str], None] | None = None,
 ) -> Caption:
-    # The base64 copy is made here, per request, not for all of a long file's windows at once.
-    return _call(ring, data_url(window.data, window.mime), options, on_text)
+    # The WAV and the body are made here, when the request goes out, not for all of a long
+    # file's windows at once; the window's audio is dropped once the body holds it.
+    if isinstance(window, _Handout):
+        window = window.take()
+    with _BODIES.hold(-(-window.size // 3) * 4 + 1024):  # base64 and the JSON around it
+        with _ENCODERS:
+            body = chat_request_bytes(
+                window.data, options.model, options.max_tokens, stream=on_text is not None, mime=window.mime
+            )
+        del window
+        return _call(ring, body, options, on_text)
 
 
 def process_item(
@@ -141,34 +211,42 @@ def process_item(
     ring: ClientRing,
     request_pool: Executor | None = None,
     on_text: Callable[[str], None] | None = None,
-    stdin: BinaryIO | None = None,
     download_session: requests.Session | None = None,
 ) -> Record:
     """Caption one input. Never raises for the input's own problems: the record says.
 
     With `on_text` the windows are streamed one after another; otherwise they go
-    through `request_pool` (in parallel) or, without one, in turn.
+    through `request_pool` (in parallel) or, without one, in turn. A BrokenPipeError (stdout
+    closed under `on_text`) is not the input's problem: it is raised.
     """
     started = time.monotonic()
-    record = Record(source=item.source, model=options.model)
+    record = new_record(item, options)
     try:
         if item.kind == "url" and options.server_fetch:
-            caption = _call(ring, item.source, options, on_text)
+            caption = _call_url(ring, item.source, options, on_text)
             record.caption = caption.text.strip()
             record.model = caption.model
             record.usage = vars(caption.usage)
         else:
-            data = load_bytes(item, stdin, download_session)
-            prepared = prepare(data, item.name, options.segment_seconds)
-            del data
+            with open_media(item, download_session) as media:
+                prepared = prepare(media, item.name, options.segment_seconds)
             if options.on_windows is not None and prepared.count > 1:
                 options.on_windows(prepared.count)
-            captions = _caption_windows(prepared.windows, options, ring, request_pool, on_text)
+            windows = prepared.windows
+            prepared.release()
+            captions = _caption_windows(windows, options, ring, request_pool, on_text)
             _fill(record, prepared.duration, prepared.spans, captions)
+    except BrokenPipeError:
+        raise
     except Exception as exc:  # one input's failure must not end the batch
         _fail(record, item, exc)
     record.latency = time.monotonic() - started
     return record
+
+
+def new_record(item: InputItem, options: BatchOptions) -> Record:
+    """An input's record before it is captioned: how it is shown, and its identity."""
+    return Record(source=item.source, path=item.path, sha256=item.sha256, model=options.model)
 
 
 def _fill(record: Record, duration: float, spans: list[tuple[float, float]], captions: list[Caption]) -> None:
@@ -197,7 +275,7 @@ def _fail(record: Record, item: InputItem, exc: BaseException) -> None:
     record.segments, record.caption, record.usage, record.duration = [], "", None, None
 
 
-def _caption_windows(
+def _caption_windows(  # takes the windows out of `windows` as it sends them
     windows: list[Window],
     options: BatchOptions,
     ring: ClientRing,
@@ -205,18 +283,20 @@ def _caption_windows(
     on_text: Callable[[str], None] | None,
 ) -> list[Caption]:
     if on_text is not None or request_pool is None:
-        captions = []
-        for i, window in enumerate(windows):
-            if on_text is not None and i > 0:
+        captions: list[Caption] = []
+        windows.reverse()
+        while windows:  # each popped as it is sent: its audio goes with its request
+            if on_text is not None and captions:
                 on_text(" ")
-            captions.append(_call_window(ring, window, options, on_text))
+            captions.append(_call_window(ring, _Handout(windows.pop()), options, on_text))
             if options.on_window_done is not None:
                 options.on_window_done()
         return captions
     futures: list[Future[Caption]] = [
-        request_pool.submit(_call_window, ring, window, options) for window in windows
+        request_pool.submit(_call_window, ring, _Handout(window), options) for window in windows
     ]
-    if options.on_window_done is not None and len(windows) > 1:
+    windows.clear()  # each is its request's alone now
+    if options.on_window_done is not None and len(futures) > 1:
         done = options.on_window_done
         for f in futures:
             f.add_done_callback(lambda f: done() if not f.cancelled() and f.exception() is None else None)
@@ -331,32 +411,30 @@ def _start_item(
     request_pool: Executor,
     slots: _Slots,
     finish: Callable[[Record], None],
-    stdin: BinaryIO | None,
     downloads: requests.Session,
 ) -> None:
     """Read, probe or decode one input and send its windows; never waits for captions.
 
     Reads only when a request slot is free, so inputs are read no further ahead than
-    requests are in flight; a long input's windows are encoded one at a time, each when
-    a slot frees, and its decoded audio is dropped once the last one is out.
+    requests are in flight; a long input's windows are queued one at a time, each when
+    a slot frees (its WAV is made by the request thread that sends it).
     """
     started = time.monotonic()
-    record = Record(source=item.source, model=options.model)
+    record = new_record(item, options)
     held = False
     try:
         slots.take()
         held = True
         if item.kind == "url" and options.server_fetch:
             collect = _Collect(record, item, started, finish, None, [(0.0, 0.0)], options)
-            future = request_pool.submit(_call, ring, item.source, options)
+            future = request_pool.submit(_call_url, ring, item.source, options)
             held = False
             collect.add(future)
             future.add_done_callback(functools.partial(collect.window_done, 0, slots))
             collect.all_sent(1)
             return
-        data = load_bytes(item, stdin, downloads)
-        prepared = prepare(data, item.name, options.segment_seconds)
-        del data
+        with open_media(item, downloads) as media:
+            prepared = prepare(media, item.name, options.segment_seconds)
         collect = _Collect(record, item, started, finish, prepared.duration, prepared.spans, options)
         if options.on_windows is not None and prepared.count > 1:
             options.on_windows(prepared.count)
@@ -368,7 +446,7 @@ def _start_item(
                     held = True
                 if collect.failed:
                     break
-                future = request_pool.submit(_call_window, ring, prepared.window(index), options)
+                future = request_pool.submit(_call_window, ring, _Handout(prepared.window(index)), options)
                 held = False
                 sent += 1
                 collect.add(future)
@@ -393,9 +471,8 @@ def run_batch(
     ring: ClientRing,
     on_record: Callable[[Record], None],
     skip: Iterable[str] = (),
-    stdin: BinaryIO | None = None,
 ) -> Summary:
-    """Caption `items` (except sources in `skip`), handing each record to `on_record`.
+    """Caption `items` (except those whose key is in `skip`), handing each record to `on_record`.
 
     A few reader threads (`_start_item`) read, probe or decode inputs and queue their
     windows; `concurrency` request threads send them. Memory and threads are bounded
@@ -406,13 +483,13 @@ def run_batch(
     `aborted` says why. KeyboardInterrupt propagates after pending work is cancelled.
     """
     done = set(skip)
-    todo = [i for i in items if i.kind == "stdin" or i.source not in done]
+    todo = [i for i in items if i.key not in done]
     summary = Summary(files=len(items), skipped=len(items) - len(todo))
     started = time.monotonic()
     concurrency = max(1, options.concurrency)
-    # Readers: enough to keep the requests fed (probing a short input takes milliseconds,
-    # a download longer); full decodes are capped at the number of cores (audio.py).
-    readers = min(max(len(todo), 1), max(4, 2 * (os.cpu_count() or 2)))
+    # Readers: a few keep the requests fed (probing a short input takes milliseconds); each
+    # holds a decode's working memory, so few whatever the core count or the concurrency.
+    readers = max(1, min(len(todo), DECODE_WORKERS, concurrency))
     stop = threading.Event()
     slots = _Slots(concurrency + readers, stop)
     finished: queue.Queue[Record] = queue.Queue()
@@ -421,9 +498,7 @@ def run_batch(
     downloads = requests.Session()
     try:
         for item in todo:
-            item_pool.submit(
-                _start_item, item, options, ring, request_pool, slots, finished.put, stdin, downloads
-            )
+            item_pool.submit(_start_item, item, options, ring, request_pool, slots, finished.put, downloads)
         for _ in todo:
             record = finished.get()
             summary.add(record)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -17,22 +18,18 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from captioner import __version__
 from captioner.api import (
-    BACKOFF_MAX,
     DEFAULT_BACKOFF,
     DEFAULT_BASE_URL,
-    DEFAULT_RETRIES,
     CaptionClient,
     normalize_base_url,
     retry_wait,
 )
-from captioner.audio import MAX_WINDOW_SECONDS, window_seconds
+from captioner.audio import window_seconds
 from captioner.batch import (
     BatchOptions,
     ClientRing,
@@ -50,136 +47,22 @@ from captioner.errors import (
 )
 from captioner.formats import (
     FORMAT_BY_EXTENSION,
-    FORMATS,
     SUBTITLE_FORMATS,
+    escape_text,
 )
 from captioner.inputs import InputItem, resolve_inputs
+from captioner.options import (
+    DEFAULT_CONCURRENCY,
+    PROMPT_REFUSED,
+    build_parser,
+)
 from captioner.output import Output
 from captioner.records import Record
-from captioner.servers import is_server_down, short_reason
+from captioner.servers import ServerPool, is_server_down, short_reason
 
 log = logging.getLogger("captioner")
 
-DEFAULT_CONCURRENCY = 8
-DEFAULT_SEGMENT_SECONDS = MAX_WINDOW_SECONDS
-PROMPT_REFUSED = (
-    "--prompt: the Captioner takes no text prompt; it describes the audio alone, "
-    "so requests carry audio only (drop --prompt)"
-)
-
-DESCRIPTION = """\
-Caption audio with the Qwen3-Omni Captioner service (vLLM, OpenAI-compatible API).
-
-INPUT is a file, a folder (searched recursively for audio), - for stdin, or an
-http(s) URL; several may be given. With no INPUT the sample clip is captioned.
-"""
-
-DEFAULT_WAIT = retry_wait(DEFAULT_RETRIES)
-WAIT_10 = retry_wait(10)
-
-EPILOG = f"""\
-defaults from the environment, then config.env (or $CAPTIONER_CONFIG), then config.env.example:
-  CAPTIONER_BASE_URL    server URL(s), space- or comma-separated; else
-                        http://127.0.0.1:PORT with the service's PORT ({DEFAULT_BASE_URL})
-  CAPTIONER_API_KEY     API key, else API_KEY as the service uses it
-  CAPTIONER_CONCURRENCY requests in flight, else MAX_NUM_SEQS (the server's batch
-                        size) times the number of servers, else {DEFAULT_CONCURRENCY}
-  MAX_AUDIO_SECONDS     the server's audio cap: --segment-seconds defaults to it
-                        where it is below {DEFAULT_SEGMENT_SECONDS:g}
-
-retries: refused or dropped connections and HTTP 502/503/504 are retried after
-  pauses of 0, 1, 2, 4 ... s, each at most {BACKOFF_MAX:g} s (or the server's Retry-After):
-  --retries {DEFAULT_RETRIES} (the default) waits up to {DEFAULT_WAIT:g} s in all, \
---retries 10 up to {WAIT_10:g} s
-  (a GPU server loading the model may need it); a read timeout is never retried
-
-exit codes: 0 ok, 1 some inputs failed, 2 usage, 3 input unreadable, 4 cannot
-connect, 5 timeout, 6 server refused (4xx, or vLLM's 500 for unusable input),
-7 server error (other 5xx), 130 Ctrl-C
-"""
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="test_client.py",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="file, folder, -, or URL")
-    p.add_argument(
-        "-f", "--format", choices=FORMATS, default=None,
-        help="output format (default: from --output's extension, else text); "
-        "srt and vtt take one input; jsonl with --output resumes",
-    )  # fmt: skip
-    p.add_argument(
-        "-o", "--output", type=Path, metavar="FILE",
-        help="write results to FILE instead of stdout; with jsonl, a rerun skips "
-        "inputs already in FILE",
-    )  # fmt: skip
-    p.add_argument(
-        "-c", "--concurrency", type=positive_int, metavar="N",
-        help="requests in flight at once (default: see below)",
-    )  # fmt: skip
-    p.add_argument(
-        "--base-url", action="append", metavar="URL",
-        help="server to use; repeat to spread a batch over several servers",
-    )  # fmt: skip
-    p.add_argument("--api-key", metavar="KEY", help="API key (default: see below)")
-    p.add_argument("--model", help="served model name (default: the server's first, from /v1/models)")
-    p.add_argument(
-        "--segment-seconds", type=positive_float, metavar="S",
-        help=f"split audio longer than S seconds into windows (default {DEFAULT_SEGMENT_SECONDS:g}, "
-        "or the server's MAX_AUDIO_SECONDS if lower; the model is at its best on 30 s or less)",
-    )  # fmt: skip
-    p.add_argument(
-        "--max-tokens", type=positive_int, metavar="N",
-        help="cap a caption's length in tokens (default: the server's)",
-    )  # fmt: skip
-    p.add_argument(
-        "--stream", action="store_true",
-        help="print the caption as it is generated (one input, text format)",
-    )  # fmt: skip
-    p.add_argument(
-        "--server-fetch", action="store_true",
-        help="let the server download http(s) inputs (needs ALLOWED_MEDIA_DOMAINS on "
-        "the server; no long-audio splitting) instead of the client sending them inline",
-    )  # fmt: skip
-    p.add_argument(
-        "--timeout", type=positive_float, default=300.0, metavar="S",
-        help="seconds to wait for an answer (default 300)",
-    )  # fmt: skip
-    p.add_argument(
-        "--connect-timeout", type=positive_float, default=10.0, metavar="S",
-        help="seconds to wait for a connection (default 10)",
-    )  # fmt: skip
-    p.add_argument(
-        "--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
-        help="retries on refused or dropped connections and HTTP 502/503/504, with "
-        f"backoff (default {DEFAULT_RETRIES}: up to {DEFAULT_WAIT:g} s in all; "
-        "0 fails at once; see below)",
-    )  # fmt: skip
-    p.add_argument(
-        "--prompt", metavar="TEXT",
-        help="refused: the Captioner takes no text prompt (kept so the refusal is clear)",
-    )  # fmt: skip
-    p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p
+__all__ = ["build_parser", "main"]
 
 
 class TqdmHandler(logging.Handler):
@@ -199,7 +82,7 @@ class Formatter(logging.Formatter):
             prefix += "error: "
         elif record.levelno >= logging.WARNING:
             prefix += "warning: "
-        text = prefix + record.getMessage()
+        text = prefix + escape_text(record.getMessage())  # a server's words cannot drive the terminal
         if record.exc_info:
             text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
         return text
@@ -231,6 +114,23 @@ def exit_now_on_sigint() -> None:
     signal.signal(signal.SIGINT, interrupted)
 
 
+def return_freed_buffers_to_the_system() -> None:
+    """Have glibc hand big freed blocks back to the system at once.
+
+    glibc serves a block at or above its mmap threshold from a mapping of its own, returned on
+    free; but it raises the threshold to the largest such block freed (up to 32 MiB), after
+    which megabyte blocks come from per-thread arenas that keep them when freed. A batch's
+    request threads each make and drop a 1.3 MB body per window: at 128 requests in flight that
+    held ~90 MiB for nothing (40 x 7-minute WAVs: 309 MiB peak, 220 MiB with a fixed threshold).
+    A fixed threshold (256 KiB) stops the raising. Elsewhere than glibc: nothing to do.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -239,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         args = build_parser().parse_args(argv)
         setup_logging(args.debug)
+        return_freed_buffers_to_the_system()
         args.resume_command = resume_command(argv)
         return int(run(args))
     except KeyboardInterrupt as exc:
@@ -259,10 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc, exc_info=debug)
         return exit_code_for(exc)
     except BrokenPipeError:
-        # stdout closed early (`| head`): not an error worth a message. Point stdout at
-        # /dev/null so the interpreter's final flush does not raise again.
+        # stdout closed early (`| head -1`): the reader has what it wants, as with `seq 9 | head
+        # -1`; no message, exit 0. Point stdout at /dev/null so the interpreter's final flush
+        # does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return ExitCode.FAILURES
+        return ExitCode.OK
     except Exception as exc:  # the one place unexpected errors end up
         log.error("unexpected %s: %s", type(exc).__name__, exc, exc_info=debug)
         if not debug:
@@ -309,6 +211,7 @@ def run(args: argparse.Namespace) -> ExitCode:
         settings = Settings()
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    base_urls = choose_base_urls(args, settings)
     if args.inputs:
         items = resolve_inputs(args.inputs)
     else:
@@ -316,31 +219,29 @@ def run(args: argparse.Namespace) -> ExitCode:
             raise InputError(f"no INPUT given and the sample clip {SAMPLE_CLIP} is missing")
         items = resolve_inputs([str(SAMPLE_CLIP)])
     check_combinations(args, fmt, items)
-    base_urls = choose_base_urls(args, settings)
     concurrency = choose_concurrency(args, settings, len(base_urls))
     segment_seconds = choose_segment_seconds(args, settings)
+    api_key = args.api_key or settings.get("CAPTIONER_API_KEY") or settings.get("API_KEY")
+    retries = int(args.retries)
+    # Several servers: each retries once, then the pool fails over to another and
+    # waits for a dead one only while every server is out (as long as --retries would).
+    per_server = retries if len(base_urls) == 1 else min(retries, 1)
+    clients = [
+        CaptionClient(
+            url,
+            api_key,
+            connect_timeout=args.connect_timeout,
+            read_timeout=args.timeout,
+            retries=per_server,
+            backoff=DEFAULT_BACKOFF,
+            pool_size=concurrency,
+        )
+        for url in base_urls
+    ]
+    ring = ClientRing(clients, wait=retry_wait(retries))
     # Checked and locked before the first request: a typo in --output costs nothing.
-    output = Output(fmt, args.output, [i.source for i in items], sys.stdout)
+    output = Output(fmt, args.output, [i.key for i in items], sys.stdout)
     try:
-        api_key = args.api_key or settings.get("CAPTIONER_API_KEY") or settings.get("API_KEY")
-        retries = max(args.retries, 0)
-        # Several servers: each retries once, then the pool fails over to another and
-        # waits for a dead one only while every server is out (as long as --retries would).
-        per_server = retries if len(base_urls) == 1 else min(retries, 1)
-        clients = [
-            CaptionClient(
-                url,
-                api_key,
-                connect_timeout=args.connect_timeout,
-                read_timeout=args.timeout,
-                retries=per_server,
-                backoff=DEFAULT_BACKOFF,
-                pool_size=concurrency,
-                on_not_answering=say_not_answering,
-            )
-            for url in base_urls
-        ]
-        ring = ClientRing(clients, wait=retry_wait(retries))
         model = choose_model(args.model, clients, ring)
         options = BatchOptions(
             model=model,
@@ -354,6 +255,9 @@ def run(args: argparse.Namespace) -> ExitCode:
         return run_many(items, options, ring, output, args.resume_command)
     finally:
         output.abandon()  # no-op after a finished run
+        ring.close()  # requests still under way (a stopped batch) end, quietly
+        for client in clients:
+            client.close()
 
 
 def choose_format(args: argparse.Namespace) -> str:
@@ -428,60 +332,84 @@ def choose_segment_seconds(args: argparse.Namespace, settings: Settings) -> floa
     return window_seconds(None)
 
 
-def choose_model(requested: str | None, clients: list[CaptionClient], pool: ClientRing | None = None) -> str:
-    """The model to ask for; also the check that the servers answer and accept the key.
+def choose_model(requested: str | None, clients: list[CaptionClient], pool: ServerPool | None = None) -> str:
+    """The model to ask for: `requested` (--model) as it is, nothing asked; else the first model
+    the servers list (GET /v1/models), which also checks that they answer and take the key.
 
-    With several servers, one that does not answer starts out of the rotation (a
-    warning; it is probed again later) and the batch runs on the others; only when none
-    answers is it waited for as for a single server.
+    Several servers are asked at once and the first answer decides: a server that has not
+    answered stays out of the rotation (`ServerPool.pending`) until it does, so one that
+    accepts connections and never answers holds nothing up. One that cannot be reached leaves
+    the rotation with a warning (probed later); one that refuses (a wrong key) or does not serve
+    the model is left out for the run. Only when none answers is the check waited for, as long
+    as the retries of one server would wait.
     """
-    model = requested
-    answering: list[CaptionClient] = []
-    for client in clients:
+    if requested is not None:
+        return requested
+    if pool is None or len(clients) == 1:
+        served = clients[0].list_models()
+        if not served:
+            raise UsageError(f"{clients[0].base_url} serves no model")
+        log.debug("model %s on %s", served[0], clients[0].base_url)
+        return served[0]
+    return _first_model(clients, pool)
+
+
+def _first_model(clients: list[CaptionClient], pool: ServerPool) -> str:
+    lock = threading.Lock()
+    known = threading.Event()
+    chosen: list[str] = []
+    refusals: list[CaptionerError] = []
+    left = [len(clients)]
+
+    def check(client: CaptionClient) -> None:
         try:
             served = client.list_models()
         except CaptionerError as exc:
-            if len(clients) == 1 or not is_server_down(exc):
-                raise
-            if pool is not None:
-                pool.mark_down(client, short_reason(exc))
-            continue
-        answering.append(client)
-        if not served:
-            raise UsageError(f"{client.base_url} serves no model")
-        if model is None:
-            model = served[0]
-        elif model not in served:
-            raise UsageError(
-                f"--model {model}: not served by {client.base_url} (it serves {', '.join(served)})"
-            )
-    if not answering:  # none answers: wait for the first as if it were the only one
-        served = clients[0].list_models()
-        model = model or (served[0] if served else None)
-        if model is None:
-            raise UsageError(f"{clients[0].base_url} serves no model")
-    assert model is not None
-    log.debug("model %s on %s", model, ", ".join(c.base_url for c in answering or clients))
-    return model
+            with lock:
+                if is_server_down(exc):
+                    pool.mark_down(client, short_reason(exc))
+                else:
+                    pool.retire(client, short_reason(exc))
+                    refusals.append(exc)
+                left[0] -= 1
+                if not left[0]:
+                    known.set()
+            return
+        with lock:
+            if not chosen and served:
+                chosen.append(served[0])
+                log.debug("model %s, first listed by %s", served[0], client.base_url)
+            if chosen and chosen[0] in served:
+                pool.confirm(client)
+            else:
+                what = ", ".join(served) or "no model"
+                pool.retire(client, f"it serves {what}, not {chosen[0]}" if chosen else f"it serves {what}")
+                if not chosen:
+                    refusals.append(UsageError(f"{client.base_url} serves no model"))
+            left[0] -= 1
+            if chosen or not left[0]:
+                known.set()
 
-
-def say_not_answering(client: CaptionClient) -> None:
-    """One line on stderr when a run starts while its server is not answering.
-
-    A server that is down or restarting is waited for (up to a minute by default) so a
-    batch started during a restart goes ahead; a user who mistyped the URL is told why
-    nothing happens, and how not to wait.
-    """
-    if client.retry_wait > 0:
-        log.warning(
-            "%s is not answering; retrying for up to %g s (--retries %d; 0 fails at once)",
-            client.base_url, client.retry_wait, client.retries,
-        )  # fmt: skip
+    for client in clients:
+        pool.pending(client)
+    for client in clients:  # daemons: a check still waiting on a hung server never holds the exit
+        threading.Thread(target=check, args=(client,), name="captioner-check", daemon=True).start()
+    known.wait()
+    with lock:
+        if chosen:
+            return chosen[0]
+        if refusals:
+            raise refusals[0]
+    # None answers: wait for one as for a single server (probes, as long as --retries would).
+    served = pool.call(lambda c: c.list_models())
+    if not served:
+        raise UsageError("the server that answered serves no model")
+    return str(served[0])
 
 
 def stream_one(item: InputItem, options: BatchOptions, ring: ClientRing) -> ExitCode:
     def show(piece: str) -> None:
-        sys.stdout.write(piece)
+        sys.stdout.write(escape_text(piece))
         sys.stdout.flush()
 
     record = process_item(item, options, ring, on_text=show)
@@ -550,7 +478,7 @@ def run_many(
     if resume.dropped_duplicates:
         log.warning("%s: dropped %s", shown, plural(resume.dropped_duplicates, "duplicate record"))
     done = resume.done
-    skipping = sum(1 for i in items if i.kind != "stdin" and i.source in done)
+    skipping = sum(1 for i in items if i.key in done)
     if skipping:
         log.info("resuming: %d of %s already in %s", skipping, plural(len(items), "input"), shown)
     # None: off when stderr is not a terminal. One input: a bar over its windows, if it has several.

@@ -6,9 +6,13 @@ import json
 import re
 from collections.abc import Sequence
 
-from captioner.records import Record
+from captioner.records import JSON_ESCAPES, Record
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls except \t and \n
+# What text output escapes: C0 controls but \t and \n, DEL, C1, and the line ends a terminal does
+# not take for one (\x85, U+2028, U+2029). A caption or a file name cannot move the cursor,
+# recolour or retitle the terminal, or hide text behind a carriage return.
+_TERMINAL_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 FORMATS = ("text", "json", "jsonl", "srt", "vtt")
 SUBTITLE_FORMATS = ("srt", "vtt")
@@ -38,22 +42,46 @@ def render(records: Sequence[Record], fmt: str, many: bool) -> str:
     raise ValueError(f"unknown format {fmt!r}")
 
 
+def escape_text(text: str) -> str:
+    """`text` with control characters shown as escapes (`\\x1b`, `\\r`, `\\u2028`): safe to print."""
+    return _TERMINAL_CONTROL.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
 def render_text(records: Sequence[Record], many: bool) -> str:
     """Captions for a person: just the caption, or a `# source` header per input.
 
-    Failed inputs are left out; their errors go to stderr.
+    With several inputs a failed one keeps its place as one line, `# SOURCE: failed: WHY` (the
+    same words as on stderr); one input that failed prints nothing (stderr and the exit code say).
+    Control characters are escaped (`escape_text`).
     """
-    ok = [r for r in records if r.ok]
     if not many:
-        return "".join(r.caption.strip() + "\n" for r in ok)
-    return "\n".join(f"# {r.source}\n{r.caption.strip()}\n" for r in ok)
+        return "".join(escape_text(r.caption.strip()) + "\n" for r in records if r.ok)
+    return "\n".join(text_block(r) for r in records)
+
+
+def text_block(record: Record) -> str:
+    """One input's part of a multi-input text output."""
+    source = escape_text(record.source)
+    if record.ok:
+        return f"# {source}\n{escape_text(record.caption.strip())}\n"
+    reason = record.error or "failed"
+    if reason.startswith(f"{record.source}: "):
+        reason = reason[len(record.source) + 2 :]
+    return f"# {source}: failed: {escape_text(reason)}\n"
 
 
 def render_json(records: Sequence[Record], many: bool) -> str:
-    """One JSON document: an object for one input, an array for several."""
+    """One JSON document: an object for one input, an array for several (see Record.to_line for
+    the characters escaped beyond JSON's own)."""
     if not many and len(records) == 1:
-        return json.dumps(records[0].to_json(), ensure_ascii=False, indent=2) + "\n"
-    return json.dumps([r.to_json() for r in records], ensure_ascii=False, indent=2) + "\n"
+        text = json.dumps(records[0].to_json(), ensure_ascii=False, indent=2)
+    else:
+        text = json.dumps([r.to_json() for r in records], ensure_ascii=False, indent=2)
+    return text.translate(JSON_ESCAPES) + "\n"
 
 
 def timestamp(seconds: float, decimal: str) -> str:

@@ -11,6 +11,13 @@ from the state file. At the end the JSONL output is rewritten in input order.
 
 Records reach stdout in input order too: one that finishes early waits for those
 before it (jsonl and text stream; json, srt and vtt are rendered at the end).
+
+A `.jsonl` output is a collection: records of inputs this run does not name stay in it, so
+several runs (two clips piped in one after the other) gather in one file. The other formats are
+one run's document: FILE is rewritten, at the end, with the records of this run's inputs.
+
+An `--output` that is a symlink is resolved once: its target is checked, locked and written
+(atomically, by a rename next to the target), and the link stays a link.
 """
 
 from __future__ import annotations
@@ -27,32 +34,39 @@ from typing import TextIO
 from captioner.errors import UsageError
 from captioner.files import atomic_write
 from captioner.formats import SUBTITLE_FORMATS, render, render_text
-from captioner.records import Record, Segment
+from captioner.records import Record, Segment, input_key
 
 RECORD_PREFIX = b'{"source":'  # every line this client writes starts so
 STATE_SUFFIX = ".partial.jsonl"
 
 
-def check_output_path(path: Path) -> None:
+def check_output_path(path: Path, shown: Path | None = None) -> None:
     """`UsageError` unless `path` can be written: a file name in an existing, writable folder.
 
     Called before the first request, so a typo costs nothing. The folder must be
     writable even when the file exists: files are replaced atomically (a temporary
-    file next to them, then a rename).
+    file next to them, then a rename). `shown` is the name the user gave (a link to `path`).
     """
+    shown = shown or path
     folder = path.parent
     if path.is_dir():
-        raise UsageError(f"--output {path}: is a folder; give a file name")
+        raise UsageError(f"--output {shown}: is a folder; give a file name")
     if not folder.is_dir():
-        raise UsageError(f"--output {path}: the folder {folder} does not exist (create it first)")
+        raise UsageError(f"--output {shown}: the folder {folder} does not exist (create it first)")
     try:  # a real try rather than os.access: root, read-only mounts, ACLs
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UsageError(f"--output {path}: cannot write in the folder {folder}: {exc.strerror}") from exc
+        raise UsageError(f"--output {shown}: cannot write in the folder {folder}: {exc.strerror}") from exc
     if path.exists() and not os.access(path, os.W_OK):
-        raise UsageError(f"--output {path}: cannot write the file (permission denied)")
+        raise UsageError(f"--output {shown}: cannot write the file (permission denied)")
+
+
+def output_target(path: Path) -> Path:
+    """The file `--output PATH` writes: PATH with symlinks resolved (a dangling link: the file it
+    names), so the link is kept and the lock is on the file written."""
+    return Path(os.path.realpath(path))
 
 
 def state_path(path: Path, fmt: str) -> Path:
@@ -90,7 +104,7 @@ def _open_locked(path: Path, shown: Path) -> int:
 
 @dataclass
 class ResumeInfo:
-    done: set[str] = field(default_factory=set)
+    done: set[str] = field(default_factory=set)  # the keys of inputs done (records.input_key)
     records: list[Record] = field(default_factory=list)  # the kept ones, in file order
     dropped_partial: bool = False  # a torn last line (a crash mid-write) was removed
     dropped_failed: int = 0  # failed records removed so they are retried
@@ -102,9 +116,9 @@ class ResumeInfo:
 
 
 def scan_records(raw: bytes, shown: Path) -> tuple[ResumeInfo, list[bytes]]:
-    """Which sources an earlier run finished, and the lines to keep.
+    """Which inputs an earlier run finished (by key), and the lines to keep.
 
-    Keeps the first successful record per source, drops failed ones (they will be
+    Keeps the first successful record per input, drops failed ones (they will be
     retried) and a torn line. Refuses (`UsageError`) lines this client did not write,
     rather than rewrite somebody's other file.
     """
@@ -120,16 +134,16 @@ def scan_records(raw: bytes, shown: Path) -> tuple[ResumeInfo, list[bytes]]:
             )
         try:
             data = json.loads(line)
-            source = data["source"]
-        except (ValueError, KeyError, TypeError):
+            key = input_key(str(data["source"]), data.get("path"), data.get("sha256"))
+        except (ValueError, KeyError, TypeError, AttributeError):
             info.dropped_partial = True  # torn by a crash mid-write
             continue
         if data.get("error"):
             info.dropped_failed += 1
-        elif source in info.done:
+        elif key in info.done:
             info.dropped_duplicates += 1
         else:
-            info.done.add(source)
+            info.done.add(key)
             info.records.append(record_from_json(data))
             keep.append(line)
     return info, keep
@@ -141,8 +155,11 @@ def record_from_json(data: dict[str, object]) -> Record:
     usage = data.get("usage")
     duration = data.get("duration")
     latency = data.get("latency")
+    path, sha256 = data.get("path"), data.get("sha256")
     return Record(
         source=str(data["source"]),
+        path=path if isinstance(path, str) else None,
+        sha256=sha256 if isinstance(sha256, str) else None,
         duration=float(duration) if isinstance(duration, (int, float)) else None,
         segments=[Segment(float(s["start"]), float(s["end"]), str(s["caption"])) for s in segments],
         caption=str(data.get("caption") or ""),
@@ -197,23 +214,25 @@ class StateFile:
 class Output:
     """The records of one run, to stdout or `--output`, in input order.
 
-    `order` is every input's source, in input order. Open it (checks and locks the
-    output) before the first request; `resume()` says what is already done.
+    `order` is every input's key (records.input_key), in input order. Open it (checks and locks
+    the output) before the first request; `resume()` says what is already done. `path` is the
+    output as the user named it, for messages; `target` the file written (links resolved).
     """
 
     def __init__(self, fmt: str, path: Path | None, order: Sequence[str], stdout: TextIO) -> None:
         self.fmt, self.path, self.stdout = fmt, path, stdout
+        self.target = None if path is None else output_target(path)
         self.many = len(order) > 1
         self.order = list(dict.fromkeys(order))
-        self.position = {source: i for i, source in enumerate(self.order)}
-        self.records: dict[str, Record] = {}  # this run's and resumed ones, by source
+        self.position = {key: i for i, key in enumerate(self.order)}
+        self.records: dict[str, Record] = {}  # this run's and resumed ones, by key
         self._next = 0  # stdout: position of the next record to print
         self._printed = 0
         self.state: StateFile | None = None
         self._created = False
-        if path is not None:
-            check_output_path(path)
-            state = state_path(path, fmt)
+        if path is not None and self.target is not None:
+            check_output_path(self.target, shown=path)
+            state = state_path(self.target, fmt)
             self._created = not state.exists()
             self.state = StateFile(state, shown=path)
         self.resumed = ResumeInfo()
@@ -223,11 +242,11 @@ class Output:
         if self.state is not None:
             self.resumed = self.state.load()
             for record in self.resumed.records:
-                self.records[record.source] = record
+                self.records[record.key] = record
         return self.resumed
 
     def add(self, record: Record) -> None:
-        self.records[record.source] = record
+        self.records[record.key] = record
         if self.state is not None:
             self.state.write(record)
         elif self.fmt in ("jsonl", "text"):
@@ -251,23 +270,31 @@ class Output:
             self.stdout.flush()
 
     def ordered(self) -> list[Record]:
-        last = len(self.position)
-        return sorted(self.records.values(), key=lambda r: self.position.get(r.source, last))
+        """The records in the file's order, new ones after, with this run's inputs sorted into
+        input order in the places they hold: a .jsonl gathering runs keeps its order, and a run
+        resumed after an interrupt ends in input order, whatever order its inputs finished in."""
+        records = list(self.records.values())
+        mine = iter(sorted((r for r in records if r.key in self.position),
+                           key=lambda r: self.position[r.key]))  # fmt: skip
+        return [next(mine) if r.key in self.position else r for r in records]
 
     def finish(self) -> None:
-        """Everything ran: the final output, in input order; the state file goes."""
+        """Everything ran: the final output, in input order; the state file goes.
+
+        jsonl keeps the records of inputs this run did not name (see `ordered`); the other
+        formats hold this run's inputs alone."""
         records = self.ordered()
         if self.state is None:
             if self.fmt not in ("jsonl", "text"):
                 self._render_to(None, records)
             return
-        assert self.path is not None
+        assert self.target is not None
         if self.fmt == "jsonl":
             data = "".join(r.to_line() for r in records).encode("utf-8")
             self.state.replace(data)
             self.state.close()
         else:
-            self._render_to(self.path, records)
+            self._render_to(self.target, [r for r in records if r.key in self.position])
             self.state.close(remove=True)
         self.state = None
 
@@ -288,4 +315,4 @@ class Output:
         try:
             atomic_write(path, text.encode("utf-8"))
         except OSError as exc:
-            raise UsageError(f"--output {path}: cannot write: {exc.strerror}") from exc
+            raise UsageError(f"--output {self.path}: cannot write: {exc.strerror}") from exc

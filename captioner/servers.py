@@ -2,12 +2,17 @@
 
 Each request goes to the live server with the fewest requests in flight (ties: the
 one sent the fewest so far). A server whose request fails to connect, is dropped
-before an answer, or is answered 502/503/504 (after its own client's retries) leaves
-the rotation with a warning, and the request goes to another server at once. It is
-probed again after `PROBE_AFTER` seconds (doubling, at most `PROBE_MAX`): one
-request is let through, and if it succeeds the server is back. When every server is
-out, a request waits for the next probe, for as long as the retries of one server
-would wait (`--retries`); only then does it fail, with the last server's error.
+before an answer, gets no answer within the read timeout, or is answered 502/503/504
+(after its own client's retries) leaves the rotation with a warning, and the request
+goes to another server at once. It is probed again after `PROBE_AFTER` seconds
+(doubling, at most `PROBE_MAX`): one request is let through, and if it succeeds the
+server is back. When every server is out, a request waits for the next probe, for as
+long as the retries of one server would wait (`--retries`), and a line says so; only
+then does it fail, with the last server's error.
+
+A server can start out *pending* (`pending()`): out of the rotation until its start-up
+check answers (`confirm`) or fails (`mark_down`), so a server that accepts connections
+and never answers gets no request while the others work.
 
 For one host behind several GPUs, or a fleet, use vLLM's router instead
 (deploy/router.sh): health checks and load-aware routing for every client at once.
@@ -23,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from captioner.errors import CaptionerError, ServerConnectionError, ServerHTTPError
+from captioner.errors import CaptionerError, ServerConnectionError, ServerHTTPError, ServerTimeoutError
 
 log = logging.getLogger("captioner")
 
@@ -35,8 +40,9 @@ T = TypeVar("T")
 
 
 def is_server_down(exc: BaseException) -> bool:
-    """Errors that say the server (not the input) is the problem: try another one."""
-    if isinstance(exc, ServerConnectionError):
+    """Errors that say the server (not the input) is the problem: try another one. A read
+    timeout is one: a server that does not answer in time is treated like one that refuses."""
+    if isinstance(exc, (ServerConnectionError, ServerTimeoutError)):
         return True
     return isinstance(exc, ServerHTTPError) and exc.status in FAILOVER_STATUSES
 
@@ -48,6 +54,8 @@ def short_reason(exc: CaptionerError) -> str:
         return text[text.find("HTTP ") :][:120] if "HTTP " in text else text[:120]
     if ": " in text and text.startswith("cannot connect to "):
         return text.split(": ", 1)[1].split(". ", 1)[0]
+    if isinstance(exc, ServerTimeoutError) and ": " in text:
+        return text.split(": ", 1)[1].split(" (", 1)[0][:120]  # "no answer within 300 s"
     return text.split("; ", 1)[0][:120]
 
 
@@ -59,6 +67,7 @@ class _Server:
     down_until: float = 0.0  # monotonic time of the next probe; 0: in the rotation
     pause: float = field(default_factory=lambda: PROBE_AFTER)
     probing: bool = False
+    pending: bool = False  # its start-up check has not answered yet
 
     @property
     def live(self) -> bool:
@@ -75,6 +84,33 @@ class ServerPool:
         self.servers = [_Server(c) for c in clients]
         self.wait = wait  # how long a request waits while every server is out
         self._lock = threading.Condition()
+        self._said_all_out = False
+        self.closed = False
+
+    def close(self) -> None:
+        """The run is over: requests still waiting for a server give up, and say nothing."""
+        with self._lock:
+            self.closed = True
+            self._lock.notify_all()
+
+    def pending(self, client: Any) -> None:
+        """Keep `client`'s server out of the rotation until `confirm` or `mark_down`: its
+        start-up check is under way."""
+        with self._lock:
+            for server in self.servers:
+                if server.client is client:
+                    server.pending = server.probing = True
+                    server.down_until = float("inf")
+
+    def confirm(self, client: Any) -> None:
+        """`client`'s server answered its start-up check: into the rotation."""
+        with self._lock:
+            for server in self.servers:
+                if server.client is client and server.pending:
+                    server.pending = server.probing = False
+                    server.down_until = 0.0
+                    self._said_all_out = False
+            self._lock.notify_all()
 
     def next(self) -> Any:
         """The least-busy live server's client (no bookkeeping: for one-off calls)."""
@@ -82,11 +118,31 @@ class ServerPool:
             live = [s for s in self.servers if s.live] or self.servers
             return min(live, key=lambda s: (s.in_flight, s.sent)).client
 
+    def retire(self, client: Any, reason: str) -> None:
+        """Leave `client`'s server out for the rest of the run (it refused, or serves another
+        model: probing it again would not help), with a warning."""
+        with self._lock:
+            for server in self.servers:
+                if server.client is client:
+                    server.pending = False
+                    server.probing = True  # never due for a probe
+                    server.down_until = float("inf")
+                    others = sum(1 for s in self.servers if s.live or s.pending)  # pending: being checked
+                    log.warning(
+                        "%s is left out (%s); %d of %d servers in use",
+                        server.client.base_url, reason, others, len(self.servers),
+                    )  # fmt: skip
+            self._lock.notify_all()
+
     def mark_down(self, client: Any, reason: str) -> None:
         with self._lock:
             for server in self.servers:
                 if server.client is client:
+                    if server.pending:
+                        server.pending = server.probing = False
+                        server.down_until = 0.0
                     self._take_out(server, reason)
+            self._lock.notify_all()
 
     def call(self, fn: Callable[[Any], T]) -> T:
         if len(self.servers) == 1:
@@ -96,9 +152,8 @@ class ServerPool:
         last: CaptionerError | None = None
         while True:
             server = self._acquire(tried, deadline)
-            if server is None:
-                assert last is not None
-                raise last  # every server out for longer than the retries wait
+            if server is None:  # every server out for longer than the retries wait, or closed
+                raise last or ServerConnectionError("no server: the run is over")
             try:
                 result = fn(server.client)
             except CaptionerError as exc:
@@ -120,6 +175,8 @@ class ServerPool:
     def _acquire(self, tried: set[int], deadline: float | None) -> _Server | None:
         with self._lock:
             while True:
+                if self.closed:
+                    return None
                 now = time.monotonic()
                 live = [s for s in self.servers if s.live and id(s) not in tried]
                 if not live:
@@ -135,6 +192,7 @@ class ServerPool:
                         return None
                     waiting = [s.down_until for s in self.servers if not s.probing]
                     until = min(waiting) if waiting else now + 1.0
+                    self._say_all_out(now, until, deadline)
                     if deadline is not None:
                         until = min(until, deadline)
                     self._lock.wait(max(0.05, until - now))
@@ -143,12 +201,26 @@ class ServerPool:
                 server.sent += 1
                 return server
 
+    def _say_all_out(self, now: float, until: float, deadline: float | None) -> None:
+        """One line when requests start waiting because every server is out (not again until
+        one is back)."""
+        if self._said_all_out or self.closed:
+            return
+        self._said_all_out = True
+        due = [s for s in self.servers if not s.probing and s.down_until == until]
+        probe = "probing"
+        if due:
+            probe = f"next probe of {due[0].client.base_url} in {max(0.0, until - now):.0f} s"
+        limit = f"; giving up in {max(0.0, deadline - now):.0f} s" if deadline is not None else ""
+        log.warning("every server is out of the rotation; waiting (%s%s)", probe, limit)
+
     def _release(self, server: _Server, ok: bool, reason: str = "") -> None:
         with self._lock:
             server.in_flight -= 1
             if ok:
                 if not server.live:
                     log.warning("%s answers again: back in the rotation", server.client.base_url)
+                    self._said_all_out = False
                 server.down_until, server.pause, server.probing = 0.0, PROBE_AFTER, False
             elif server.probing:
                 server.probing = False
@@ -159,10 +231,10 @@ class ServerPool:
             self._lock.notify_all()
 
     def _take_out(self, server: _Server, reason: str) -> None:
-        if not server.live:
+        if not server.live or self.closed:
             return
         server.down_until = time.monotonic() + server.pause
-        others = sum(1 for s in self.servers if s.live)
+        others = sum(1 for s in self.servers if s.live or s.pending)  # pending: being checked
         log.warning(
             "%s left the rotation (%s); probing it again in %g s; %d of %d servers in use",
             server.client.base_url, reason, server.pause, others, len(self.servers),

@@ -7,6 +7,7 @@ import itertools
 import subprocess
 import wave
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -138,7 +139,7 @@ def test_undecodable_input_is_an_input_error_naming_the_file(data: bytes, messag
 def test_short_path_rejects_non_audio_as_decode_does(
     monkeypatch: pytest.MonkeyPatch, data: bytes, message: str
 ) -> None:
-    monkeypatch.setattr(captioner.audio, "decode", _no_full_decode)
+    monkeypatch.setattr(captioner.audio, "decode_to_spool", _no_full_decode)
     with pytest.raises(InputError, match=message) as caught:
         prepare(data, "bad.wav", 30)
     assert str(caught.value).startswith("bad.wav: ")
@@ -148,12 +149,12 @@ def test_flac_cut_inside_its_first_frame_is_an_input_error_without_a_full_decode
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = convert(write_wav(tmp_path / "a.wav", tone(3)), tmp_path / "a.flac").read_bytes()[:100]
-    monkeypatch.setattr(captioner.audio, "decode", _no_full_decode)
+    monkeypatch.setattr(captioner.audio, "decode_to_spool", _no_full_decode)
     with pytest.raises(InputError, match="cannot decode audio"):
         prepare(data, "cut.flac", 30)
 
 
-def _no_full_decode(data: bytes, name: str) -> captioner.audio.Decoded:
+def _no_full_decode(data: object, name: str, limit_seconds: float | None = None) -> captioner.audio.Spooled:
     raise AssertionError(f"{name} was fully decoded")
 
 
@@ -163,7 +164,7 @@ def test_a_short_file_is_not_fully_decoded_and_goes_out_as_its_bytes(
 ) -> None:
     path = convert(write_wav(tmp_path / "src.wav", tone(29)), tmp_path / f"a.{extension}")
     decoded_seconds = decode(path.read_bytes(), path.name).duration
-    monkeypatch.setattr(captioner.audio, "decode", _no_full_decode)
+    monkeypatch.setattr(captioner.audio, "decode_to_spool", _no_full_decode)
     prepared = prepare(path.read_bytes(), path.name, 30)
     assert [w.data for w in prepared.windows] == [path.read_bytes()]
     assert prepared.duration == pytest.approx(decoded_seconds, abs=0.1)
@@ -173,21 +174,52 @@ def test_a_file_exactly_as_long_as_the_window_is_not_fully_decoded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write_wav(tmp_path / "a.wav", tone(30))
-    monkeypatch.setattr(captioner.audio, "decode", _no_full_decode)
+    monkeypatch.setattr(captioner.audio, "decode_to_spool", _no_full_decode)
     assert prepare(path.read_bytes(), path.name, 30).duration == 30
 
 
 def test_a_long_file_is_fully_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_wav(tmp_path / "a.wav", tone(31))
     calls: list[str] = []
+    real = captioner.audio.decode_to_spool
 
-    def counting_decode(data: bytes, name: str) -> captioner.audio.Decoded:
+    def counting_decode(data: object, name: str, limit_seconds: float | None = None) -> Any:
         calls.append(name)
-        return decode(data, name)
+        return real(data, name, limit_seconds)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(captioner.audio, "decode", counting_decode)
+    monkeypatch.setattr(captioner.audio, "decode_to_spool", counting_decode)
     assert len(prepare(path.read_bytes(), path.name, 30).windows) == 2
     assert calls == [path.name]
+
+
+@pytest.mark.parametrize("extension", ["wav", "mp3", "m4a"])
+def test_a_streamed_decode_cuts_and_encodes_exactly_as_a_whole_one(tmp_path: Path, extension: str) -> None:
+    rng = np.random.default_rng(1)
+    samples = (rng.standard_normal(SR * 100) * 0.2).astype(np.float32)
+    for second in (27.3, 55.1, 83.9):  # pauses where cuts go
+        samples[round(second * SR) : round((second + 0.4) * SR)] = 0
+    path = convert(write_wav(tmp_path / "src.wav", samples), tmp_path / f"a.{extension}")
+    whole = decode(path.read_bytes(), path.name).samples
+    prepared = prepare(str(path), path.name, 30)  # by path: FFmpeg reads the file itself
+    ranges = plan_windows(whole, 30)
+    assert [(w.start, w.end) for w in prepared.windows] == [(a / SR, b / SR) for a, b in ranges]
+    assert len(ranges) == 4 and ranges[0][1] != 30 * SR  # cut at a pause, not at the limit
+    for window, (a, b) in zip(prepared.windows, ranges, strict=True):
+        assert window.data == wav_bytes(captioner.audio.to_pcm16(whole[a:b]).tobytes())
+
+
+def test_a_long_files_windows_hold_no_audio_until_asked_and_the_spool_goes_with_them(tmp_path: Path) -> None:
+    path = write_wav(tmp_path / "a.wav", tone(95))
+    prepared = prepare(str(path), path.name, 30)
+    windows = prepared.windows
+    prepared.release()
+    spool = windows[0]._spool
+    assert spool is not None and spool._file.tell() == 95 * SR * 2  # the PCM is on disk, not in memory
+    assert all(w._data is None for w in windows)
+    assert len(windows[3].data) == 5 * SR * 2 + 44
+    closer = spool._closer
+    del spool, windows
+    assert not closer.alive  # the last window gone: the temporary file is closed
 
 
 @pytest.mark.parametrize("extension", ["wav", "mp3", "flac", "ogg", "m4a", "webm", "aac", "opus", "aiff"])
@@ -223,5 +255,5 @@ def test_a_piped_file_whose_header_has_no_length_is_measured_by_its_packets(
         check=True,
         capture_output=True,
     ).stdout
-    monkeypatch.setattr(captioner.audio, "decode", _no_full_decode)
+    monkeypatch.setattr(captioner.audio, "decode_to_spool", _no_full_decode)
     assert prepare(piped, f"piped.{fmt}", 30).duration == pytest.approx(12, abs=0.1)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,8 @@ from captioner.errors import (
     UsageError,
     exit_code_for,
 )
-from tests.test_client_support import IdleClosingServer, StubServer, parse_srt, tone, write_wav
+from tests.test_client_output import REPO, client_env
+from tests.test_client_support import IdleClosingServer, StubServer, folder_of, parse_srt, tone, write_wav
 
 pytestmark = pytest.mark.usefixtures("client_env_cleared")
 
@@ -259,16 +263,18 @@ def test_default_retries_wait_about_a_minute_as_urllib3_counts_it() -> None:
     assert "up to 61 s in all" in build_parser().format_help()
 
 
-def test_unreachable_server_says_once_how_long_it_retries_then_exits_4(
+def test_unreachable_server_says_each_retry_as_it_waits_then_exits_4(
     clip: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = call(str(clip), "--base-url", "http://127.0.0.1:9", "--retries", "2")
     assert code == ExitCode.CONNECTION
     # Only our own lines: a stub of an earlier test may still print its thread's traceback.
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("captioner: ")]
-    assert lines[0] == ("captioner: warning: http://127.0.0.1:9 is not answering; "
-                        "retrying for up to 1 s (--retries 2; 0 fails at once)")  # fmt: skip
-    assert len(lines) == 2 and "connection refused" in lines[1]
+    assert lines[:2] == [
+        "captioner: warning: http://127.0.0.1:9: connection refused; retry 1 of 2 now",
+        "captioner: warning: http://127.0.0.1:9: connection refused; retry 2 of 2 in 1 s",
+    ]
+    assert len(lines) == 3 and "connection refused" in lines[2]
 
 
 @pytest.mark.parametrize(
@@ -359,3 +365,61 @@ def test_a_base_url_ending_in_v1_is_the_same_server(clip: Path, capsys: pytest.C
     with StubServer() as stub:
         assert call(str(clip), "--base-url", stub.base_url + "/v1/") == ExitCode.OK
     assert capsys.readouterr().out == "a stub caption\n" and len(stub.requests) == 1
+
+
+# --- the small things of issue #20 (item 5) ---------------------------------------------------------
+
+
+def test_a_negative_retries_is_a_usage_error(clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        call(str(clip), "--retries", "-5")
+    assert caught.value.code == ExitCode.USAGE
+    assert "argument --retries: must be 0 or more, got -5" in capsys.readouterr().err
+
+
+def piped(command: str) -> subprocess.CompletedProcess[str]:
+    """`test_client.py ... | head ...` under bash with pipefail: the pipeline's status is the client's."""
+    client = f"{shlex.quote(sys.executable)} {shlex.quote(str(REPO / 'test_client.py'))}"
+    return subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {client} {command}"],
+        env=client_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_batch_piped_into_head_ends_quietly_with_exit_0(tmp_path: Path) -> None:
+    folder = folder_of(tmp_path, 6)
+    with StubServer(delay=0.2) as stub:  # records come one at a time, after head has gone
+        result = piped(f"{folder} --base-url {stub.base_url} -c 1 -f jsonl | head -1")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert json.loads(result.stdout)["source"] == str(folder / "00.wav")
+    assert len(stub.requests) < 6  # the batch stopped: nobody reads the rest
+
+
+def test_a_stream_piped_into_head_ends_quietly_with_exit_0(clip: Path) -> None:
+    with StubServer(caption="one two three four five six", chunk_delay=0.2) as stub:
+        result = piped(f"{clip} --base-url {stub.base_url} --stream | head -c 7")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "one two", "")
+
+
+def test_control_characters_of_a_streamed_caption_and_of_a_servers_error_are_shown_escaped(
+    clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with StubServer(caption="Rain\x1b[2J \x1b]0;owned\x07falls\r.") as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "--stream") == ExitCode.OK
+    bad = (400, {"error": {"message": "bad audio \x1b[31mred\x9b"}})
+    with StubServer(replies=[bad]) as stub:
+        assert call(str(clip), "--base-url", stub.base_url) == ExitCode.HTTP_4XX
+    captured = capsys.readouterr()
+    assert captured.out == "Rain\\x1b[2J \\x1b]0;owned\\x07falls\\r.\n"
+    assert "HTTP 400: bad audio \\x1b[31mred\\x9b" in captured.err and "\x1b" not in captured.err
+
+
+@pytest.mark.parametrize("retries", [0, 1, 7, 10, 12])
+def test_the_help_computes_the_pauses_as_urllib3_takes_them(retries: int) -> None:
+    from captioner.api import retry_pauses
+    from captioner.options import backoff_pauses
+
+    assert backoff_pauses(retries) == retry_pauses(retries)  # --help has no urllib3 to ask

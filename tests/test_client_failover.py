@@ -4,6 +4,7 @@ case is in test_client_server.py, the router in test_router.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from captioner.cli import main
 from captioner.errors import ExitCode, ServerConnectionError
 from captioner.servers import ServerPool
 from tests.service import free_port
-from tests.test_client_support import StubServer, folder_of
+from tests.test_client_support import HungServer, StubServer, folder_of
 
 pytestmark = pytest.mark.usefixtures("client_env_cleared")
 
@@ -138,3 +139,84 @@ def test_a_server_out_of_the_rotation_is_probed_later_and_comes_back_when_it_ans
     assert pool.call(lambda c: c.work()) == "flaky"  # the probe, and it answers
     assert "flaky answers again: back in the rotation" in caplog.text
     assert "flaky left the rotation (connection refused); probing it again in 0.3 s" in caplog.text
+
+
+# --- a server that accepts connections and never answers (issue #20, item 3) ---------------------
+
+
+def checks_finish(deadline: float) -> None:
+    """Wait for the start-up checks still running (on a hung server, until --timeout)."""
+    while any(t.name == "captioner-check" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a start-up check outlived its --timeout"
+        time.sleep(0.05)
+
+
+def test_a_hung_server_holds_up_neither_the_start_nor_the_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = folder_of(tmp_path, 3)
+    out = tmp_path / "out.jsonl"
+    with HungServer() as hung, StubServer() as live:
+        started = time.monotonic()
+        code = main([str(folder), "--base-url", hung.base_url, "--base-url", live.base_url,
+                     "-o", str(out), "--timeout", "6"])  # fmt: skip
+        took = time.monotonic() - started
+        checks_finish(started + 30)  # its check times out after the run, and says nothing then
+    assert code == ExitCode.OK and took < 5  # the model check took the first answer: no wait
+    assert len(live.requests) == 3 and hung.connections == 1  # the hung one got its check, no caption
+    assert sorted(sources(out)) == sorted(str(p) for p in folder.iterdir())
+    err = capsys.readouterr().err
+    assert err.startswith("captioner: 3 files: 3 captioned, 0 failed;") and err.count("\n") == 1
+
+
+def test_with_model_given_nothing_is_asked_and_a_hung_servers_request_goes_elsewhere_after_the_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = folder_of(tmp_path, 3)
+    out = tmp_path / "out.jsonl"
+    with HungServer() as hung, StubServer() as live:
+        started = time.monotonic()
+        code = main([str(folder), "--base-url", hung.base_url, "--base-url", live.base_url,
+                     "--model", "stub-model", "-o", str(out), "--timeout", "1", "-c", "2"])  # fmt: skip
+        took = time.monotonic() - started
+    assert code == ExitCode.OK and took < 15
+    assert len(live.requests) == 3 and sorted(sources(out)) == sorted(str(p) for p in folder.iterdir())
+    assert hung.connections >= 1  # a caption request went there first (no model check before it)
+    err = capsys.readouterr().err
+    assert f"captioner: warning: {hung.base_url} left the rotation (no answer within 1 s)" in err
+    assert "error" not in err
+
+
+def test_a_server_refusing_the_key_at_the_start_is_left_out_and_the_batch_runs_on_the_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = folder_of(tmp_path, 2)
+    with StubServer(api_key="other") as refusing, StubServer(delay=0.3) as live:
+        code = main([str(folder), "--base-url", live.base_url, "--base-url", refusing.base_url,
+                     "-f", "jsonl"])  # fmt: skip
+    assert code == ExitCode.OK and len(live.requests) == 2 and refusing.requests == []
+    assert f"{refusing.base_url} is left out (HTTP 401: Unauthorized" in capsys.readouterr().err
+
+
+def test_when_every_server_is_out_one_line_says_a_request_waits() -> None:
+    class Down:
+        def __init__(self, name: str) -> None:
+            self.base_url = name
+
+        def work(self) -> str:
+            raise ServerConnectionError(f"cannot connect to {self.base_url}: connection refused. Is ...")
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("captioner")
+    logger.addHandler(handler)
+    try:
+        pool = ServerPool([Down("a"), Down("b")], wait=0.3)
+        with pytest.raises(ServerConnectionError):
+            pool.call(lambda c: c.work())
+    finally:
+        logger.removeHandler(handler)
+    waiting = [r for r in records if r.startswith("every server is out")]
+    assert waiting == ["every server is out of the rotation; waiting (next probe of a in 5 s; "
+                       "giving up in 0 s)"]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_jsonl_is_one_whole_record_per_line_with_every_field() -> None:
     assert len(lines) == 2 and text.endswith("\n")
     first = json.loads(lines[0])
     assert list(first) == [
-        "source", "duration", "segments", "caption", "model", "usage", "latency", "error",
+        "source", "path", "sha256", "duration", "segments", "caption", "model", "usage", "latency", "error",
     ]  # fmt: skip
     assert first["segments"][2] == {
         "start": 60.0,
@@ -92,7 +93,35 @@ def test_text_is_the_bare_caption_for_one_input_and_headed_blocks_for_several() 
     ok = Record(source="a.wav", caption="Birds sing.")
     bad = Record(source="b.wav", error="b.wav: cannot decode audio")
     assert render([ok], "text", many=False) == "Birds sing.\n"
-    assert render([ok, bad], "text", many=True) == "# a.wav\nBirds sing.\n"
+    assert render([bad], "text", many=False) == ""  # one input: stderr and the exit code say it
+    # Several: a failed input keeps its place, one line naming it and the error.
+    assert render([bad, ok, bad], "text", many=True) == (
+        "# b.wav: failed: cannot decode audio\n\n"
+        "# a.wav\nBirds sing.\n\n"
+        "# b.wav: failed: cannot decode audio\n"
+    )
+
+
+ESCAPE = "\x1b]0;owned\x07\x1b[2J\rfake\x9b31m\x7f"
+
+
+def test_text_shows_control_characters_of_captions_and_names_as_escapes() -> None:
+    record = Record(source="odd\x1b[1m.wav", caption=f"Rain{ESCAPE}.\nWind\tblows.")
+    one = render([record], "text", many=False)
+    assert one == "Rain\\x1b]0;owned\\x07\\x1b[2J\\rfake\\x9b31m\\x7f.\nWind\tblows.\n"
+    many = render([record, Record(source="x\r.wav", error="x\r.wav: HTTP 400: bad \x1b[31m")], "text", True)
+    assert many.startswith("# odd\\x1b[1m.wav\nRain\\x1b]0;owned")
+    assert many.endswith("# x\\r.wav: failed: HTTP 400: bad \\x1b[31m\n")
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", one + many)
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_json_stays_json_with_no_raw_control_character(fmt: str) -> None:
+    record = Record(source="a.wav", caption=f"Rain{ESCAPE}")
+    text = render([record, record], fmt, many=True)
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", text)
+    first = json.loads(text)[0] if fmt == "json" else json.loads(text.splitlines()[0])
+    assert first["caption"] == f"Rain{ESCAPE}"
 
 
 def test_subtitles_refuse_several_records() -> None:

@@ -176,7 +176,7 @@ def completion_body() -> dict[str, Any]:
 # --- one identity per input -------------------------------------------------------------
 
 
-def test_one_file_named_three_ways_is_captioned_once_under_its_real_path(
+def test_one_file_named_three_ways_is_one_input_shown_by_the_first_name_known_by_its_real_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clip = write_wav(tmp_path / "clip.wav", tone(1))
@@ -184,7 +184,7 @@ def test_one_file_named_three_ways_is_captioned_once_under_its_real_path(
     (tmp_path / "link.wav").symlink_to(clip)
     monkeypatch.chdir(tmp_path / "sub")
     items = resolve_inputs(["../clip.wav", str(tmp_path / "link.wav"), str(clip), "../sub/../clip.wav"])
-    assert [i.source for i in items] == [os.path.realpath(clip)]
+    assert [(i.source, i.key) for i in items] == [("../clip.wav", os.path.realpath(clip))]
 
 
 def test_a_folder_with_a_symlink_loop_yields_each_real_file_once(tmp_path: Path) -> None:
@@ -194,9 +194,11 @@ def test_a_folder_with_a_symlink_loop_yields_each_real_file_once(tmp_path: Path)
     (folder / "deeper" / "loop").symlink_to(folder)  # deeper/loop/deeper/loop/...
     (folder / "again").symlink_to(folder / "deeper")
     (folder / "x-link.wav").symlink_to(folder / "deeper" / "x.wav")
-    sources = [i.source for i in resolve_inputs([str(folder), str(folder / "deeper")])]
+    items = resolve_inputs([str(folder), str(folder / "deeper")])
     real = [str(folder / f"{i:02d}.wav") for i in range(3)] + [str(folder / "deeper" / "x.wav")]
-    assert sorted(sources) == sorted(real) and len(sources) == 4
+    assert sorted(i.key for i in items) == sorted(real) and len(items) == 4
+    # Shown by the first name met: x.wav is reached first through the link beside the clips.
+    assert [i.source for i in items][3] == str(folder / "x-link.wav")
     with StubServer() as stub:
         assert main([str(folder), "-f", "jsonl", "--base-url", stub.base_url]) == ExitCode.OK
     assert len(stub.requests) == 4
@@ -290,15 +292,37 @@ def test_ctrl_c_while_the_client_is_still_importing_exits_130_in_one_line(tmp_pa
     assert (proc.returncode, err) == (ExitCode.INTERRUPTED, "captioner: error: interrupted\n")
 
 
-@pytest.mark.parametrize("args", [["--help"], ["clip.wav"]])
+WITHOUT_PACKAGES = (
+    "import sys; [sys.modules.__setitem__(m, None) for m in ('av', 'numpy', 'requests', 'tqdm', 'urllib3')]; "
+    "sys.argv = ['test_client.py', *sys.argv[1:]]; "
+    "exec(compile(open('test_client.py').read(), 'test_client.py', 'exec'), {'__name__': '__main__'})"
+)
+
+
+def without_packages(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", WITHOUT_PACKAGES, *args], cwd=REPO, env=client_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "--he", "--version"])
+def test_help_and_version_need_none_of_the_clients_packages(flag: str) -> None:
+    r = without_packages(flag)
+    assert (r.returncode, r.stderr) == (0, "")
+    with_them = subprocess.run([sys.executable, "test_client.py", flag], cwd=REPO, env=client_env(),
+                               capture_output=True, text=True, timeout=60)
+    assert r.stdout == with_them.stdout and r.stdout.startswith("usage: " if flag != "--version" else "test_")
+
+
+def test_a_usage_error_without_the_clients_packages_is_still_a_usage_error() -> None:
+    r = without_packages("clip.wav", "--retries", "-5")
+    assert r.returncode == ExitCode.USAGE and "--retries: must be 0 or more, got -5" in r.stderr
+
+
+@pytest.mark.parametrize("args", [["clip.wav"], []])
 def test_a_python_without_the_clients_packages_gets_a_one_line_install_hint(args: list[str]) -> None:
-    code = ("import sys; sys.modules['av'] = None; sys.argv = ['test_client.py', *sys.argv[1:]]; "
-            "exec(compile(open('test_client.py').read(), 'test_client.py', 'exec'), "
-            "{'__name__': '__main__'})")
-    r = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=client_env(), capture_output=True,
-                       text=True, timeout=60)
+    r = without_packages(*args)
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr == (f"captioner: error: this Python ({sys.executable}) lacks the package 'av'; run the "
+    assert r.stderr == (f"captioner: error: this Python ({sys.executable}) lacks the package 'tqdm'; run the "
                         "client with the kit's .venv/bin/python (./install.sh makes it), or: pip install "
                         "requests av numpy tqdm\n")
 

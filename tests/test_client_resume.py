@@ -84,7 +84,8 @@ class FakeClient:
         self.fail = fail or {}
         self.calls: list[str] = []
 
-    def caption(self, audio_url: str, model: str, max_tokens: int | None = None) -> Caption:
+    def caption_body(self, body: bytes, model: str) -> Caption:
+        audio_url = json.loads(body)["messages"][0]["content"][0]["audio_url"]["url"]
         self.calls.append(audio_url)
         if audio_url in self.fail:
             raise self.fail[audio_url]

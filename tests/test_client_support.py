@@ -265,6 +265,38 @@ class IdleClosingServer:
                          + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
 
 
+class HungServer:
+    """Accepts connections, reads what comes, and never answers: a server whose process is
+    frozen, or a proxy whose backend is gone. `connections` counts those accepted; all are
+    closed on exit."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._open: list[socket.socket] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.base_url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def __enter__(self) -> Self:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+        for conn in self._open:
+            conn.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._open.append(conn)
+
+
 def folder_of(tmp_path: Path, count: int, name: str = "in") -> Path:
     """A folder of `count` half-second clips, each a different tone, named 00.wav, 01.wav, ..."""
     folder = tmp_path / name

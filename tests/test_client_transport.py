@@ -6,6 +6,7 @@ more paths through the command line are in test_client_cli.py."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import requests
+import urllib3.exceptions
 import urllib3.util.retry
 from urllib3.exceptions import (
     ConnectTimeoutError,
@@ -23,10 +25,11 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from captioner.api import CaptionClient, retry_pauses, transport_error
+from captioner.api import CaptionClient, describe_failure, retry_pauses, transport_error
 from captioner.cli import main
 from captioner.errors import ExitCode, ServerConnectionError, ServerTimeoutError
-from tests.test_client_support import StubServer, tone, write_wav
+from tests.service import free_port
+from tests.test_client_support import IdleClosingServer, StubServer, folder_of, tone, write_wav
 
 pytestmark = pytest.mark.usefixtures("client_env_cleared")
 
@@ -151,3 +154,97 @@ def test_each_transport_failure_maps_to_its_error_by_type(
 ) -> None:
     error = transport_error(make(), URL, (10.0, 300.0))
     assert type(error) is kind and str(error).startswith(says), str(error)
+
+
+# --- every retry's pause is one line on stderr (issue #20, item 3) ---------------------------------
+
+
+def our_lines(err: str) -> list[str]:
+    return [x for x in err.splitlines() if x.startswith("captioner: ")]
+
+
+def test_a_closed_port_says_each_retry_with_its_pause_then_exits_4(
+    clip: Path, pauses: list[float], capsys: pytest.CaptureFixture[str]
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    assert main([str(clip), "--base-url", closed]) == ExitCode.CONNECTION  # the default: 7 retries
+    lines = our_lines(capsys.readouterr().err)
+    whens = ["now", "in 1 s", "in 2 s", "in 4 s", "in 8 s", "in 16 s", "in 30 s"]
+    assert lines[:7] == [f"captioner: warning: {closed}: connection refused; retry {n} of 7 {when}"
+                         for n, when in enumerate(whens, 1)]  # fmt: skip
+    assert len(lines) == 8 and lines[7].startswith(f"captioner: error: cannot connect to {closed}: ")
+    assert pauses == [1, 2, 4, 8, 16, 30]  # what the lines said (urllib3 skips the pause of 0)
+
+
+def test_a_retry_after_pause_is_said_as_the_servers(
+    clip: Path, pauses: list[float], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with StubServer(replies=[(503, {"error": {"message": "draining"}}, {"Retry-After": "7"})]) as stub:
+        assert main([str(clip), "--base-url", stub.base_url, "--retries", "2"]) == ExitCode.OK
+    assert our_lines(capsys.readouterr().err) == [
+        f"captioner: warning: {stub.base_url}: HTTP 503; retry 1 of 2 in 7 s (Retry-After)"
+    ]
+    assert pauses == [7.0]
+
+
+def test_many_requests_failing_at_once_on_one_server_say_each_retry_once(
+    tmp_path: Path, pauses: list[float], capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = folder_of(tmp_path, 8)
+    busy = (503, {"error": {"message": "busy"}})
+    with StubServer(replies=[busy] * 8, delay=0.2) as stub:
+        code = main([str(folder), "--base-url", stub.base_url, "--retries", "3", "-c", "8", "-f", "jsonl"])
+    assert code == ExitCode.OK and len(stub.requests) == 16
+    said = our_lines(capsys.readouterr().err)[:-1]  # eight requests got a 503 at about the same time
+    assert said[0] == f"captioner: warning: {stub.base_url}: HTTP 503; retry 1 of 3 now"
+    assert len(said) == len(set(said)) <= 2
+
+
+# --- a download that fails says why in words (issue #20, item 5) -----------------------------------
+
+
+def test_a_download_from_a_closed_port_says_connection_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}/clip.wav"
+    with StubServer() as stub:
+        assert main([url, "--base-url", stub.base_url]) == ExitCode.INPUT
+    said = capsys.readouterr().err
+    assert said == f"captioner: error: {url}: download failed: cannot connect: connection refused\n"
+    assert stub.requests == []
+
+
+def test_a_download_the_server_drops_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with IdleClosingServer() as media, StubServer() as stub:  # its first answer is a JSON body...
+        url = f"{media.base_url}/clip.wav"
+        dropping = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=lambda: [dropping.accept()[0].close() for _ in range(3)], daemon=True).start()
+        dropped = f"http://127.0.0.1:{dropping.getsockname()[1]}/clip.wav"
+        assert main([dropped, "--base-url", stub.base_url]) == ExitCode.INPUT
+        dropping.close()
+        assert main([url, "--base-url", stub.base_url]) == ExitCode.INPUT  # ...not audio
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        f"captioner: error: {dropped}: download failed: the server closed the connection without an answer"
+    )
+    assert err[1].startswith(f"captioner: error: {url}: cannot decode audio")
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (_refused, "cannot connect: connection refused"),
+        (_unknown_host, "cannot connect: host name not found"),
+        (_connect_timeout, "cannot connect: no connection within 10 s"),
+        (_read_timeout, "no answer within 120 s"),
+        (_dropped, "the server closed the connection without an answer"),
+        (_cut_mid_answer, "the connection was closed in the middle of the answer"),
+        (lambda: requests.exceptions.SSLError(urllib3.exceptions.SSLError(
+            "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate")),
+         "TLS error: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate"),
+        (lambda: requests.exceptions.TooManyRedirects("Exceeded 30 redirects."), "too many redirects"),
+    ],
+    ids=["refused", "unknown-host", "connect-timeout", "read-timeout", "dropped", "cut", "tls", "redirects"],
+)  # fmt: skip
+def test_each_download_failure_is_said_in_words(
+    make: Callable[[], requests.RequestException], says: str
+) -> None:
+    assert describe_failure(make(), (10.0, 120.0)) == says
