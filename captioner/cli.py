@@ -159,12 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CaptionerError as exc:
         log.error("%s", exc, exc_info=debug)
         return exit_code_for(exc)
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
         # stdout closed early (`| head -1`): the reader has what it wants, as with `seq 9 | head
-        # -1`; no message, exit 0. Point stdout at /dev/null so the interpreter's final flush
-        # does not raise again.
+        # -1`; no message. Point stdout at /dev/null so the interpreter's final flush does not
+        # raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return ExitCode.OK
+        return exit_code_for(exc)
     except Exception as exc:  # the one place unexpected errors end up
         log.error("unexpected %s: %s", type(exc).__name__, exc, exc_info=debug)
         if not debug:
@@ -361,19 +361,25 @@ def _first_model(clients: list[CaptionClient], pool: ServerPool) -> str:
     refusals: list[CaptionerError] = []
     left = [len(clients)]
 
+    def failed(client: CaptionClient, exc: CaptionerError) -> None:
+        with lock:
+            if is_server_down(exc):
+                pool.mark_down(client, short_reason(exc))
+            else:
+                pool.retire(client, short_reason(exc))
+                refusals.append(exc)
+            left[0] -= 1
+            if not left[0]:
+                known.set()
+
     def check(client: CaptionClient) -> None:
         try:
             served = client.list_models()
         except CaptionerError as exc:
-            with lock:
-                if is_server_down(exc):
-                    pool.mark_down(client, short_reason(exc))
-                else:
-                    pool.retire(client, short_reason(exc))
-                    refusals.append(exc)
-                left[0] -= 1
-                if not left[0]:
-                    known.set()
+            failed(client, exc)
+            return
+        except Exception as exc:  # whatever it is, the count must come down
+            failed(client, CaptionerError(f"{client.base_url}: unexpected {type(exc).__name__}: {exc}"))
             return
         with lock:
             if not chosen and served:

@@ -73,6 +73,8 @@ def exit_code_for(exc: BaseException) -> ExitCode:
     """The process exit status for an exception (the one mapping in the package)."""
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
+    if isinstance(exc, BrokenPipeError):
+        return ExitCode.OK  # stdout closed early (`| head -1`): the reader has what it wanted
     if isinstance(exc, CaptionerError):
         return ExitCode(exc.exit_code)
     return ExitCode.FAILURES

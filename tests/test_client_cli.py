@@ -55,6 +55,7 @@ def call(*argv: str) -> int:
         (ServerHTTPError(503, "x"), ExitCode.HTTP_5XX),
         (CaptionerError("x"), ExitCode.FAILURES),
         (KeyboardInterrupt(), ExitCode.INTERRUPTED),
+        (BrokenPipeError(), ExitCode.OK),  # stdout closed by `| head`
         (RuntimeError("x"), ExitCode.FAILURES),
     ],
 )

@@ -220,3 +220,23 @@ def test_when_every_server_is_out_one_line_says_a_request_waits() -> None:
     waiting = [r for r in records if r.startswith("every server is out")]
     assert waiting == ["every server is out of the rotation; waiting (next probe of a in 5 s; "
                        "giving up in 0 s)"]  # fmt: skip
+
+
+def test_a_server_whose_model_list_cannot_be_read_is_left_out_and_nothing_hangs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from captioner.api import CaptionClient
+
+    folder = folder_of(tmp_path, 2)
+    real = CaptionClient.list_models
+    with StubServer() as odd, StubServer(delay=0.2) as live:
+
+        def list_models(self: CaptionClient) -> list[str]:
+            if self.base_url == odd.base_url:
+                raise TypeError("'int' object is not iterable")  # {"data": 5}
+            return real(self)
+
+        monkeypatch.setattr(CaptionClient, "list_models", list_models)
+        code = main([str(folder), "--base-url", odd.base_url, "--base-url", live.base_url, "-f", "jsonl"])
+    assert code == ExitCode.OK and len(live.requests) == 2 and odd.requests == []
+    assert f"{odd.base_url} is left out ({odd.base_url}: unexpected TypeError" in capsys.readouterr().err
