@@ -46,6 +46,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -124,9 +125,9 @@ def error_text(body: bytes) -> tuple[str | None, str]:
 
 def one_line(message: str) -> str:
     """An error message as one bounded, printable line ("Failed to apply X on data={<array>}"
-    loses its data)."""
+    loses its data, "<_io.BytesIO object at 0x7f...>" its address)."""
     line = message.split(" on data=", 1)[0].strip().splitlines()[0] if message.strip() else message
-    line = escape(line)
+    line = escape(re.sub(r" at 0x[0-9a-fA-F]+>", ">", line))
     return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS] + "..."
 
 
@@ -496,6 +497,9 @@ class RequestGuard:
                 await error_response(send, 503, "ServiceUnavailable", SHUTTING_DOWN, [(b"retry-after", b"5")])
             elif fetched:  # the exception's text would tell what is at the address; no traceback either
                 await error_response(send, 400, "BadRequestError", MEDIA_FETCH_FAILED)
+            elif any(m in str(exc) for m in DECODE_MARKERS):  # the client's audio: 400, no traceback
+                decode_error = f"could not decode the audio: {one_line(str(exc))}"
+                await error_response(send, 400, "BadRequestError", decode_error)
             else:
                 raise
 

@@ -365,7 +365,7 @@ def test_refusals_each_a_one_line_error_and_the_next_upload_captions(server: Ser
         (upload(server, b"this is not audio at all", name="notes.txt"), 400, "file: "),
         (upload(server, b"", name="empty.wav"), 400, "empty input"),
         (upload(server, clip, language="en"), 400, "the form field 'language' is not accepted"),
-        (upload(server, clip, model="whisper-1"), 400, "unknown model"),
+        (upload(server, clip, model="m" * 300), 400, "longer than 256 bytes"),
         (upload(server, clip, temperature="9"), 400, "temperature must be a number in [0, 2]"),
         (upload(server, clip, response_format="srt", stream="true"), 400, "needs stream=false"),
         (upload(server, ogg.read_bytes(), name="long.ogg"), 413,

@@ -1,5 +1,6 @@
-"""Bad input against the real server: each is answered with a clear error (4xx, or the 500s vLLM
-gives for some client errors, pinned here), and the next good request still succeeds.
+"""Bad input against the real server: each is answered with a clear one-line 4xx (the request
+guard turns vLLM's 500 for audio it cannot decode into a 400), and the next good request still
+succeeds.
 
 The rows of docs/RELIABILITY.md "Bad input" are these cases; the client's side of each (what
 test_client.py prints) is the second half of this file.
@@ -20,6 +21,9 @@ from captioner.api import CaptionClient
 from captioner.errors import ExitCode, ServerHTTPError
 from captioner.payload import audio_part, chat_request, data_url
 from tests.service import ROOT, SAMPLE, Service
+
+sys.path.insert(0, str(ROOT / "lib"))
+from request_policy import AUDIO_ONLY
 
 pytestmark = pytest.mark.server
 
@@ -43,11 +47,12 @@ def body(content: Any, **extra: Any) -> dict[str, Any]:
     return b
 
 
+FIELD = "the request field"
 # name: (request body, or raw bytes for the malformed-JSON rows; status; start of the message)
 CASES: dict[str, tuple[Any, int, str]] = {
-    "corrupt audio": (body([part(CORRUPT_WAV)]), 500,
-                      "Error opening <_io.BytesIO object>: Error in WAV/W64/RF64 file. "
-                      "Malformed 'fmt ' chunk."),
+    "corrupt audio": (body([part(CORRUPT_WAV)]), 400,
+                      "could not decode the audio: Error opening <_io.BytesIO object>: Error in WAV/W64/RF64 "
+                      "file. Malformed 'fmt ' chunk."),
     "empty audio": (body([part(b"")]), 400, "Invalid or corrupted audio data."),
     "non-audio bytes": (body([part(b"plain text, not audio " * 20)]), 400,
                         "Invalid or corrupted audio data."),
@@ -56,23 +61,21 @@ CASES: dict[str, tuple[Any, int, str]] = {
     "truncated JSON": (b'{"model": "x", "messages": [', 400, "1 validation error:"),
     "not JSON": (b"not json", 400, "1 validation error:"),
     "two audio parts": (body([part(SAMPLE.read_bytes())] * 2), 400,
-                        "At most 1 audio(s) may be provided in one prompt."),
+                        f"{AUDIO_ONLY}: exactly one audio part per request (this one holds 2)"),
     "text-only (string content)": (body("describe this"), 400, "this server captions audio"),
     "text-only (text part)": (body([{"type": "text", "text": "hi"}]), 400, "this server captions audio"),
     "no messages": (body([]) | {"messages": []}, 400, "this server captions audio"),
     "max_tokens beyond the context": (good(max_tokens=100000), 400,
                                       "max_tokens=100000 cannot be greater than max_model_len=4096."),
-    "negative max_tokens": (good(max_tokens=-3), 400, "max_tokens must be at least 1, got -3."),
-    "negative temperature": (good(temperature=-1), 400,
-                             "temperature must be non-negative, got -1.0."),
-    "huge temperature": (good(temperature=1e9), 400, "temperature must be in [0, 2]"),
-    "negative top_p": (good(top_p=-0.5), 400, "top_p must be in (0, 1], got -0.5."),
-    "negative top_k": (good(top_k=-5), 400,
-                       "top_k must be 0 (disable), or at least 1, got -5."),
-    "unknown model": (good() | {"model": "no-such-model"}, 404,
-                      "The model `no-such-model` does not exist."),
-    "huge n": (good(n=100000), 400, "n must be at most 16, got 100000."),
-    "n above the kit's cap of 16": (good(n=17), 400, "n must be at most 16, got 17."),
+    # The request guard answers these before vLLM sees the audio (lib/request_policy.py).
+    "negative max_tokens": (good(max_tokens=-3), 400, f"{FIELD} max_tokens must be an integer from 1 to"),
+    "negative temperature": (good(temperature=-1), 400, f"{FIELD} temperature must be a number in [0, 2]"),
+    "huge temperature": (good(temperature=1e9), 400, f"{FIELD} temperature must be a number in [0, 2]"),
+    "negative top_p": (good(top_p=-0.5), 400, f"{FIELD} top_p must be a number in (0, 1]"),
+    "negative top_k": (good(top_k=-5), 400, f"{FIELD} top_k must be an integer from -1 to"),
+    "unknown model": (good() | {"model": "no-such-model"}, 400, "unknown model: this server serves"),
+    "huge n": (good(n=100000), 400, f"{FIELD} n must be an integer from 1 to 1"),
+    "two captions (n 2)": (good(n=2), 400, f"{FIELD} n must be an integer from 1 to 1"),
     "unknown audio format": (body([{"type": "input_audio", "input_audio": {"data": GOOD, "format": "exe"}}]),
                              400, "7 validation errors"),
 }
@@ -116,23 +119,25 @@ def test_client_max_tokens_beyond_the_context_exits_6_quoting_the_server(server:
                         "request fewer output tokens. (parameter=max_tokens, value=100000)\n")
 
 
-def test_client_unknown_model_exits_2_naming_the_served_one(server: Service) -> None:
+def test_client_unknown_model_exits_6_with_the_server_naming_the_served_one(server: Service) -> None:
+    # With --model the client asks nothing first (a hung server must not hold the start up): the
+    # request guard refuses the name and says which model it serves.
     r = run_client(str(SAMPLE), "--base-url", server.base_url, "--model", "no-such-model")
-    assert r.returncode == ExitCode.USAGE
-    assert r.stderr == (f"captioner: error: --model no-such-model: not served by {server.base_url} "
-                        f"(it serves {server.model})\n")
+    assert r.returncode == ExitCode.HTTP_4XX
+    assert r.stderr.endswith(f"{server.base_url}: server refused the request: HTTP 400: unknown model: this "
+                             f"server serves '{server.model}' (or leave model out)\n"), r.stderr
 
 
-def test_client_says_plainly_what_was_wrong_when_vllm_answers_500_for_bad_audio(server: Service) -> None:
+def test_client_says_plainly_what_was_wrong_when_the_server_cannot_decode_the_audio(server: Service) -> None:
     """The CLI decodes audio before sending (a corrupt file is exit 3 without a request: see
-    test_client_server.py); a library caller that sends the bytes as they are gets vLLM's 500."""
+    test_client_server.py); a library caller that sends the bytes as they are gets a 400 (vLLM's
+    500, turned by the guard)."""
     client = CaptionClient(server.base_url, retries=0)
     with pytest.raises(ServerHTTPError) as caught:
         client.caption(data_url(CORRUPT_WAV), server.model, max_tokens=8)
-    assert caught.value.status == 500 and caught.value.exit_code == ExitCode.HTTP_4XX
-    assert str(caught.value) == (f"{server.base_url}: server could not use the input: HTTP 500: "
-                                 "Error opening <_io.BytesIO "
-                                 "object>: Error in WAV/W64/RF64 file. Malformed 'fmt ' chunk.")
+    assert caught.value.status == 400 and caught.value.exit_code == ExitCode.HTTP_4XX
+    assert str(caught.value).endswith("HTTP 400: could not decode the audio: Error opening <_io.BytesIO "
+                                      "object>: Error in WAV/W64/RF64 file. Malformed 'fmt ' chunk.")
     assert client.caption(data_url(SAMPLE.read_bytes()), server.model, 8).model
 
 
