@@ -277,7 +277,7 @@ def audio_only_problem(body: Any, limits: Limits = Limits()) -> str | None:
     for part in content:
         if not isinstance(part, dict) or part.get("type") not in AUDIO_PART_TYPES:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            return f"{AUDIO_ONLY} (this one holds a part of type {shown(str(kind))})"
+            return f"{AUDIO_ONLY} (this one holds a part of type {escape(str(kind)[:60])})"
         problem = audio_part_problem(part)
         if problem:
             return problem

@@ -22,7 +22,7 @@ def test_smoke_test_runs_start_caption_refusals_and_stop_on_the_tiny_model(tmp_p
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 12 and not any("unexpected" in row for row in rows), r.stdout
-    assert "then 200 |" in rows[5] and "out-of-vocab" in rows[9]
+    assert "then 200 |" in rows[5] and "stop_token_ids must be token ids from 0 to" in rows[9]
     assert rows[-1].startswith("| `./stop_service.sh` | exit 0")
     assert not (tmp_path / "logs" / "service.pid").exists()
 
