@@ -41,7 +41,7 @@ from selenium.webdriver.support.ui import Select
 
 from captioner import api, audio
 from captioner.audio import plan_windows, prepare
-from captioner.formats import render, timestamp
+from captioner.formats import escape_text, render, timestamp
 from captioner.payload import chat_request
 from captioner.records import Record, Segment
 from tests.service import ROOT, Service, free_port, started
@@ -349,7 +349,7 @@ def test_a_dropped_wav_and_mp3_are_captioned_window_by_window_and_download_as_th
     vtt = download(browser, downloads, "seventy.mp3", "vtt", "seventy.vtt")
     assert vtt == render([record], "vtt", many=False) and len(parse_vtt(vtt)) == len(cues)
     text = download(browser, downloads, "seventy.mp3", "text", "seventy.txt")
-    assert text == render([record], "text", many=False) == long["caption"].strip() + "\n"
+    assert text == render([record], "text", many=False) == escape_text(long["caption"].strip()) + "\n"
     # Copy puts the same text on the clipboard.
     browser.execute_cdp_cmd("Browser.grantPermissions", {
         "origin": server.base_url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})

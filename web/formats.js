@@ -23,6 +23,15 @@ const BLANK_LINES = new RegExp(`\\n${SPACE}*\\n+`, "g");
 // Python's str.strip().
 export const strip = (text) => text.replace(EDGES, "");
 
+// captioner.formats.escape_text: C0 controls but \t and \n, DEL, C1, U+2028 and U+2029 shown as
+// Python's unicode_escape writes them, so text output cannot drive a terminal.
+const TERMINAL_CONTROL = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]/g;
+export const escapeText = (text) => text.replace(TERMINAL_CONTROL, (c) => {
+  const code = c.charCodeAt(0);
+  if (c === "\r") return "\\r";
+  return code > 0xff ? `\\u${code.toString(16).padStart(4, "0")}` : `\\x${code.toString(16).padStart(2, "0")}`;
+});
+
 // The segments' captions, trimmed, joined by a space: captioner.records.join_captions.
 export function joinCaptions(segments) {
   return segments.map((s) => strip(s.caption)).filter((c) => c).join(" ");
@@ -32,6 +41,8 @@ export function joinCaptions(segments) {
 export function recordJson(record) {
   return {
     source: record.source,
+    path: record.path ?? null,  // a file's real path: a browser has none
+    sha256: record.sha256 ?? null,  // stdin's hash: the page reads no stdin
     duration: record.duration === null ? null : round3(record.duration),
     segments: record.segments.map((s) => ({ start: round3(s.start), end: round3(s.end), caption: s.caption })),
     caption: record.caption,
@@ -68,14 +79,15 @@ function cues(record) {
 // input, JSON as an array (captioner.formats.render_text / render_json with many inputs).
 export function renderAll(records, format) {
   if (format === "text") {
-    return records.filter((r) => r.error === null).map((r) => `# ${r.source}\n${strip(r.caption)}\n`).join("\n");
+    return records.filter((r) => r.error === null)
+      .map((r) => `# ${escapeText(r.source)}\n${escapeText(strip(r.caption))}\n`).join("\n");
   }
   if (format === "json") return JSON.stringify(records.map(recordJson), null, 2) + "\n";
   throw new Error(`${format} is one file per input`);
 }
 
 export function render(record, format) {
-  if (format === "text") return record.error === null ? strip(record.caption) + "\n" : "";
+  if (format === "text") return record.error === null ? escapeText(strip(record.caption)) + "\n" : "";
   if (format === "json") return JSON.stringify(recordJson(record), null, 2) + "\n";
   if (format === "srt") {
     return cues(record).map(([start, end, text], i) =>
