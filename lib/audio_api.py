@@ -35,6 +35,7 @@ from request_guard import (
     CHAT_PATH,
     SHUTTING_DOWN,
     SHUTTING_DOWN_MARKERS,
+    BodyTooLarge,
     ClientGone,
     Message,
     Receive,
@@ -43,6 +44,7 @@ from request_guard import (
     Scope,
     Send,
     bad_request,
+    body_chunks,
     error_response,
     shutdown_aware,
 )
@@ -188,18 +190,12 @@ async def read_form(
     """The form, read as it streams in: 413 once the body passes `max_bytes` (never read whole
     first), 400 at the first part the route does not take."""
     reader = FormReader(dict(scope.get("headers") or []).get(b"content-type"))
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if max_bytes is not None and size > max_bytes:
-            raise Refusal(413, "RequestEntityTooLarge", too_large(size))
-        reader.feed(chunk)
-        if not message.get("more_body", False):
-            return reader.finish()
+    try:
+        async for chunk in body_chunks(receive, max_bytes):
+            reader.feed(chunk)
+    except BodyTooLarge as exc:
+        raise Refusal(413, "RequestEntityTooLarge", too_large(int(str(exc)))) from None
+    return reader.finish()
 
 
 @dataclass(frozen=True)

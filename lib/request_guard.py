@@ -47,7 +47,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -133,6 +133,23 @@ def one_line(message: str) -> str:
 
 class BodyTooLarge(Exception):
     pass
+
+
+async def body_chunks(receive: Receive, max_bytes: int | None) -> AsyncIterator[bytes]:
+    """A request body's chunks as they arrive: BodyTooLarge(size) once past `max_bytes` (the body
+    is never read whole before that), ClientGone if the client leaves first."""
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise BodyTooLarge(str(size))
+        yield chunk
+        if not message.get("more_body", False):
+            return
 
 
 class ClientGone(Exception):
@@ -504,17 +521,4 @@ class RequestGuard:
                 raise
 
     async def _read_body(self, receive: Receive) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if self.max_bytes is not None and size > self.max_bytes:
-                raise BodyTooLarge(str(size))
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+        return b"".join([chunk async for chunk in body_chunks(receive, self.max_bytes)])
