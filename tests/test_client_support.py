@@ -209,20 +209,16 @@ def completion(text: str) -> dict[str, Any]:
     }
 
 
-class IdleClosingServer:
-    """A raw HTTP/1.1 server that keeps connections alive, answers the first request on
-    each, and resets (RST, no byte of an answer) any later request on the same
-    connection: what a client sees when it reuses a kept-alive connection that the
-    server has just closed. `requests` counts the requests that arrived, `connections`
-    the connections accepted."""
+class RawServer:
+    """A listening loopback socket whose accepted connections go to `_serve` in a thread each;
+    `connections` counts them, and every one still open is closed on exit."""
 
-    def __init__(self, caption: str = "fresh answer") -> None:
-        self.caption = caption
-        self.requests = 0
+    def __init__(self, backlog: int = 16) -> None:
         self.connections = 0
+        self._open: list[socket.socket] = []
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
+        self._sock.listen(backlog)
         self.base_url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
 
     def __enter__(self) -> Self:
@@ -231,6 +227,8 @@ class IdleClosingServer:
 
     def __exit__(self, *exc: object) -> None:
         self._sock.close()
+        for conn in self._open:
+            conn.close()
 
     def _accept(self) -> None:
         while True:
@@ -239,7 +237,24 @@ class IdleClosingServer:
             except OSError:
                 return
             self.connections += 1
+            self._open.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class IdleClosingServer(RawServer):
+    """A raw HTTP/1.1 server that keeps connections alive, answers the first request on
+    each, and resets (RST, no byte of an answer) any later request on the same
+    connection: what a client sees when it reuses a kept-alive connection that the
+    server has just closed. `requests` counts the requests that arrived, `connections`
+    the connections accepted."""
+
+    def __init__(self, caption: str = "fresh answer") -> None:
+        super().__init__()
+        self.caption = caption
+        self.requests = 0
 
     def _serve(self, conn: socket.socket) -> None:
         reader = conn.makefile("rb")
@@ -265,36 +280,16 @@ class IdleClosingServer:
                          + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
 
 
-class HungServer:
+class HungServer(RawServer):
     """Accepts connections, reads what comes, and never answers: a server whose process is
     frozen, or a proxy whose backend is gone. `connections` counts those accepted; all are
     closed on exit."""
 
     def __init__(self) -> None:
-        self.connections = 0
-        self._open: list[socket.socket] = []
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.base_url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        super().__init__(backlog=64)
 
-    def __enter__(self) -> Self:
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._sock.close()
-        for conn in self._open:
-            conn.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self._open.append(conn)
+    def _serve(self, conn: socket.socket) -> None:
+        pass  # read nothing back, answer nothing: the connection stays open until exit
 
 
 def folder_of(tmp_path: Path, count: int, name: str = "in") -> Path:
