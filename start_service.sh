@@ -166,6 +166,10 @@ export_service_env() {
   export FORWARDED_ALLOW_IPS=
   # A caption request has no use for thousands of samples (vLLM allows n up to 16384).
   export VLLM_MAX_N_SEQUENCES=16
+  # Tuned Triton tiles for the experts' kernel of this card (bench/tune_moe.py); vLLM falls back
+  # to its own table, then to its generic default, for a card or dtype the folder lacks.
+  unset VLLM_TUNED_CONFIG_FOLDER
+  [[ -z $MOE_CONFIG_DIR ]] || { VLLM_TUNED_CONFIG_FOLDER=$(abs_path "$MOE_CONFIG_DIR") && export VLLM_TUNED_CONFIG_FOLDER; }
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
   export VLLM_HOST_IP=${VLLM_HOST_IP:-127.0.0.1}
   export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$KIT_ROOT/.cache/vllm}

@@ -5,7 +5,7 @@
 #   e.g. MAX_NUM_SEQS=128 bench/serve_and_sweep.sh bench/results/mns128.json 8,32,64,128
 #
 # Settings come from config.env and the environment exactly as for start_service.sh (env wins):
-# MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, API_SERVER_COUNT, WARMUP_REQUESTS, ... The running service
+# MAX_NUM_SEQS, QUANTIZATION, MOE_CONFIG_DIR, WARMUP_REQUESTS, ... (BENCH_LABEL names the run). The running service
 # (if any) is stopped with stop_service.sh, started with start_service.sh (timed), and swept with
 # bench/loadgen.py (closed loop; defaults: 30 s clips, 400-token captions, 3 requests per slot).
 # The settings, start time and GPUs go into the JSON's meta. The service is left running:
@@ -41,11 +41,12 @@ main() {
   say "started in ${seconds}s; sweeping concurrency $levels"
 
   "$py" "$ROOT/bench/loadgen.py" --base-url "$BASE_URL" --sweep "$levels" --output "$out" \
-    --label "max-num-seqs $MAX_NUM_SEQS" \
+    --label "${BENCH_LABEL:-max-num-seqs $MAX_NUM_SEQS}" \
     --meta "max_num_seqs=$MAX_NUM_SEQS" --meta "max_num_batched_tokens=${MAX_NUM_BATCHED_TOKENS:-default}" \
     --meta "api_server_count=$API_SERVER_COUNT" --meta "tensor_parallel_size=$TENSOR_PARALLEL_SIZE" \
     --meta "data_parallel_size=$DATA_PARALLEL_SIZE" --meta "gpu_memory_util=$GPU_MEMORY_UTIL" \
     --meta "warmup_requests=$WARMUP_REQUESTS" --meta "load_format=$LOAD_FORMAT" --meta "device=$DEVICE" \
+    --meta "quantization=${QUANTIZATION:-none}" --meta "moe_config_dir=${MOE_CONFIG_DIR:-none}" \
     --meta "extra_vllm_args=$EXTRA_VLLM_ARGS" --meta "start_seconds=$seconds" --meta "gpus=$gpus" \
     --meta "server_sampling=temperature $TEMPERATURE top_p $TOP_P top_k $TOP_K" "$@"
 }

@@ -173,6 +173,7 @@ validate_config() {
       DATA_PARALLEL_SIZE) check_int DATA_PARALLEL_SIZE 1 64 ;;
       GPU_MEMORY_UTIL) check_float GPU_MEMORY_UTIL "a fraction, 0 < x <= 1" "x > 0 && x <= 1" ;;
       QUANTIZATION) [[ -z $QUANTIZATION ]] || check_enum QUANTIZATION fp8 ;;
+      MOE_CONFIG_DIR) [[ -z $MOE_CONFIG_DIR || -d $(abs_path "$MOE_CONFIG_DIR") ]] || bad MOE_CONFIG_DIR "no such folder ($(abs_path "$MOE_CONFIG_DIR")): name the folder bench/tune_moe.py wrote, or leave it empty" ;;
       CPU_KVCACHE_GB) check_int CPU_KVCACHE_GB 1 ;;
       MAX_MODEL_LEN) check_int MAX_MODEL_LEN 16 ;;
       MAX_NUM_SEQS) check_int MAX_NUM_SEQS 1 4096 ;;
