@@ -87,8 +87,8 @@ def grid_for(m: int, size: str) -> list[Config]:
             num_warps=[4, 8],
             num_stages=[3, 4],
         )
-    if size == "small":  # a quick pass: the middle of each axis
-        axes = {k: (v if len(v) <= 2 else v[len(v) // 2 - 1 : len(v) // 2 + 1]) for k, v in axes.items()}
+    if size == "small":  # a quick pass: the middle two of a longer axis, the first of a shorter one
+        axes = {k: (v[len(v) // 2 - 1 : len(v) // 2 + 1] if len(v) > 2 else v[:1]) for k, v in axes.items()}
     return [
         dict(zip(CONFIG_KEYS, values, strict=True))
         for values in itertools.product(*(axes[k] for k in CONFIG_KEYS))

@@ -37,6 +37,26 @@ teardown() { common_teardown; }
   grep -qx 'FORWARDED_ALLOW_IPS=' "$T/env"
 }
 
+@test "MOE_CONFIG_DIR reaches vLLM as VLLM_TUNED_CONFIG_FOLDER (absolute); empty leaves vLLM its own table" {
+  STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
+  assert_success
+  grep -qx "VLLM_TUNED_CONFIG_FOLDER=$KIT/moe_configs" "$T/env"
+  mkdir "$T/moe"
+  STUB_EXIT=0 MOE_CONFIG_DIR=$T/moe run "$KIT/start_service.sh" --foreground
+  grep -qx "VLLM_TUNED_CONFIG_FOLDER=$T/moe" "$T/env"
+  STUB_EXIT=0 MOE_CONFIG_DIR= VLLM_TUNED_CONFIG_FOLDER=/elsewhere run "$KIT/start_service.sh" --foreground
+  assert_success
+  run grep -c '^VLLM_TUNED_CONFIG_FOLDER=' "$T/env"
+  assert_output 0
+}
+
+@test "a MOE_CONFIG_DIR that is not a folder is refused before anything starts" {
+  MOE_CONFIG_DIR=$T/moe-typo run "$KIT/start_service.sh" --foreground
+  assert_failure 1
+  assert_output "start_service: MOE_CONFIG_DIR=\"$T/moe-typo\" is invalid: no such folder ($T/moe-typo): name the folder bench/tune_moe.py wrote, or leave it empty"
+  [[ ! -e $T/args ]]
+}
+
 @test "argv: UNIX_SOCKET makes vLLM listen on that socket (--uds)" {
   STUB_EXIT=0 UNIX_SOCKET=$T/api.sock run "$KIT/start_service.sh" --foreground
   assert_success
