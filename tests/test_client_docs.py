@@ -1,4 +1,5 @@
-"""Run every client command and the Python examples of README.md against the real server.
+"""Run every client command and the Python examples of README.md (and of the docs its long
+sections moved to) against the real server.
 
 Commands are the `$ ` lines of the ```console blocks; a trailing `# exit N` is the exit code
 they must give (else 0). They run in a folder holding the files the page names, with these
@@ -33,19 +34,23 @@ from tests.test_client_support import convert, speech_wav, tone, write_wav
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "README.md"
+# The sections README.md keeps as a summary and a link: their blocks are run as README's are.
+MOVED_DOCS = [REPO / "docs" / name for name in ("INSTALL.md", "SECURITY.md", "PREDECESSOR.md")]
 SAMPLE = REPO / "samples" / "sample.wav"
 
 pytestmark = pytest.mark.server
 
 
 def blocks(language: str) -> list[tuple[str, str]]:
-    """(heading above it, body) of each fenced block in `language`."""
-    found, heading = [], "top"
-    for match in re.finditer(r"^(#+ [^\n]*)$|^```(\w*)\n(.*?)^```$", DOC.read_text(), re.M | re.S):
-        if match.group(1):
-            heading = match.group(1).lstrip("# ").strip()
-        elif match.group(2) == language:
-            found.append((heading, match.group(3)))
+    """(heading above it, body) of each fenced block in `language`, README.md's then the moved docs'."""
+    found = []
+    for doc in (DOC, *MOVED_DOCS):
+        heading = "top" if doc == DOC else doc.name
+        for match in re.finditer(r"^(#+ [^\n]*)$|^```(\w*)\n(.*?)^```$", doc.read_text(), re.M | re.S):
+            if match.group(1):
+                heading = match.group(1).lstrip("# ").strip()
+            elif match.group(2) == language:
+                found.append((heading, match.group(3)))
     return found
 
 
@@ -113,10 +118,13 @@ def test_documented_commands_run(commands: list[str], server: Any, workdir: tupl
         assert "Traceback" not in stderr, (command, stderr)
 
 
-@pytest.mark.parametrize(("heading", "code"), [
-    pytest.param(heading, code, id=re.sub(r"\W+", "-", heading.lower()).strip("-"))
-    for heading, code in blocks("python")
-])
+@pytest.mark.parametrize(
+    ("heading", "code"),
+    [
+        pytest.param(heading, code, id=re.sub(r"\W+", "-", heading.lower()).strip("-"))
+        for heading, code in blocks("python")
+    ],
+)
 def test_documented_openai_sdk_example_runs(
     heading: str, code: str, server: Any, workdir: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
