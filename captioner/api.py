@@ -67,13 +67,12 @@ from captioner.errors import (
     ServerHTTPError,
     ServerTimeoutError,
 )
-from captioner.options import BACKOFF_MAX, DEFAULT_BACKOFF, DEFAULT_BASE_URL, DEFAULT_RETRIES
+from captioner.options import BACKOFF_MAX, DEFAULT_BACKOFF, DEFAULT_BASE_URL, DEFAULT_RETRIES, RETRY_STATUSES
 from captioner.payload import chat_request_bytes
 
 log = logging.getLogger("captioner")
 
-__all__ = ["BACKOFF_MAX", "DEFAULT_BACKOFF", "DEFAULT_BASE_URL", "DEFAULT_RETRIES", "CaptionClient"]
-RETRY_STATUSES = (502, 503, 504)
+__all__ = ["RETRY_STATUSES", "CaptionClient"]  # RETRY_STATUSES: the caption page reads it here
 # vLLM's messages for the client mistakes it answers with HTTP 500 (docs/RELIABILITY.md,
 # "Bad input"): audio its decoders cannot read, whatever the codec — libsndfile's
 # LibsndfileError ("Error opening <...>: ...", or "Error : flac decoder lost sync." for a

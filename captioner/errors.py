@@ -18,15 +18,30 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    OK = 0
-    FAILURES = 1  # some inputs of a batch failed (or an unexpected error)
-    USAGE = 2  # bad command line (same code argparse uses)
-    INPUT = 3  # an input could not be read or decoded (file, stdin, URL download)
-    CONNECTION = 4  # the caption server could not be reached
-    TIMEOUT = 5  # the caption server did not answer in time
-    HTTP_4XX = 6  # the server refused the request (bad key, bad audio, unknown model)
-    HTTP_5XX = 7  # the server failed
-    INTERRUPTED = 130  # Ctrl-C, 128 + SIGINT like a shell
+    """The client's exit statuses, each with its meaning: `--help` lists them from here."""
+
+    meaning: str
+
+    def __new__(cls, value: int, meaning: str = "") -> ExitCode:  # ExitCode(3): the member, as ever
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
+
+    OK = 0, "ok"
+    FAILURES = 1, "some inputs failed"  # of a batch (or an unexpected error)
+    USAGE = 2, "usage"  # bad command line (same code argparse uses)
+    INPUT = 3, "input unreadable"  # a file, stdin or URL download could not be read or decoded
+    CONNECTION = 4, "cannot connect"  # to the caption server
+    TIMEOUT = 5, "timeout"  # the caption server did not answer in time
+    HTTP_4XX = 6, "server refused (4xx, or vLLM's 500 for unusable input)"  # bad key, bad audio
+    HTTP_5XX = 7, "server error (other 5xx)"
+    INTERRUPTED = 130, "Ctrl-C"  # 128 + SIGINT like a shell
+
+
+def exit_codes_text() -> str:
+    """`0 ok, 1 some inputs failed, ...`: every exit code and its meaning, for `--help`."""
+    return ", ".join(f"{code.value} {code.meaning}" for code in ExitCode)
 
 
 class CaptionerError(Exception):

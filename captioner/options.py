@@ -8,9 +8,11 @@ command that would run says which package is missing.
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 from captioner import __version__
+from captioner.errors import exit_codes_text
 from captioner.formats import FORMATS
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8003"
@@ -20,6 +22,9 @@ DEFAULT_SEGMENT_SECONDS = MAX_WINDOW_SECONDS
 DEFAULT_RETRIES = 7
 DEFAULT_BACKOFF = 0.5  # seconds: the pauses are 0, 1, 2, 4, ... (urllib3's formula)
 BACKOFF_MAX = 30.0  # longest single pause
+# A restarting server or a proxy in front of one: retried (api.py), then failed over (servers.py).
+RETRY_STATUSES = (502, 503, 504)
+RETRIED_HTTP = "HTTP " + "/".join(map(str, RETRY_STATUSES))
 PROMPT_REFUSED = (
     "--prompt: the Captioner takes no text prompt; it describes the audio alone, "
     "so requests carry audio only (drop --prompt)"
@@ -53,16 +58,14 @@ defaults from the environment, then config.env (or $CAPTIONER_CONFIG), then conf
   MAX_AUDIO_SECONDS     the server's audio cap: --segment-seconds defaults to it
                         where it is below {DEFAULT_SEGMENT_SECONDS:g}
 
-retries: refused or dropped connections and HTTP 502/503/504 are retried after
+retries: refused or dropped connections and {RETRIED_HTTP} are retried after
   pauses of 0, 1, 2, 4 ... s, each at most {BACKOFF_MAX:g} s (or the server's Retry-After),
   one line on stderr each: --retries {DEFAULT_RETRIES} (the default) waits up to \
 {DEFAULT_WAIT:g} s in all,
   --retries 10 up to {WAIT_10:g} s (a GPU server loading the model may need it); a read
   timeout is not retried on the same server (with several, the request goes to another)
 
-exit codes: 0 ok, 1 some inputs failed, 2 usage, 3 input unreadable, 4 cannot
-connect, 5 timeout, 6 server refused (4xx, or vLLM's 500 for unusable input),
-7 server error (other 5xx), 130 Ctrl-C
+{textwrap.fill("exit codes: " + exit_codes_text(), 78)}
 """
 
 
@@ -148,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--retries", type=non_negative_int, default=DEFAULT_RETRIES, metavar="N",
-        help="retries on refused or dropped connections and HTTP 502/503/504, with "
+        help=f"retries on refused or dropped connections and {RETRIED_HTTP}, with "
         f"backoff (default {DEFAULT_RETRIES}: up to {DEFAULT_WAIT:g} s in all; "
         "0 fails at once; see below)",
     )  # fmt: skip

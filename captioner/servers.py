@@ -2,13 +2,13 @@
 
 Each request goes to the live server with the fewest requests in flight (ties: the
 one sent the fewest so far). A server whose request fails to connect, is dropped
-before an answer, gets no answer within the read timeout, or is answered 502/503/504
-(after its own client's retries) leaves the rotation with a warning, and the request
-goes to another server at once. It is probed again after `PROBE_AFTER` seconds
-(doubling, at most `PROBE_MAX`): one request is let through, and if it succeeds the
-server is back. When every server is out, a request waits for the next probe, for as
-long as the retries of one server would wait (`--retries`), and a line says so; only
-then does it fail, with the last server's error.
+before an answer, gets no answer within the read timeout, or is answered with a status
+its client retries (`options.RETRY_STATUSES`, after those retries) leaves the rotation
+with a warning, and the request goes to another server at once. It is probed again
+after `PROBE_AFTER` seconds (doubling, at most `PROBE_MAX`): one request is let through,
+and if it succeeds the server is back. When every server is out, a request waits for
+the next probe, for as long as the retries of one server would wait (`--retries`), and
+a line says so; only then does it fail, with the last server's error.
 
 A server can start out *pending* (`pending()`): out of the rotation until its start-up
 check answers (`confirm`) or fails (`mark_down`), so a server that accepts connections
@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from captioner.errors import CaptionerError, ServerConnectionError, ServerHTTPError, ServerTimeoutError
+from captioner.options import RETRY_STATUSES
 
 log = logging.getLogger("captioner")
 
 PROBE_AFTER = 5.0  # seconds out of the rotation before the first probe
 PROBE_MAX = 60.0
-FAILOVER_STATUSES = (502, 503, 504)
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ def is_server_down(exc: BaseException) -> bool:
     timeout is one: a server that does not answer in time is treated like one that refuses."""
     if isinstance(exc, (ServerConnectionError, ServerTimeoutError)):
         return True
-    return isinstance(exc, ServerHTTPError) and exc.status in FAILOVER_STATUSES
+    return isinstance(exc, ServerHTTPError) and exc.status in RETRY_STATUSES
 
 
 def short_reason(exc: CaptionerError) -> str:

@@ -17,7 +17,7 @@ import pytest
 from urllib3.exceptions import NewConnectionError
 from urllib3.util.retry import Retry
 
-from captioner.api import BACKOFF_MAX, DEFAULT_BACKOFF, DEFAULT_RETRIES, CaptionClient, retry_wait
+from captioner.api import CaptionClient, retry_wait
 from captioner.cli import build_parser, main
 from captioner.errors import (
     CaptionerError,
@@ -29,6 +29,7 @@ from captioner.errors import (
     UsageError,
     exit_code_for,
 )
+from captioner.options import BACKOFF_MAX, DEFAULT_BACKOFF, DEFAULT_RETRIES
 from tests.test_client_output import REPO, client_env
 from tests.test_client_support import IdleClosingServer, StubServer, folder_of, parse_srt, tone, write_wav
 
