@@ -52,12 +52,12 @@ check_gpus() {
 }
 
 check_model() {
-  [[ -d $MODEL_DIR ]] || die "MODEL_PATH=$MODEL_PATH: no such folder ($MODEL_DIR); run 'make model' to download the weights"
-  [[ -f $MODEL_DIR/config.json ]] || die "MODEL_PATH=$MODEL_PATH has no config.json: not a model folder (incomplete download? run 'make model')"
-  [[ -f $MODEL_DIR/tokenizer.json || -f $MODEL_DIR/vocab.json ]] || die "MODEL_PATH=$MODEL_PATH has no tokenizer (tokenizer.json or vocab.json)"
-  [[ -f $MODEL_DIR/preprocessor_config.json || -f $MODEL_DIR/processor_config.json ]] ||
+  [[ -d $MODEL_PATH_ABS ]] || die "MODEL_PATH=$MODEL_PATH: no such folder ($MODEL_PATH_ABS); run 'make model' to download the weights"
+  [[ -f $MODEL_PATH_ABS/config.json ]] || die "MODEL_PATH=$MODEL_PATH has no config.json: not a model folder (incomplete download? run 'make model')"
+  [[ -f $MODEL_PATH_ABS/tokenizer.json || -f $MODEL_PATH_ABS/vocab.json ]] || die "MODEL_PATH=$MODEL_PATH has no tokenizer (tokenizer.json or vocab.json)"
+  [[ -f $MODEL_PATH_ABS/preprocessor_config.json || -f $MODEL_PATH_ABS/processor_config.json ]] ||
     die "MODEL_PATH=$MODEL_PATH has no preprocessor_config.json (the audio feature extractor)"
-  if [[ $LOAD_FORMAT != dummy ]] && ! compgen -G "$MODEL_DIR/*.safetensors" >/dev/null; then
+  if [[ $LOAD_FORMAT != dummy ]] && ! compgen -G "$MODEL_PATH_ABS/*.safetensors" >/dev/null; then
     die "MODEL_PATH=$MODEL_PATH has no *.safetensors weights (run 'make model', or LOAD_FORMAT=dummy to benchmark without weights)"
   fi
 }
@@ -117,7 +117,7 @@ new_log() { # service.log, made 0640 if it is missing
 build_args() {
   local gen
   gen=$(printf '{"temperature":%s,"top_p":%s,"top_k":%s,"max_new_tokens":%s}' "$TEMPERATURE" "$TOP_P" "$TOP_K" "$MAX_TOKENS")
-  VLLM_ARGS=(-m vllm.entrypoints.cli.main serve "$MODEL_DIR"
+  VLLM_ARGS=(-m vllm.entrypoints.cli.main serve "$MODEL_PATH_ABS"
     --host "$HOST" --port "$PORT" --served-model-name "$SERVED_MODEL_NAME"
     --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS"
     --load-format "$LOAD_FORMAT"
@@ -153,14 +153,10 @@ export_service_env() {
   [[ -n $API_KEY ]] || unset VLLM_API_KEY
   export VLLM_MEDIA_URL_ALLOW_REDIRECTS=0
   export VLLM_MAX_AUDIO_DECODE_DURATION_S=$MAX_AUDIO_SECONDS VLLM_MAX_AUDIO_DECODE_BYTES=$MAX_AUDIO_BYTES
-  # lib/request_guard.py (loaded by --middleware): routes, key, Host, body cap, audio only, fetches.
-  export CAPTIONER_MAX_REQUEST_BYTES=$MAX_REQUEST_BYTES PYTHONPATH=$KIT_ROOT/lib${PYTHONPATH:+:$PYTHONPATH}
-  export CAPTIONER_ALLOWED_HOSTS=$ALLOWED_HOSTS CAPTIONER_EXTRA_ROUTES=$EXTRA_ROUTES
-  export CAPTIONER_REQUEST_TIMEOUT=$REQUEST_TIMEOUT CAPTIONER_ALLOWED_MEDIA_DOMAINS=$ALLOWED_MEDIA_DOMAINS
-  # What the guard checks request fields against (lib/request_policy.py): the served model's name
-  # and vocabulary, the caption length and the context.
-  export CAPTIONER_MODEL_DIR=$MODEL_DIR CAPTIONER_SERVED_MODEL_NAME=$SERVED_MODEL_NAME
-  export CAPTIONER_MAX_TOKENS=$MAX_TOKENS CAPTIONER_MAX_MODEL_LEN=$MAX_MODEL_LEN
+  # lib/request_guard.py (loaded by --middleware): routes, key, Host, body cap, audio only, fetches,
+  # and request fields checked against the served model. It reads its settings as CAPTIONER_<NAME>
+  # (captioner/config.py's GUARD_SETTINGS), and those vLLM reads too under vLLM's names, above.
+  export PYTHONPATH=$KIT_ROOT/lib${PYTHONPATH:+:$PYTHONPATH} "${GUARD_ENV[@]}"
   # uvicorn believes X-Forwarded-For from loopback by default: any local account could write
   # another client address into the access log. No proxy stands in front of the service.
   export FORWARDED_ALLOW_IPS=
@@ -169,7 +165,7 @@ export_service_env() {
   # Tuned Triton tiles for the experts' kernel of this card (bench/tune_moe.py); vLLM falls back
   # to its own table, then to its generic default, for a card or dtype the folder lacks.
   unset VLLM_TUNED_CONFIG_FOLDER
-  [[ -z $MOE_CONFIG_DIR ]] || { VLLM_TUNED_CONFIG_FOLDER=$(abs_path "$MOE_CONFIG_DIR") && export VLLM_TUNED_CONFIG_FOLDER; }
+  [[ -z $MOE_CONFIG_DIR ]] || export VLLM_TUNED_CONFIG_FOLDER=$MOE_CONFIG_DIR_ABS
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
   export VLLM_HOST_IP=${VLLM_HOST_IP:-127.0.0.1}
   export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$KIT_ROOT/.cache/vllm}
@@ -299,7 +295,7 @@ already_running() {
       changes+=$(differs HOST "$PF_BIND" "$HOST")
       changes+=$(differs PORT "$PF_PORT" "$PORT")
     fi
-    changes+=$(differs MODEL_PATH "$PF_MODEL" "$MODEL_DIR")
+    changes+=$(differs MODEL_PATH "$PF_MODEL" "$MODEL_PATH_ABS")
     changes+=$(differs SERVED_MODEL_NAME "$PF_SERVED_MODEL" "$SERVED_MODEL_NAME")
   fi
   [[ -z $changes ]] || die "already running with other settings ($running): ${changes%; }; run ./stop_service.sh first to start with these"
@@ -327,6 +323,7 @@ main() {
   fi
 
   # One start at a time: a second start waits here, then finds the first one's server.
+  # shellcheck disable=SC2153 # LOCK_FILE is load_config's (captioner/config.py derives it)
   exec 9>>"$LOCK_FILE"
   flock -w "$((START_TIMEOUT + 60))" 9 || die "another start_service.sh holds $LOCK_FILE"
 

@@ -26,8 +26,7 @@ main() {
   local out=$1 levels=$2 py gpus started seconds
   shift 2
   debug_setup
-  load_config ""
-  validate_config
+  load_config "" ALL
   py=${BENCH_PYTHON:-}
   if [[ -z $py ]]; then
     if [[ -x $ROOT/.venv/bin/python ]]; then py=$ROOT/.venv/bin/python; else py=python3; fi

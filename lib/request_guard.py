@@ -253,7 +253,7 @@ def limits_from_env(environ: MutableMapping[str, str] | os._Environ[str]) -> Lim
         value = environ.get(name, "")
         return int(value) if value.isdigit() else None
 
-    return Limits(vocab_size=vocab_size(environ.get("CAPTIONER_MODEL_DIR")),
+    return Limits(vocab_size=vocab_size(environ.get("CAPTIONER_MODEL_PATH")),
                   served_model=environ.get("CAPTIONER_SERVED_MODEL_NAME") or None,
                   max_tokens=number("CAPTIONER_MAX_TOKENS"), max_model_len=number("CAPTIONER_MAX_MODEL_LEN"),
                   max_audio_seconds=number("VLLM_MAX_AUDIO_DECODE_DURATION_S"))

@@ -51,8 +51,7 @@ init_script() {
     shift
   done
   debug_setup
-  load_config "$config"
-  validate_config ${USES[@]+"${USES[@]}"}
+  load_config "$config" "${USES[@]:-ALL}"
 }
 
 debug_setup() {
@@ -64,25 +63,29 @@ debug_setup() {
 
 # --- configuration ---------------------------------------------------------------------------
 
-# load_config [FILE]: every setting of config.env.example, as its default < the config file <
-# the environment (captioner/config.py; files are parsed, never executed).
+# load_config FILE [NAME...|ALL]: every setting of config.env.example, as its default < the config
+# file < the environment, and what the scripts derive from them: NAME_ABS of each path,
+# PID_FILE_ABS, LOCK_FILE, LOG_FILE, HEALTH_HOST, BASE_URL, HTTP_URL, CURL_SOCKET and GUARD_ENV
+# (captioner/config.py, which parses files, never executes them). The settings named (ALL: every
+# one) are validated first, each by its rule in config.env.example: the first bad one exits.
 load_config() {
   local assignments
   command -v "$KIT_PYTHON" >/dev/null || die "python3 not found: the scripts need it to read config.env (install python3)"
-  assignments=$("$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell --prog "$PROG" ${1:+--config "$1"}) || exit 1
+  assignments=$("$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell --derived --prog "$PROG" \
+    ${1:+--config "$1"} ${2:+--check "${@:2}"}) || exit 1
   eval "$assignments"
-  derive_config
+  VLLM_PYTHON=${VLLM_PYTHON:-$KIT_PYTHON}
+}
+
+# validate_config: every setting validated, as load_config FILE ALL does (for
+# deploy/install_systemd.sh, which validates after its own checks).
+validate_config() {
+  "$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell --prog "$PROG" ${CONFIG_FILE:+--config "$CONFIG_FILE"} \
+    --check ALL >/dev/null || exit 1
 }
 
 schema_names() { # every setting's name, in config.env.example's order
   sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' "$KIT_ROOT/config.env.example"
-}
-
-abs_path() {
-  case $1 in
-    /*) printf '%s' "$1" ;;
-    *) printf '%s' "$KIT_ROOT/$1" ;;
-  esac
 }
 
 # shared_dir DIR: is DIR other accounts' too, so never ours to chmod or chown? It is when others
@@ -93,125 +96,6 @@ shared_dir() {
   mode=$(stat -L -c %a "$1") owner=$(stat -L -c %u "$1")
   ((8#$mode & 01002)) && return 0
   [[ -n $(find -H "$1" -mindepth 1 -maxdepth 1 ! -uid "$owner" -print -quit 2>/dev/null) ]]
-}
-
-derive_config() {
-  MODEL_DIR=$(abs_path "$MODEL_PATH")
-  LOG_DIR_ABS=$(abs_path "$LOG_DIR")
-  PID_FILE_ABS=$(abs_path "${PID_FILE:-$LOG_DIR/service.pid}")
-  LOCK_FILE="$PID_FILE_ABS.lock"
-  LOG_FILE="$LOG_DIR_ABS/service.log"
-  VLLM_PYTHON=${VLLM_PYTHON:-$KIT_PYTHON}
-  # Clients on this host use 127.0.0.1 whatever address the server binds.
-  case $HOST in
-    0.0.0.0 | 127.0.0.1 | localhost | "") HEALTH_HOST=127.0.0.1 ;;
-    :: | ::1) HEALTH_HOST='[::1]' ;;
-    *:*) HEALTH_HOST="[$HOST]" ;;
-    *) HEALTH_HOST=$HOST ;;
-  esac
-  UNIX_SOCKET_ABS=""
-  [[ -z $UNIX_SOCKET ]] || UNIX_SOCKET_ABS=$(abs_path "$UNIX_SOCKET")
-  set_address "$HEALTH_HOST" "$PORT" "$UNIX_SOCKET_ABS"
-}
-
-# set_address HEALTH_HOST PORT SOCKET: where the scripts reach the server. Sets BASE_URL (what they
-# print), HTTP_URL and CURL_SOCKET (what curl gets). With a socket the server listens on that
-# socket alone (no TCP port), and curl goes through it.
-set_address() {
-  BASE_URL="http://$1:$2" HTTP_URL="http://$1:$2" CURL_SOCKET=()
-  if [[ -n $3 ]]; then
-    BASE_URL="unix:$3" HTTP_URL=http://localhost CURL_SOCKET=(--unix-socket "$3")
-  fi
-}
-
-# --- validation: every value, before anything is launched -------------------------------------
-
-bad() { # bad VAR "what is allowed"
-  die "$1=\"${!1}\" is invalid: $2"
-}
-
-check_int() { # check_int VAR MIN [MAX]
-  local v=${!1} rule="expected an integer >= $2"
-  [[ -z ${3:-} ]] || rule="expected an integer from $2 to $3"
-  [[ $v =~ ^[0-9]+$ ]] || bad "$1" "$rule"
-  ((10#$v >= $2)) || bad "$1" "$rule"
-  [[ -z ${3:-} ]] || ((10#$v <= $3)) || bad "$1" "$rule"
-}
-
-check_float() { # check_float VAR "rule" AWK_CONDITION (x is the value)
-  local v=${!1}
-  [[ $v =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || bad "$1" "$2"
-  awk -v x="$v" "BEGIN { exit !($3) }" || bad "$1" "$2"
-}
-
-check_enum() { # check_enum VAR choice...
-  local var=$1 c
-  shift
-  for c in "$@"; do [[ ${!var} == "$c" ]] && return 0; done
-  bad "$var" "expected one of: $*"
-}
-
-# validate_config [NAME...]: the rules of the settings named, by default of every setting of the
-# schema, in its order. One rule per setting, first failure exits. A rule that reads another
-# setting (MAX_TOKENS reads MAX_MODEL_LEN, STOP_TIMEOUT reads SHUTDOWN_DRAIN) comes after that
-# one's: a script that names it names the other too, first.
-validate_config() {
-  local name
-  local -a names=("$@")
-  (($#)) || mapfile -t names < <(schema_names)
-  for name in "${names[@]}"; do
-    case $name in
-      MODEL_PATH) [[ -n $MODEL_PATH ]] || bad MODEL_PATH "must name the model folder (run 'make model' to download it)" ;;
-      SERVED_MODEL_NAME) [[ $SERVED_MODEL_NAME =~ ^[A-Za-z0-9._/:-]+$ ]] || bad SERVED_MODEL_NAME "letters, digits and . _ / : - only" ;;
-      LOAD_FORMAT) check_enum LOAD_FORMAT auto safetensors pt dummy ;;
-      HOST) [[ $HOST =~ ^[A-Za-z0-9.:-]+$ ]] || bad HOST "an IP address or host name, e.g. 127.0.0.1" ;;
-      PORT) check_int PORT 1 65535 ;;
-      API_KEY) [[ $API_KEY =~ ^[[:graph:]]*$ ]] || bad API_KEY "printable characters without spaces" ;;
-      DEVICE) check_enum DEVICE cuda cpu ;;
-      DTYPE) check_enum DTYPE bfloat16 float16 float32 auto ;;
-      TENSOR_PARALLEL_SIZE) check_int TENSOR_PARALLEL_SIZE 1 64 ;;
-      DATA_PARALLEL_SIZE) check_int DATA_PARALLEL_SIZE 1 64 ;;
-      GPU_MEMORY_UTIL) check_float GPU_MEMORY_UTIL "a fraction, 0 < x <= 1" "x > 0 && x <= 1" ;;
-      QUANTIZATION) [[ -z $QUANTIZATION ]] || check_enum QUANTIZATION fp8 ;;
-      MOE_CONFIG_DIR) [[ -z $MOE_CONFIG_DIR || -d $(abs_path "$MOE_CONFIG_DIR") ]] || bad MOE_CONFIG_DIR "no such folder ($(abs_path "$MOE_CONFIG_DIR")): name the folder bench/tune_moe.py wrote, or leave it empty" ;;
-      CPU_KVCACHE_GB) check_int CPU_KVCACHE_GB 1 ;;
-      MAX_MODEL_LEN) check_int MAX_MODEL_LEN 16 ;;
-      MAX_NUM_SEQS) check_int MAX_NUM_SEQS 1 4096 ;;
-      MAX_NUM_BATCHED_TOKENS) [[ -z $MAX_NUM_BATCHED_TOKENS ]] || check_int MAX_NUM_BATCHED_TOKENS 16 ;;
-      API_SERVER_COUNT) check_int API_SERVER_COUNT 1 64 ;;
-      TEMPERATURE) check_float TEMPERATURE "a number from 0 to 2" "x >= 0 && x <= 2" ;;
-      TOP_P) check_float TOP_P "a fraction, 0 < x <= 1" "x > 0 && x <= 1" ;;
-      TOP_K) [[ $TOP_K == -1 ]] || check_int TOP_K 1 ;;
-      MAX_TOKENS)
-        check_int MAX_TOKENS 1
-        ((10#$MAX_TOKENS < 10#$MAX_MODEL_LEN)) || bad MAX_TOKENS "must be below MAX_MODEL_LEN ($MAX_MODEL_LEN): the prompt needs room"
-        ;;
-      ALLOWED_MEDIA_DOMAINS) [[ $ALLOWED_MEDIA_DOMAINS =~ ^[A-Za-z0-9.,\ -]*$ ]] || bad ALLOWED_MEDIA_DOMAINS "host names separated by commas, e.g. media.example.com,cdn.example.com" ;;
-      MAX_AUDIO_SECONDS) check_int MAX_AUDIO_SECONDS 1 ;;
-      MAX_AUDIO_BYTES) check_int MAX_AUDIO_BYTES 1024 ;;
-      MAX_REQUEST_BYTES) check_int MAX_REQUEST_BYTES 1024 ;;
-      ALLOWED_HOSTS) [[ $ALLOWED_HOSTS =~ ^[A-Za-z0-9.,\ -]*$ ]] || bad ALLOWED_HOSTS "host names separated by commas, e.g. gpu-host.example.com" ;;
-      EXTRA_ROUTES)
-        [[ $EXTRA_ROUTES == all || $EXTRA_ROUTES =~ ^(/[A-Za-z0-9/_.-]*)?([,\ ]+/[A-Za-z0-9/_.-]*)*$ ]] ||
-          bad EXTRA_ROUTES "all, or paths separated by commas, e.g. /tokenize,/v1/completions"
-        ;;
-      REQUEST_TIMEOUT) check_int REQUEST_TIMEOUT 1 3600 ;;
-      UNIX_SOCKET)
-        [[ -z $UNIX_SOCKET || ($UNIX_SOCKET =~ ^[A-Za-z0-9/_.-]+$ && ${#UNIX_SOCKET_ABS} -lt 100) ]] ||
-          bad UNIX_SOCKET "a socket path of letters, digits and / _ . - (under 100 characters in all)"
-        ;;
-      LOG_DIR) [[ -n $LOG_DIR ]] || bad LOG_DIR "must name a folder" ;;
-      LOG_KEEP) check_int LOG_KEEP 0 1000 ;;
-      START_TIMEOUT) check_int START_TIMEOUT 1 ;;
-      SHUTDOWN_DRAIN) check_int SHUTDOWN_DRAIN 0 ;;
-      STOP_TIMEOUT)
-        check_int STOP_TIMEOUT 1
-        ((10#$STOP_TIMEOUT > 10#$SHUTDOWN_DRAIN)) || bad STOP_TIMEOUT "must exceed SHUTDOWN_DRAIN ($SHUTDOWN_DRAIN s), or in-flight requests are killed mid-drain"
-        ;;
-      WARMUP_REQUESTS) check_int WARMUP_REQUESTS 0 4096 ;;
-      EXTRA_VLLM_ARGS) [[ $EXTRA_VLLM_ARGS =~ ^[[:print:]]*$ ]] || bad EXTRA_VLLM_ARGS "printable characters only" ;;
-    esac
-  done
 }
 
 # --- process identity --------------------------------------------------------------------------
@@ -282,12 +166,12 @@ read_pid_file() { # sets PF_PID PF_PGID PF_START PF_LOG_ID PF_STARTED_AT and PF_
 }
 
 # use_record: from here on, the service's address and log are the PID file's (read_pid_file
-# first), whatever today's configuration says. A PID file written before they were recorded
-# (no url= line) leaves today's in place.
+# first), whatever today's configuration says: its URL, and curl through its socket when it has
+# one. A PID file written before they were recorded (no url= line) leaves today's in place.
 use_record() {
   [[ -n $PF_URL ]] || return 0
-  set_address "$PF_HOST" "$PF_PORT" "$PF_SOCKET"
-  LOG_FILE=$PF_LOG
+  BASE_URL=$PF_URL HTTP_URL=$PF_URL CURL_SOCKET=() LOG_FILE=$PF_LOG
+  [[ -z $PF_SOCKET ]] || HTTP_URL=http://localhost CURL_SOCKET=(--unix-socket "$PF_SOCKET")
 }
 
 write_pid_file() { # write_pid_file PID — atomically
@@ -306,7 +190,7 @@ write_pid_file() { # write_pid_file PID — atomically
     echo "socket=$UNIX_SOCKET_ABS"
     echo "url=$BASE_URL"
     echo "log=$LOG_FILE"
-    echo "model=$MODEL_DIR"
+    echo "model=$MODEL_PATH_ABS"
     echo "served_model=$SERVED_MODEL_NAME"
   } >"$tmp"
   mv -f "$tmp" "$PID_FILE_ABS"

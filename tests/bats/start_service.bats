@@ -32,7 +32,8 @@ teardown() { common_teardown; }
   grep -qx 'CAPTIONER_EXTRA_ROUTES=' "$T/env"
   grep -qx 'CAPTIONER_ALLOWED_MEDIA_DOMAINS=' "$T/env"
   # What the guard checks fields against; uvicorn believes no X-Forwarded-For.
-  grep -qx "CAPTIONER_MODEL_DIR=$T/model" "$T/env"
+  grep -qx "CAPTIONER_MODEL_PATH=$T/model" "$T/env"
+  grep -qx "CAPTIONER_MAX_MODEL_LEN=32768" "$T/env"
   grep -qx 'CAPTIONER_MAX_TOKENS=16384' "$T/env"
   grep -qx 'FORWARDED_ALLOW_IPS=' "$T/env"
 }
