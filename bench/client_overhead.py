@@ -41,9 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import make_wav
 
-from captioner.api import CaptionClient
-from captioner.batch import BatchOptions, ClientRing, JsonlWriter, run_batch
-from captioner.inputs import resolve_inputs
+from captioner import BatchOptions, CaptionClient, ServerPool, StateFile, resolve_inputs, run_batch
 from captioner.payload import chat_request, data_url
 
 
@@ -72,7 +70,7 @@ def client_run(base_url: str, model: str, paths: list[Path], concurrency: int, m
     tokens = 0
     captions: dict[str, str] = {}
     try:
-        writer = JsonlWriter(out)
+        writer = StateFile(out)
         try:
             def on_record(record: Any) -> None:
                 nonlocal tokens
@@ -81,7 +79,7 @@ def client_run(base_url: str, model: str, paths: list[Path], concurrency: int, m
                 captions[Path(record.source).name] = record.caption
 
             started = time.perf_counter()
-            summary = run_batch(items, options, ClientRing([client]), on_record)
+            summary = run_batch(items, options, ServerPool([client]), on_record)
             wall = time.perf_counter() - started
         finally:
             writer.close()

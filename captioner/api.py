@@ -282,9 +282,9 @@ class CaptionClient:
         self._said: dict[str, float] = {}  # retry line -> when it was said
         self._said_lock = threading.Lock()
         self.closed = False
-        self._retry = caption_retry(retries, backoff, self._retrying)
+        retry = caption_retry(retries, backoff, self._retrying)
         self.session = requests.Session()
-        adapter = CaptionAdapter(max_retries=self._retry, pool_maxsize=max(pool_size, 1))
+        adapter = CaptionAdapter(max_retries=retry, pool_maxsize=max(pool_size, 1))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         if api_key:
@@ -294,11 +294,6 @@ class CaptionClient:
         """The run is over: a request still under way (the batch stopped) retries no more."""
         self.closed = True
         self.session.close()
-
-    @property
-    def retry_wait(self) -> float:
-        """Seconds the retries of one request may pause in all (Retry-After aside)."""
-        return sum(self._retry.pauses())
 
     def _retrying(self, reason: str, number: int, total: int, pause: float, asked: bool) -> None:
         if self.closed:  # raised through urllib3 and requests as it is: the request ends here
@@ -338,19 +333,9 @@ class CaptionClient:
             time.monotonic() - started,
         )
 
-    def caption_stream(
-        self,
-        audio_url: str,
-        model: str,
-        on_text: Callable[[str], None],
-        max_tokens: int | None = None,
-    ) -> Caption:
-        """Stream a caption (SSE), calling `on_text` with each piece as it arrives."""
-        return self.caption_stream_body(chat_request_bytes(audio_url, model, max_tokens, stream=True),
-                                        model, on_text)  # fmt: skip
-
     def caption_stream_body(self, body: bytes, model: str, on_text: Callable[[str], None]) -> Caption:
-        """`caption_stream` of a request built as bytes (with `stream=True`)."""
+        """Stream a caption (SSE) of a request built as bytes (with `stream=True`), calling
+        `on_text` with each piece as it arrives."""
         started = time.monotonic()
         response = self._request("POST", "/v1/chat/completions", data=body, headers=JSON, stream=True)
         pieces: list[str] = []

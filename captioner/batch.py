@@ -9,7 +9,9 @@ slot before reading an input or queueing a window, so nothing is read further ah
 than requests are in flight, and no thread waits for an input's captions: the last
 window to come back completes the record. Requests go to the least-busy live server
 (servers.py). Records reach the caller in the main thread, one at a time, as inputs
-finish; output.py keeps them (resume, input order).
+finish; output.py keeps them (resume, input order). A streamed caption (`on_text`, --stream)
+takes the same path with one request thread, so its windows go out, and their text
+arrives, one after another in order.
 
 Memory: a queued window of a long input holds no audio (audio.py spools the decoded
 samples to a temporary file); its request thread makes the WAV and the request body, once,
@@ -29,7 +31,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import requests
 
@@ -42,12 +43,9 @@ from captioner.errors import (
     is_fatal,
 )
 from captioner.inputs import InputItem, open_media
-from captioner.output import RECORD_PREFIX, ResumeInfo, StateFile
 from captioner.payload import chat_request_bytes
 from captioner.records import Record, Segment, join_captions
 from captioner.servers import ServerPool
-
-__all__ = ["RECORD_PREFIX", "JsonlWriter", "ResumeInfo", "load_finished"]
 
 
 def plural(count: int, word: str) -> str:
@@ -66,6 +64,9 @@ class BatchOptions:
     # once per window captioned (from worker threads).
     on_windows: Callable[[int], None] | None = None
     on_window_done: Callable[[], None] | None = None
+    # Stream the captions (--stream): called with each piece of text as it arrives, and with
+    # " " between one window's caption and the next. One request at a time, so in order.
+    on_text: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -117,8 +118,6 @@ class Summary:
         return text
 
 
-ClientRing = ServerPool  # the old name: requests go to the least-busy live server
-
 # Window bodies made at once (WAV, base64, JSON: a few MB while it runs): a few, however many
 # request threads have a window to send.
 _ENCODERS = threading.BoundedSemaphore(DECODE_WORKERS)
@@ -152,25 +151,18 @@ class _Budget:
 _BODIES = _Budget(BODY_BUDGET)
 
 
-def _call(
-    ring: ClientRing,
-    body: bytes,
-    options: BatchOptions,
-    on_text: Callable[[str], None] | None = None,
-) -> Caption:
+def _call(pool: ServerPool, body: bytes, options: BatchOptions) -> Caption:
     """Send one request body, built once: the same bytes on every retry and every server."""
-    if on_text is not None:
-        stream = on_text
-        return ring.call(lambda c: c.caption_stream_body(body, options.model, stream))
-    return ring.call(lambda c: c.caption_body(body, options.model))
+    if options.on_text is not None:
+        stream = options.on_text
+        return pool.call(lambda c: c.caption_stream_body(body, options.model, stream))
+    return pool.call(lambda c: c.caption_body(body, options.model))
 
 
-def _call_url(
-    ring: ClientRing, url: str, options: BatchOptions, on_text: Callable[[str], None] | None = None
-) -> Caption:
+def _call_url(pool: ServerPool, url: str, options: BatchOptions) -> Caption:
     """--server-fetch: the server downloads `url` itself."""
-    body = chat_request_bytes(url, options.model, options.max_tokens, stream=on_text is not None)
-    return _call(ring, body, options, on_text)
+    body = chat_request_bytes(url, options.model, options.max_tokens, stream=options.on_text is not None)
+    return _call(pool, body, options)
 
 
 class _Handout:
@@ -186,62 +178,20 @@ class _Handout:
         return window
 
 
-def _call_window(
-    ring: ClientRing,
-    window: Window | _Handout,
-    options: BatchOptions,
-    on_text: Callable[[str], None] | None = None,
-) -> Caption:
+def _call_window(pool: ServerPool, window: _Handout, options: BatchOptions, first: bool = True) -> Caption:
     # The WAV and the body are made here, when the request goes out, not for all of a long
     # file's windows at once; the window's audio is dropped once the body holds it.
-    if isinstance(window, _Handout):
-        window = window.take()
-    with _BODIES.hold(-(-window.size // 3) * 4 + 1024):  # base64 and the JSON around it
+    stream = options.on_text is not None
+    if options.on_text is not None and not first:
+        options.on_text(" ")  # between a streamed window's caption and the next, as join_captions
+    taken = window.take()
+    with _BODIES.hold(-(-taken.size // 3) * 4 + 1024):  # base64 and the JSON around it
         with _ENCODERS:
             body = chat_request_bytes(
-                window.data, options.model, options.max_tokens, stream=on_text is not None, mime=window.mime
+                taken.data, options.model, options.max_tokens, stream=stream, mime=taken.mime
             )
-        del window
-        return _call(ring, body, options, on_text)
-
-
-def process_item(
-    item: InputItem,
-    options: BatchOptions,
-    ring: ClientRing,
-    request_pool: Executor | None = None,
-    on_text: Callable[[str], None] | None = None,
-    download_session: requests.Session | None = None,
-) -> Record:
-    """Caption one input. Never raises for the input's own problems: the record says.
-
-    With `on_text` the windows are streamed one after another; otherwise they go
-    through `request_pool` (in parallel) or, without one, in turn. A BrokenPipeError (stdout
-    closed under `on_text`) is not the input's problem: it is raised.
-    """
-    started = time.monotonic()
-    record = new_record(item, options)
-    try:
-        if item.kind == "url" and options.server_fetch:
-            caption = _call_url(ring, item.source, options, on_text)
-            record.caption = caption.text.strip()
-            record.model = caption.model
-            record.usage = vars(caption.usage)
-        else:
-            with open_media(item, download_session) as media:
-                prepared = prepare(media, item.name, options.segment_seconds)
-            if options.on_windows is not None and prepared.count > 1:
-                options.on_windows(prepared.count)
-            windows = prepared.windows
-            prepared.release()
-            captions = _caption_windows(windows, options, ring, request_pool, on_text)
-            _fill(record, prepared.duration, prepared.spans, captions)
-    except BrokenPipeError:
-        raise
-    except Exception as exc:  # one input's failure must not end the batch
-        _fail(record, item, exc)
-    record.latency = time.monotonic() - started
-    return record
+        del taken
+        return _call(pool, body, options)
 
 
 def new_record(item: InputItem, options: BatchOptions) -> Record:
@@ -273,38 +223,6 @@ def _fail(record: Record, item: InputItem, exc: BaseException) -> None:
     record.exception = exc
     record.exit_code = exit_code_for(exc)
     record.segments, record.caption, record.usage, record.duration = [], "", None, None
-
-
-def _caption_windows(  # takes the windows out of `windows` as it sends them
-    windows: list[Window],
-    options: BatchOptions,
-    ring: ClientRing,
-    request_pool: Executor | None,
-    on_text: Callable[[str], None] | None,
-) -> list[Caption]:
-    if on_text is not None or request_pool is None:
-        captions: list[Caption] = []
-        windows.reverse()
-        while windows:  # each popped as it is sent: its audio goes with its request
-            if on_text is not None and captions:
-                on_text(" ")
-            captions.append(_call_window(ring, _Handout(windows.pop()), options, on_text))
-            if options.on_window_done is not None:
-                options.on_window_done()
-        return captions
-    futures: list[Future[Caption]] = [
-        request_pool.submit(_call_window, ring, _Handout(window), options) for window in windows
-    ]
-    windows.clear()  # each is its request's alone now
-    if options.on_window_done is not None and len(futures) > 1:
-        done = options.on_window_done
-        for f in futures:
-            f.add_done_callback(lambda f: done() if not f.cancelled() and f.exception() is None else None)
-    try:
-        return [f.result() for f in futures]
-    finally:
-        for f in futures:
-            f.cancel()  # after a failure, windows not yet sent are not worth sending
 
 
 class _Stopped(Exception):
@@ -407,7 +325,7 @@ class _Collect:
 def _start_item(
     item: InputItem,
     options: BatchOptions,
-    ring: ClientRing,
+    pool: ServerPool,
     request_pool: Executor,
     slots: _Slots,
     finish: Callable[[Record], None],
@@ -427,7 +345,7 @@ def _start_item(
         held = True
         if item.kind == "url" and options.server_fetch:
             collect = _Collect(record, item, started, finish, None, [(0.0, 0.0)], options)
-            future = request_pool.submit(_call_url, ring, item.source, options)
+            future = request_pool.submit(_call_url, pool, item.source, options)
             held = False
             collect.add(future)
             future.add_done_callback(functools.partial(collect.window_done, 0, slots))
@@ -446,7 +364,8 @@ def _start_item(
                     held = True
                 if collect.failed:
                     break
-                future = request_pool.submit(_call_window, ring, _Handout(prepared.window(index)), options)
+                window = _Handout(prepared.window(index))
+                future = request_pool.submit(_call_window, pool, window, options, index == 0)
                 held = False
                 sent += 1
                 collect.add(future)
@@ -468,7 +387,7 @@ def _start_item(
 def run_batch(
     items: Sequence[InputItem],
     options: BatchOptions,
-    ring: ClientRing,
+    pool: ServerPool,
     on_record: Callable[[Record], None],
     skip: Iterable[str] = (),
 ) -> Summary:
@@ -486,7 +405,7 @@ def run_batch(
     todo = [i for i in items if i.key not in done]
     summary = Summary(files=len(items), skipped=len(items) - len(todo))
     started = time.monotonic()
-    concurrency = max(1, options.concurrency)
+    concurrency = 1 if options.on_text is not None else max(1, options.concurrency)
     # Readers: a few keep the requests fed (probing a short input takes milliseconds); each
     # holds a decode's working memory, so few whatever the core count or the concurrency.
     readers = max(1, min(len(todo), DECODE_WORKERS, concurrency))
@@ -498,7 +417,7 @@ def run_batch(
     downloads = requests.Session()
     try:
         for item in todo:
-            item_pool.submit(_start_item, item, options, ring, request_pool, slots, finished.put, downloads)
+            item_pool.submit(_start_item, item, options, pool, request_pool, slots, finished.put, downloads)
         for _ in todo:
             record = finished.get()
             summary.add(record)
@@ -514,23 +433,3 @@ def run_batch(
         item_pool.shutdown(wait=False, cancel_futures=True)
         request_pool.shutdown(wait=False, cancel_futures=True)
     return summary
-
-
-# --- resume -----------------------------------------------------------------------
-
-
-def load_finished(path: Path) -> ResumeInfo:
-    """Read an earlier run's JSONL output: which sources are done; repair the file.
-
-    See `output.scan_records`. The file is locked while it is read and repaired.
-    """
-    if not path.exists():
-        return ResumeInfo()
-    state = StateFile(path)
-    try:
-        return state.load()
-    finally:
-        state.close()
-
-
-JsonlWriter = StateFile  # appends records, each whole: one write, then fsync

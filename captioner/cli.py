@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import re
 import shlex
 import signal
 import sys
@@ -22,22 +21,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from captioner.api import (
-    DEFAULT_BACKOFF,
-    DEFAULT_BASE_URL,
-    CaptionClient,
-    normalize_base_url,
-    retry_wait,
-)
-from captioner.audio import window_seconds
-from captioner.batch import (
-    BatchOptions,
-    ClientRing,
-    plural,
-    process_item,
-    run_batch,
-)
-from captioner.config import SAMPLE_CLIP, ConfigError, Settings
+from captioner.api import CaptionClient, retry_wait
+from captioner.batch import BatchOptions, plural, run_batch
+from captioner.config import SAMPLE_CLIP
 from captioner.errors import (
     CaptionerError,
     ExitCode,
@@ -45,20 +31,20 @@ from captioner.errors import (
     UsageError,
     exit_code_for,
 )
-from captioner.formats import (
-    FORMAT_BY_EXTENSION,
-    SUBTITLE_FORMATS,
-    escape_text,
-)
+from captioner.formats import SUBTITLE_FORMATS, escape_text
 from captioner.inputs import InputItem, resolve_inputs
-from captioner.options import (
-    DEFAULT_CONCURRENCY,
-    PROMPT_REFUSED,
-    build_parser,
-)
+from captioner.options import DEFAULT_BACKOFF, PROMPT_REFUSED, build_parser
 from captioner.output import Output
 from captioner.records import Record
-from captioner.servers import ServerPool, is_server_down, short_reason
+from captioner.servers import ServerPool, first_model
+from captioner.settings import (
+    choose_api_key,
+    choose_base_urls,
+    choose_concurrency,
+    choose_format,
+    choose_segment_seconds,
+    load_settings,
+)
 
 log = logging.getLogger("captioner")
 
@@ -206,12 +192,9 @@ def resume_command(argv: Sequence[str]) -> str:
 def run(args: argparse.Namespace) -> ExitCode:
     if args.prompt is not None:
         raise UsageError(PROMPT_REFUSED)
-    fmt = choose_format(args)
-    try:
-        settings = Settings()
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    base_urls = choose_base_urls(args, settings)
+    fmt = choose_format(args.format, args.output)
+    settings = load_settings()
+    base_urls = choose_base_urls(args.base_url, settings)
     if args.inputs:
         items = resolve_inputs(args.inputs)
     else:
@@ -219,9 +202,9 @@ def run(args: argparse.Namespace) -> ExitCode:
             raise InputError(f"no INPUT given and the sample clip {SAMPLE_CLIP} is missing")
         items = resolve_inputs([str(SAMPLE_CLIP)])
     check_combinations(args, fmt, items)
-    concurrency = choose_concurrency(args, settings, len(base_urls))
-    segment_seconds = choose_segment_seconds(args, settings)
-    api_key = args.api_key or settings.get("CAPTIONER_API_KEY") or settings.get("API_KEY")
+    concurrency = choose_concurrency(args.concurrency, settings, len(base_urls))
+    segment_seconds = choose_segment_seconds(args.segment_seconds, settings)
+    api_key = choose_api_key(args.api_key, settings)
     retries = int(args.retries)
     # Several servers: each retries once, then the pool fails over to another and
     # waits for a dead one only while every server is out (as long as --retries would).
@@ -238,11 +221,11 @@ def run(args: argparse.Namespace) -> ExitCode:
         )
         for url in base_urls
     ]
-    ring = ClientRing(clients, wait=retry_wait(retries))
+    pool = ServerPool(clients, wait=retry_wait(retries))
     # Checked and locked before the first request: a typo in --output costs nothing.
     output = Output(fmt, args.output, [i.key for i in items], sys.stdout)
     try:
-        model = choose_model(args.model, clients, ring)
+        model = args.model if args.model is not None else first_model(pool)
         options = BatchOptions(
             model=model,
             segment_seconds=segment_seconds,
@@ -251,21 +234,13 @@ def run(args: argparse.Namespace) -> ExitCode:
             server_fetch=args.server_fetch,
         )
         if args.stream:
-            return stream_one(items[0], options, ring)
-        return run_many(items, options, ring, output, args.resume_command)
+            return stream_one(items[0], options, pool)
+        return run_many(items, options, pool, output, args.resume_command)
     finally:
         output.abandon()  # no-op after a finished run
-        ring.close()  # requests still under way (a stopped batch) end, quietly
+        pool.close()  # requests still under way (a stopped batch) end, quietly
         for client in clients:
             client.close()
-
-
-def choose_format(args: argparse.Namespace) -> str:
-    if args.format:
-        return str(args.format)
-    if args.output is not None:
-        return FORMAT_BY_EXTENSION.get(args.output.suffix.lower(), "text")
-    return "text"
 
 
 def check_combinations(args: argparse.Namespace, fmt: str, items: list[InputItem]) -> None:
@@ -280,145 +255,17 @@ def check_combinations(args: argparse.Namespace, fmt: str, items: list[InputItem
             raise UsageError("--stream prints text to stdout; drop --format/--output")
 
 
-def choose_base_urls(args: argparse.Namespace, settings: Settings) -> list[str]:
-    """--base-url, else CAPTIONER_BASE_URL, else this host at the service's PORT."""
-    urls = args.base_url or re.split(r"[\s,]+", settings.get("CAPTIONER_BASE_URL") or "")
-    port = settings.get("PORT")
-    default = f"http://127.0.0.1:{port}" if port and port.isdigit() else DEFAULT_BASE_URL
-    urls = [normalize_base_url(u) for u in urls if u] or [default]
-    for url in urls:
-        if not url.startswith(("http://", "https://")):
-            raise UsageError(f"--base-url {url}: expected http://HOST:PORT")
-    return list(dict.fromkeys(urls))
-
-
-def choose_concurrency(args: argparse.Namespace, settings: Settings, servers: int) -> int:
-    """--concurrency, else CAPTIONER_CONCURRENCY, else MAX_NUM_SEQS per server, else 8.
-
-    MAX_NUM_SEQS is how many sequences the server batches at once: fewer requests in
-    flight leave its batch slots idle, more only wait in its queue. The server does
-    not publish it (its metrics show running requests, not the cap), so it is read
-    from the shared configuration.
-    """
-    if args.concurrency:
-        return int(args.concurrency)
-    for name, scale in (("CAPTIONER_CONCURRENCY", 1), ("MAX_NUM_SEQS", servers)):
-        value = settings.get(name)
-        if value:
-            try:
-                number = int(value)
-            except ValueError:
-                raise UsageError(f"{name}={value}: expected a whole number") from None
-            if number >= 1:
-                return number * scale
-    return DEFAULT_CONCURRENCY * servers
-
-
-def choose_segment_seconds(args: argparse.Namespace, settings: Settings) -> float:
-    """--segment-seconds, else 30 s, or MAX_AUDIO_SECONDS where that is lower.
-
-    The server refuses audio longer than MAX_AUDIO_SECONDS, so windows longer than
-    that would all be refused. Read from the shared configuration, like MAX_NUM_SEQS.
-    """
-    if args.segment_seconds:
-        return float(args.segment_seconds)
-    value = settings.get("MAX_AUDIO_SECONDS")
-    if value:
-        try:
-            cap = float(value)
-        except ValueError:
-            raise UsageError(f"MAX_AUDIO_SECONDS={value}: expected a number of seconds") from None
-        return window_seconds(cap)
-    return window_seconds(None)
-
-
-def choose_model(requested: str | None, clients: list[CaptionClient], pool: ServerPool | None = None) -> str:
-    """The model to ask for: `requested` (--model) as it is, nothing asked; else the first model
-    the servers list (GET /v1/models), which also checks that they answer and take the key.
-
-    Several servers are asked at once and the first answer decides: a server that has not
-    answered stays out of the rotation (`ServerPool.pending`) until it does, so one that
-    accepts connections and never answers holds nothing up. One that cannot be reached leaves
-    the rotation with a warning (probed later); one that refuses (a wrong key) or does not serve
-    the model is left out for the run. Only when none answers is the check waited for, as long
-    as the retries of one server would wait.
-    """
-    if requested is not None:
-        return requested
-    if pool is None or len(clients) == 1:
-        served = clients[0].list_models()
-        if not served:
-            raise UsageError(f"{clients[0].base_url} serves no model")
-        log.debug("model %s on %s", served[0], clients[0].base_url)
-        return served[0]
-    return _first_model(clients, pool)
-
-
-def _first_model(clients: list[CaptionClient], pool: ServerPool) -> str:
-    lock = threading.Lock()
-    known = threading.Event()
-    chosen: list[str] = []
-    refusals: list[CaptionerError] = []
-    left = [len(clients)]
-
-    def failed(client: CaptionClient, exc: CaptionerError) -> None:
-        with lock:
-            if is_server_down(exc):
-                pool.mark_down(client, short_reason(exc))
-            else:
-                pool.retire(client, short_reason(exc))
-                refusals.append(exc)
-            left[0] -= 1
-            if not left[0]:
-                known.set()
-
-    def check(client: CaptionClient) -> None:
-        try:
-            served = client.list_models()
-        except CaptionerError as exc:
-            failed(client, exc)
-            return
-        except Exception as exc:  # whatever it is, the count must come down
-            failed(client, CaptionerError(f"{client.base_url}: unexpected {type(exc).__name__}: {exc}"))
-            return
-        with lock:
-            if not chosen and served:
-                chosen.append(served[0])
-                log.debug("model %s, first listed by %s", served[0], client.base_url)
-            if chosen and chosen[0] in served:
-                pool.confirm(client)
-            else:
-                what = ", ".join(served) or "no model"
-                pool.retire(client, f"it serves {what}, not {chosen[0]}" if chosen else f"it serves {what}")
-                if not chosen:
-                    refusals.append(UsageError(f"{client.base_url} serves no model"))
-            left[0] -= 1
-            if chosen or not left[0]:
-                known.set()
-
-    for client in clients:
-        pool.pending(client)
-    for client in clients:  # daemons: a check still waiting on a hung server never holds the exit
-        threading.Thread(target=check, args=(client,), name="captioner-check", daemon=True).start()
-    known.wait()
-    with lock:
-        if chosen:
-            return chosen[0]
-        if refusals:
-            raise refusals[0]
-    # None answers: wait for one as for a single server (probes, as long as --retries would).
-    served = pool.call(lambda c: c.list_models())
-    if not served:
-        raise UsageError("the server that answered serves no model")
-    return str(served[0])
-
-
-def stream_one(item: InputItem, options: BatchOptions, ring: ClientRing) -> ExitCode:
+def stream_one(item: InputItem, options: BatchOptions, pool: ServerPool) -> ExitCode:
     def show(piece: str) -> None:
         sys.stdout.write(escape_text(piece))
         sys.stdout.flush()
 
-    record = process_item(item, options, ring, on_text=show)
+    options.on_text = show
+    records: list[Record] = []
+    run_batch([item], options, pool, records.append)
+    record = records[0]
+    if isinstance(record.exception, BrokenPipeError):
+        raise record.exception  # stdout closed (`| head`): not the input's failure
     if record.ok:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -430,7 +277,7 @@ def stream_one(item: InputItem, options: BatchOptions, ring: ClientRing) -> Exit
 
 
 def report_failure(record: Record) -> None:
-    # Word for word the record's `error` (process_item puts the input first).
+    # Word for word the record's `error` (batch._fail puts the input first).
     log.error("%s", record.error or f"{record.source}: failed", exc_info=_debug_exc_info(record))
 
 
@@ -471,7 +318,7 @@ class WindowProgress:
 def run_many(
     items: list[InputItem],
     options: BatchOptions,
-    ring: ClientRing,
+    pool: ServerPool,
     output: Output,
     resume_cmd: str,
 ) -> ExitCode:
@@ -516,7 +363,7 @@ def run_many(
         return f"{text}; add --output FILE.jsonl to make a batch resumable"
 
     try:
-        summary = run_batch(items, options, ring, on_record, skip=done)
+        summary = run_batch(items, options, pool, on_record, skip=done)
     except KeyboardInterrupt:
         progress.close()
         output.abandon()

@@ -28,7 +28,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from captioner.errors import CaptionerError, ServerConnectionError, ServerHTTPError, ServerTimeoutError
+from captioner.errors import (
+    CaptionerError,
+    ServerConnectionError,
+    ServerHTTPError,
+    ServerTimeoutError,
+    UsageError,
+)
 from captioner.options import RETRY_STATUSES
 
 log = logging.getLogger("captioner")
@@ -80,7 +86,6 @@ class ServerPool:
     def __init__(self, clients: Sequence[Any], wait: float = 60.0) -> None:
         if not clients:
             raise ValueError("at least one client")
-        self.clients = list(clients)
         self.servers = [_Server(c) for c in clients]
         self.wait = wait  # how long a request waits while every server is out
         self._lock = threading.Condition()
@@ -111,12 +116,6 @@ class ServerPool:
                     server.down_until = 0.0
                     self._said_all_out = False
             self._lock.notify_all()
-
-    def next(self) -> Any:
-        """The least-busy live server's client (no bookkeeping: for one-off calls)."""
-        with self._lock:
-            live = [s for s in self.servers if s.live] or self.servers
-            return min(live, key=lambda s: (s.in_flight, s.sent)).client
 
     def retire(self, client: Any, reason: str) -> None:
         """Leave `client`'s server out for the rest of the run (it refused, or serves another
@@ -239,3 +238,79 @@ class ServerPool:
             "%s left the rotation (%s); probing it again in %g s; %d of %d servers in use",
             server.client.base_url, reason, server.pause, others, len(self.servers),
         )  # fmt: skip
+
+
+def first_model(pool: ServerPool) -> str:
+    """The model to ask for when --model is not given: the first model the servers list (GET
+    /v1/models), which also checks that they answer and take the key.
+
+    Several servers are asked at once and the first answer decides: a server that has not
+    answered stays out of the rotation (`ServerPool.pending`) until it does, so one that
+    accepts connections and never answers holds nothing up. One that cannot be reached leaves
+    the rotation with a warning (probed later); one that refuses (a wrong key) or does not serve
+    the model is left out for the run. Only when none answers is the check waited for, as long
+    as the retries of one server would wait.
+    """
+    clients = [server.client for server in pool.servers]
+    if len(clients) == 1:
+        served: list[str] = clients[0].list_models()
+        if not served:
+            raise UsageError(f"{clients[0].base_url} serves no model")
+        log.debug("model %s on %s", served[0], clients[0].base_url)
+        return served[0]
+    lock = threading.Lock()
+    known = threading.Event()
+    chosen: list[str] = []
+    refusals: list[CaptionerError] = []
+    left = [len(clients)]
+
+    def failed(client: Any, exc: CaptionerError) -> None:
+        with lock:
+            if is_server_down(exc):
+                pool.mark_down(client, short_reason(exc))
+            else:
+                pool.retire(client, short_reason(exc))
+                refusals.append(exc)
+            left[0] -= 1
+            if not left[0]:
+                known.set()
+
+    def check(client: Any) -> None:
+        try:
+            served = client.list_models()
+        except CaptionerError as exc:
+            failed(client, exc)
+            return
+        except Exception as exc:  # whatever it is, the count must come down
+            failed(client, CaptionerError(f"{client.base_url}: unexpected {type(exc).__name__}: {exc}"))
+            return
+        with lock:
+            if not chosen and served:
+                chosen.append(served[0])
+                log.debug("model %s, first listed by %s", served[0], client.base_url)
+            if chosen and chosen[0] in served:
+                pool.confirm(client)
+            else:
+                what = ", ".join(served) or "no model"
+                pool.retire(client, f"it serves {what}, not {chosen[0]}" if chosen else f"it serves {what}")
+                if not chosen:
+                    refusals.append(UsageError(f"{client.base_url} serves no model"))
+            left[0] -= 1
+            if chosen or not left[0]:
+                known.set()
+
+    for client in clients:
+        pool.pending(client)
+    for client in clients:  # daemons: a check still waiting on a hung server never holds the exit
+        threading.Thread(target=check, args=(client,), name="captioner-check", daemon=True).start()
+    known.wait()
+    with lock:
+        if chosen:
+            return chosen[0]
+        if refusals:
+            raise refusals[0]
+    # None answers: wait for one as for a single server (probes, as long as --retries would).
+    served = pool.call(lambda c: c.list_models())
+    if not served:
+        raise UsageError("the server that answered serves no model")
+    return str(served[0])

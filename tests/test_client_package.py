@@ -1,7 +1,9 @@
-"""The client as a package: the exit codes' one home (no server)."""
+"""The client as a package: its public names, the exit codes' one home, one captioning path (no server)."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -9,12 +11,31 @@ from pathlib import Path
 
 import pytest
 
+import captioner
+from captioner.cli import main
 from captioner.errors import ExitCode
 from captioner.options import build_parser
+from tests.test_client_support import StubServer, tone, write_wav
 
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("client_env_cleared")
+
+
+def test_every_public_name_loads_from_the_module_that_defines_it() -> None:
+    tree = ast.parse(Path(captioner.__file__).read_text())
+    homes = {
+        alias.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+        if node.module.startswith("captioner.")
+    }
+    assert sorted(homes) == sorted(n for n in captioner.__all__ if n != "__version__")
+    for name, module in homes.items():
+        assert getattr(captioner, name) is getattr(importlib.import_module(module), name)
+    with pytest.raises(AttributeError, match="no attribute 'ClientRing'"):
+        captioner.ClientRing  # noqa: B018
 
 
 def test_the_command_lines_help_needs_none_of_the_client_packages() -> None:
@@ -43,3 +64,20 @@ def readme_exit_codes() -> list[int]:
 
 def test_readmes_exit_code_table_lists_the_enums_codes_in_order() -> None:
     assert readme_exit_codes() == [code.value for code in ExitCode]
+
+
+def test_a_streamed_long_input_prints_its_windows_one_after_another_in_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clip = write_wav(tmp_path / "long.wav", tone(75))  # three 30-s windows at most
+    sent: list[int] = []
+
+    def caption_by_window(body: object) -> None:
+        sent.append(len(sent) + 1)
+        stub.caption = f"window {len(sent)} of three"
+
+    # Slow pieces and -c 4: were the windows sent at once, their words would interleave.
+    with StubServer(chunk_delay=0.05, on_request=caption_by_window) as stub:
+        assert main([str(clip), "--base-url", stub.base_url, "--stream", "-c", "4"]) == ExitCode.OK
+    assert len(sent) == 3 and all(request["stream"] is True for request in stub.requests)
+    assert capsys.readouterr().out == "window 1 of three window 2 of three window 3 of three\n"

@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from captioner.api import Caption, CaptionClient
-from captioner.batch import (
+from captioner import (
     BatchOptions,
-    ClientRing,
-    JsonlWriter,
-    load_finished,
+    Caption,
+    CaptionClient,
+    ExitCode,
+    InputItem,
+    Output,
+    Record,
+    ResumeInfo,
+    ServerPool,
+    StateFile,
     run_batch,
 )
-from captioner.errors import ExitCode, InputError, ServerConnectionError, UsageError
-from captioner.inputs import InputItem
-from captioner.records import Record
+from captioner.errors import InputError, ServerConnectionError, UsageError
 
 
 def line(source: str, error: str | None = None) -> str:
     return Record(source=source, caption="c", error=error).to_line()
+
+
+def load_finished(path: Path) -> ResumeInfo:
+    """What a run with `--output path` finds done (and repairs), as the command line opens it."""
+    output = Output("jsonl", path, [], io.StringIO())
+    try:
+        return output.resume()
+    finally:
+        output.abandon()
 
 
 def test_missing_output_file_means_nothing_done(tmp_path: Path) -> None:
@@ -67,7 +80,7 @@ def test_a_file_this_client_did_not_write_is_refused_not_rewritten(tmp_path: Pat
 
 def test_writer_appends_whole_lines(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    writer = JsonlWriter(out)
+    writer = StateFile(out)
     writer.write(Record(source="a", caption="line one\nline two"))
     writer.write(Record(source="b"))
     writer.close()
@@ -98,9 +111,9 @@ def url_items(*names: str) -> list[InputItem]:
 
 def run(items: list[InputItem], client: FakeClient, skip: set[str] | None = None) -> Any:
     records: list[Record] = []
-    ring = ClientRing([cast(CaptionClient, client)])
+    pool = ServerPool([cast(CaptionClient, client)])
     options = BatchOptions(model="m", concurrency=2, server_fetch=True)
-    summary = run_batch(items, options, ring, records.append, skip=skip or set())
+    summary = run_batch(items, options, pool, records.append, skip=skip or set())
     return summary, records
 
 

@@ -1,0 +1,95 @@
+"""What the client runs with: each setting from the command line, else the environment and the
+kit's config (`config.Settings`), else a default.
+
+config.py parses the files (the one parser, standard library only, which the shell scripts run
+too); this module turns its values and the flags into the client's settings, or a `UsageError`.
+None of it asks a server anything: which model to ask for is the servers' start-up check
+(`servers.first_model`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from captioner.api import normalize_base_url
+from captioner.audio import window_seconds
+from captioner.config import ConfigError, Settings
+from captioner.errors import UsageError
+from captioner.formats import FORMAT_BY_EXTENSION
+from captioner.options import DEFAULT_BASE_URL, DEFAULT_CONCURRENCY
+
+
+def load_settings() -> Settings:
+    """The environment and the kit's config, or a `UsageError` that names the file and line."""
+    try:
+        return Settings()
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def choose_format(given: str | None, output: Path | None) -> str:
+    """--format, else the extension of --output, else text."""
+    if given:
+        return given
+    if output is not None:
+        return FORMAT_BY_EXTENSION.get(output.suffix.lower(), "text")
+    return "text"
+
+
+def choose_base_urls(given: Sequence[str] | None, settings: Settings) -> list[str]:
+    """--base-url, else CAPTIONER_BASE_URL, else this host at the service's PORT."""
+    urls = given or re.split(r"[\s,]+", settings.get("CAPTIONER_BASE_URL") or "")
+    port = settings.get("PORT")
+    default = f"http://127.0.0.1:{port}" if port and port.isdigit() else DEFAULT_BASE_URL
+    urls = [normalize_base_url(u) for u in urls if u] or [default]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"--base-url {url}: expected http://HOST:PORT")
+    return list(dict.fromkeys(urls))
+
+
+def choose_api_key(given: str | None, settings: Settings) -> str | None:
+    """--api-key, else CAPTIONER_API_KEY, else the service's own API_KEY."""
+    return given or settings.get("CAPTIONER_API_KEY") or settings.get("API_KEY")
+
+
+def choose_concurrency(given: int | None, settings: Settings, servers: int) -> int:
+    """--concurrency, else CAPTIONER_CONCURRENCY, else MAX_NUM_SEQS per server, else 8.
+
+    MAX_NUM_SEQS is how many sequences the server batches at once: fewer requests in
+    flight leave its batch slots idle, more only wait in its queue. The server does
+    not publish it (its metrics show running requests, not the cap), so it is read
+    from the shared configuration.
+    """
+    if given:
+        return int(given)
+    for name, scale in (("CAPTIONER_CONCURRENCY", 1), ("MAX_NUM_SEQS", servers)):
+        value = settings.get(name)
+        if value:
+            try:
+                number = int(value)
+            except ValueError:
+                raise UsageError(f"{name}={value}: expected a whole number") from None
+            if number >= 1:
+                return number * scale
+    return DEFAULT_CONCURRENCY * servers
+
+
+def choose_segment_seconds(given: float | None, settings: Settings) -> float:
+    """--segment-seconds, else 30 s, or MAX_AUDIO_SECONDS where that is lower.
+
+    The server refuses audio longer than MAX_AUDIO_SECONDS, so windows longer than
+    that would all be refused. Read from the shared configuration, like MAX_NUM_SEQS.
+    """
+    if given:
+        return float(given)
+    value = settings.get("MAX_AUDIO_SECONDS")
+    if value:
+        try:
+            cap = float(value)
+        except ValueError:
+            raise UsageError(f"MAX_AUDIO_SECONDS={value}: expected a number of seconds") from None
+        return window_seconds(cap)
+    return window_seconds(None)
