@@ -122,7 +122,7 @@ build_args() {
     --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS"
     --load-format "$LOAD_FORMAT"
     --override-generation-config "$gen" --shutdown-timeout "$SHUTDOWN_DRAIN"
-    --api-server-count "$API_SERVER_COUNT" --middleware request_guard.RequestGuard
+    --api-server-count "$API_SERVER_COUNT" --middleware captioner_server.request_guard.RequestGuard
     --h11-max-incomplete-event-size "$MAX_HEADER_BYTES"
     --limit-mm-per-prompt '{"audio":1,"image":0,"video":0}'
     --mm-processor-cache-gb 0)
@@ -130,7 +130,7 @@ build_args() {
   # it grows to 4 GiB and is state one request can leave out of step for the next
   # (bench/results/2026-12-06-cpu-mm-processor-cache).
   # vLLM fetches nothing: the request guard fetches ALLOWED_MEDIA_DOMAINS' URLs itself and hands
-  # vLLM the bytes inline (lib/media_fetch.py); vLLM is allowed only a host that never resolves.
+  # vLLM the bytes inline (captioner_server/media_fetch.py); vLLM is allowed only a host that never resolves.
   VLLM_ARGS+=(--allowed-media-domains "$NO_REMOTE_MEDIA_HOST")
   [[ -z $UNIX_SOCKET ]] || VLLM_ARGS+=(--uds "$UNIX_SOCKET_ABS")
   [[ -z $MAX_NUM_BATCHED_TOKENS ]] || VLLM_ARGS+=(--max-num-batched-tokens "$MAX_NUM_BATCHED_TOKENS")
@@ -153,10 +153,12 @@ export_service_env() {
   [[ -n $API_KEY ]] || unset VLLM_API_KEY
   export VLLM_MEDIA_URL_ALLOW_REDIRECTS=0
   export VLLM_MAX_AUDIO_DECODE_DURATION_S=$MAX_AUDIO_SECONDS VLLM_MAX_AUDIO_DECODE_BYTES=$MAX_AUDIO_BYTES
-  # lib/request_guard.py (loaded by --middleware): routes, key, Host, body cap, audio only, fetches,
-  # and request fields checked against the served model. It reads its settings as CAPTIONER_<NAME>
-  # (captioner/config.py's GUARD_SETTINGS), and those vLLM reads too under vLLM's names, above.
-  export PYTHONPATH=$KIT_ROOT/lib${PYTHONPATH:+:$PYTHONPATH} "${GUARD_ENV[@]}"
+  # captioner_server/request_guard.py (loaded by --middleware): routes, key, Host, body cap, audio
+  # only, fetches, and request fields checked against the served model. It reads its settings as
+  # CAPTIONER_<NAME> (captioner/config.py's GUARD_SETTINGS), and those vLLM reads too under vLLM's
+  # names, above. The kit's root on the path: the captioner_server package, and the captioner
+  # package its upload route cuts audio with.
+  export PYTHONPATH=$KIT_ROOT${PYTHONPATH:+:$PYTHONPATH} "${GUARD_ENV[@]}"
   # uvicorn believes X-Forwarded-For from loopback by default: any local account could write
   # another client address into the access log. No proxy stands in front of the service.
   export FORWARDED_ALLOW_IPS=

@@ -1,4 +1,4 @@
-"""The OpenAI audio API on the service's port (lib/audio_api.py, issue #22): POST
+"""The OpenAI audio API on the service's port (captioner_server/audio_api.py, issue #22): POST
 /v1/audio/transcriptions and /v1/audio/captions, a multipart upload captioned through the chat path.
 
 Unit tests (no server): the form reader fed a byte at a time, the form's fields, the deltas that
@@ -18,7 +18,6 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +29,18 @@ from captioner.audio import AudioTooLong, decode, prepare, to_pcm16
 from captioner.formats import timestamp
 from captioner.payload import SAMPLE_RATE, wav_bytes
 from captioner.records import Segment, join_captions
-from tests.service import ROOT, SAMPLE, Service
-from tests.test_client_server import client_env, run_client
-from tests.test_client_support import convert, parse_srt, parse_vtt, tone, write_wav
-
-sys.path.insert(0, str(ROOT / "lib"))
-from audio_api import (
+from captioner_server.audio_api import (
     NO_FILE,
     DeltaJoiner,
     FormReader,
     Options,
     options_for,
 )
-from request_guard import RequestGuard
-from request_policy import Limits
+from captioner_server.request_guard import RequestGuard
+from captioner_server.request_policy import Limits
+from tests.service import SAMPLE, Service
+from tests.test_client_server import client_env, run_client
+from tests.test_client_support import convert, parse_srt, parse_vtt, tone, write_wav
 
 PATHS = ("/v1/audio/transcriptions", "/v1/audio/captions")
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")

@@ -20,10 +20,8 @@ import requests
 from captioner.api import CaptionClient
 from captioner.errors import ExitCode, ServerHTTPError
 from captioner.payload import audio_part, chat_request, data_url
+from captioner_server.request_policy import AUDIO_ONLY
 from tests.service import ROOT, SAMPLE, Service
-
-sys.path.insert(0, str(ROOT / "lib"))
-from request_policy import AUDIO_ONLY
 
 pytestmark = pytest.mark.server
 
@@ -67,7 +65,7 @@ CASES: dict[str, tuple[Any, int, str]] = {
     "no messages": (body([]) | {"messages": []}, 400, "this server captions audio"),
     "max_tokens beyond the context": (good(max_tokens=100000), 400,
                                       "max_tokens=100000 cannot be greater than max_model_len=4096."),
-    # The request guard answers these before vLLM sees the audio (lib/request_policy.py).
+    # The request guard answers these before vLLM sees the audio (captioner_server/request_policy.py).
     "negative max_tokens": (good(max_tokens=-3), 400, f"{FIELD} max_tokens must be an integer from 1 to"),
     "negative temperature": (good(temperature=-1), 400, f"{FIELD} temperature must be a number in [0, 2]"),
     "huge temperature": (good(temperature=1e9), 400, f"{FIELD} temperature must be a number in [0, 2]"),

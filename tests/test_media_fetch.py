@@ -1,4 +1,4 @@
-"""lib/media_fetch.py: the guard's own fetch of an allowed audio URL, against http.server threads
+"""captioner_server/media_fetch.py: the guard's own fetch of an allowed audio URL, against http.server threads
 on 127.0.0.1 and 127.0.0.2 (all of 127/8 is loopback on Linux). No vLLM.
 
 A host not allowed is refused at once and specifically; every later failure (private address,
@@ -12,7 +12,6 @@ import asyncio
 import datetime
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -22,11 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.service import ROOT
-
-sys.path.insert(0, str(ROOT / "lib"))
-import media_fetch
-from media_fetch import DEFAULT_TYPE, FETCH_FAILED, FetchFailed, fetch_audio
+from captioner_server import media_fetch
+from captioner_server.media_fetch import DEFAULT_TYPE, FETCH_FAILED, FetchFailed, fetch_audio
 
 UNIFORM = 0.5  # uniform_seconds in these tests
 TIMEOUT = 1.0
@@ -455,6 +451,6 @@ def test_the_detail_is_fit_for_a_log_line() -> None:
 
 
 def test_the_message_is_the_guards() -> None:
-    from request_guard import MEDIA_FETCH_FAILED
+    from captioner_server.errors import MEDIA_FETCH_FAILED
 
     assert FETCH_FAILED == MEDIA_FETCH_FAILED

@@ -1,4 +1,4 @@
-"""The caption page (web/, served by lib/request_guard.py at GET / on the service's own port),
+"""The caption page (web/, served by captioner_server/request_guard.py at GET / on the service's own port),
 in a real browser against the real `vllm serve` (CPU build, tiny model).
 
 Headless Chromium from Debian (`chromium`, `chromium-driver`; .ci/run installs them) driven by
@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import shutil
-import sys
 import threading
 import time
 import wave
@@ -44,13 +43,11 @@ from captioner.audio import plan_windows, prepare
 from captioner.formats import escape_text, render, timestamp
 from captioner.payload import chat_request
 from captioner.records import Record, Segment
+from captioner_server import caption_page
+from captioner_server.caption_page import PAGE_CSP
+from captioner_server.request_guard import CROSS_ORIGIN, RequestGuard, same_origin
 from tests.service import ROOT, Service, free_port, started
 from tests.test_client_support import SR, convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
-
-sys.path.insert(0, str(ROOT / "lib"))
-import caption_page
-from caption_page import PAGE_CSP
-from request_guard import CROSS_ORIGIN, RequestGuard, same_origin
 
 KEY = "page-key-42"
 SCREENSHOT = ROOT / "logs" / "page-screenshot.png"
@@ -116,7 +113,8 @@ def test_guard_answers_the_page_itself_without_the_key_with_the_clients_constant
     assert json.loads(guard_get(low, "/page/config.json")[2])["max_window_seconds"] == 7.0
     # Only those files, GET and HEAD only; everything else is as before: the key, then the routes.
     assert guard_get(guard, "/", "POST")[0] == 405
-    for path in ("/page/", "/page/../lib/request_guard.py", "/page/index.html", "/index.html", "/v1/models"):
+    for path in ("/page/", "/page/../captioner_server/request_guard.py", "/page/index.html", "/index.html",
+                 "/v1/models"):
         assert guard_get(guard, path)[0] == 401, path
     assert guard_get(low, "/page/nothing.js")[0] == 404
     assert guard_get(guard, "/", headers=[(b"origin", b"http://evil.example")])[0] == 403

@@ -17,10 +17,8 @@ import pytest
 
 from captioner.files import atomic_write
 from captioner.payload import SAMPLE_RATE, chat_request, data_url, wav_bytes
+from captioner_server.request_policy import audio_only_problem
 from tests.service import ROOT
-
-sys.path.insert(0, str(ROOT / "lib"))
-from request_policy import audio_only_problem
 
 sys.path.insert(0, str(ROOT / "bench"))
 import loadgen

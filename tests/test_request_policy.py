@@ -1,21 +1,18 @@
-"""lib/request_policy.py, the guard's allow-list by shape (issue #21), without a server: every key of
-an audio part, every request field with vLLM's own rules (checked against vLLM's own validation
-code), the WAV headers a decoder cannot read, and what a client's text may put into a log line."""
+"""captioner_server/request_policy.py, the guard's allow-list by shape (issue #21), without a server:
+every key of an audio part, every request field with vLLM's own rules (checked against vLLM's own
+validation code), the WAV headers a decoder cannot read, and what a client's text may put into a
+log line."""
 
 from __future__ import annotations
 
 import base64
 import struct
-import sys
 from typing import Any
 
 import pytest
 
 from captioner.payload import audio_part, chat_request, data_url, wav_bytes
-from tests.service import ROOT
-
-sys.path.insert(0, str(ROOT / "lib"))
-from request_policy import (
+from captioner_server.request_policy import (
     FIELD_RULES,
     Limits,
     audio_only_problem,

@@ -119,7 +119,7 @@ def finished_each_input_once(folder: Path, out: Path, batch: subprocess.Popen[st
 
 
 # vllm-router 0.1.17 re-serializes every chat request with seven fields of its own at their defaults;
-# lib/request_guard.py accepts exactly those values, so captions pass through it unchanged.
+# captioner_server/request_guard.py accepts exactly those values, so captions pass through it unchanged.
 def test_a_service_stopped_under_two_batches_one_routed_one_over_two_base_urls_each_input_once(
     two_services: tuple[Service, Service], router: str, tmp_path: Path
 ) -> None:

@@ -38,24 +38,27 @@ import pytest
 import requests
 
 from captioner.payload import SAMPLE_RATE, audio_part, chat_request, data_url, wav_bytes
-from tests.service import ROOT, SAMPLE, Service, started
-from tests.test_client_server import client_env, run_client
-
-sys.path.insert(0, str(ROOT / "lib"))
-from http_limits import MAX_HEADER_BYTES
-from media_fetch import is_public as is_public_address
-from request_guard import (
+from captioner_server.errors import MEDIA_FETCH_FAILED, SHUTTING_DOWN
+from captioner_server.http_limits import MAX_HEADER_BYTES
+from captioner_server.media_fetch import is_public as is_public_address
+from captioner_server.request_guard import (
     MAX_HEADER_COUNT,
-    MEDIA_FETCH_FAILED,
     NO_REMOTE_MEDIA,
-    SHUTTING_DOWN,
     RequestGuard,
     host_allowed,
     json_depth,
     key_matches,
     route_for,
 )
-from request_policy import AUDIO_ONLY, NO_AUDIO, audio_only_problem, has_audio_part, remote_audio_urls
+from captioner_server.request_policy import (
+    AUDIO_ONLY,
+    NO_AUDIO,
+    audio_only_problem,
+    has_audio_part,
+    remote_audio_urls,
+)
+from tests.service import ROOT, SAMPLE, Service, started
+from tests.test_client_server import client_env, run_client
 
 KEY = "sec-key-456"
 MAX_AUDIO_SECONDS = 7  # the sample clip is 5.6 s
@@ -607,7 +610,7 @@ def test_oversize_bodies_are_refused_before_they_are_read(hardened: Service) -> 
 
 @pytest.mark.server
 def test_the_audio_route_is_behind_the_key_and_the_size_and_length_caps(hardened: Service) -> None:
-    """The upload (lib/audio_api.py, issue #22; the rest in tests/test_audio_api.py) on the keyed
+    """The upload (captioner_server/audio_api.py, issue #22; the rest in tests/test_audio_api.py) on the keyed
     server: 401 without the key, before the body is read; a form streamed past MAX_REQUEST_BYTES
     413 once past it; audio over MAX_AUDIO_SECONDS 413 saying the limit; with the key, a caption."""
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -938,8 +941,9 @@ class SlowOrSilent:
 @pytest.mark.server
 def test_allowed_remote_fetch_private_names_refused_deadline_and_errors_that_say_nothing(
         hardened: Service, decoys: dict[str, MediaDecoy]) -> None:
-    """Every failed fetch is the same 400 after the same ~10 s (the guard fetches: lib/media_fetch.py),
-    so neither the words nor the time tell a closed port from a private name or a slow server."""
+    """Every failed fetch is the same 400 after the same ~10 s (the guard fetches:
+    captioner_server/media_fetch.py), so neither the words nor the time tell a closed port from a
+    private name or a slow server."""
     a = decoys["127.0.0.1"]
     others = SlowOrSilent()
     closed = socket.socket()

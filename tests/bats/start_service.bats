@@ -25,7 +25,7 @@ teardown() { common_teardown; }
   grep -qx 'VLLM_HOST_IP=127.0.0.1' "$T/env"
   grep -qx 'VLLM_MAX_AUDIO_DECODE_DURATION_S=600' "$T/env"
   # The request guard, and the header cap of the HTTP parser it selects (h11).
-  assert_output --partial -- $'--middleware\nrequest_guard.RequestGuard\n--h11-max-incomplete-event-size\n65536\n'
+  assert_output --partial -- $'--middleware\ncaptioner_server.request_guard.RequestGuard\n--h11-max-incomplete-event-size\n65536\n'
   grep -qx 'CAPTIONER_MAX_REQUEST_BYTES=268435456' "$T/env"
   grep -qx 'CAPTIONER_REQUEST_TIMEOUT=30' "$T/env"
   grep -qx 'CAPTIONER_ALLOWED_HOSTS=' "$T/env"

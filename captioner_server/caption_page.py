@@ -1,5 +1,5 @@
 """The caption page (web/): its static files and the client's constants, answered by the request
-guard itself (lib/request_guard.py) at GET / and /page/*, public, and never passed to vLLM."""
+guard itself (request_guard.py) at GET / and /page/*, public, and never passed to vLLM."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ the API server passes here first, cheapest check first, and nothing vLLM does st
 1. Host: loopback names and addresses (any port: an SSH tunnel picks the local port) and the
    names in CAPTIONER_ALLOWED_HOSTS; any other Host header gets 421 (DNS rebinding).
 2. More than MAX_HEADER_COUNT headers: 431. (Header *bytes* are capped by the HTTP parser:
-   see GuardedH11Protocol below.)
+   http_limits.py's GuardedH11Protocol.)
 3. Origin: a request that a browser sent from another origin (an Origin header that is not
    this Host's) is 403, so no other web page can use the API (or read its answers, whatever
    CORS headers vLLM would add) through a browser on the tunnel's end.
@@ -20,22 +20,24 @@ the API server passes here first, cheapest check first, and nothing vLLM does st
 6. Bodies: over CAPTIONER_MAX_REQUEST_BYTES is 413, from the Content-Length or while streaming
    (the body is never read whole before that decision).
 7. /v1/chat/completions: JSON nested deeper than MAX_JSON_DEPTH is 400 (not a 500 and a
-   traceback); then lib/request_policy.py: one user message holding exactly one audio part of
+   traceback); then request_policy.py: one user message holding exactly one audio part of
    one of two exact shapes, and only the fields a caption needs, each with vLLM's own types and
    ranges, all decided before vLLM sees the media. An http(s) audio_url is refused at once (no DNS)
    when CAPTIONER_ALLOWED_MEDIA_DOMAINS is empty; else the guard fetches it itself
-   (lib/media_fetch.py) and hands vLLM the bytes inline, and any failure is one uniform error.
+   (media_fetch.py) and hands vLLM the bytes inline, and any failure is one uniform error.
 8. vLLM's 500 "cannot schedule new futures after shutdown" (a request that arrives while it
-   drains) becomes 503 + Retry-After, which clients retry.
+   drains) becomes 503 + Retry-After, which clients retry (errors.py).
 
 Client mistakes cost one access-log line each (uvicorn's), never a traceback, and that line holds
-no query string and at most MAX_LOGGED_TARGET escaped characters of the path. Errors use vLLM's
-JSON shape. Loaded with `--middleware request_guard.RequestGuard` and PYTHONPATH=<kit>/lib.
+no query string and at most MAX_LOGGED_TARGET escaped characters of the path (access_log.py).
+Errors use vLLM's JSON shape. Loaded with `--middleware captioner_server.request_guard.RequestGuard`
+and PYTHONPATH=<kit>.
 
-Beside it: lib/request_policy.py (what a caption request may be), lib/media_fetch.py (the fetch
-of an allowed audio URL), lib/audio_api.py (the OpenAI audio API's upload route, captioned
-through the chat path), lib/caption_page.py (the page at /), lib/http_limits.py (the HTTP parser's
-header cap and deadline; importing this module imports it, which selects it).
+Beside it: request_policy.py (what a caption request may be), media_fetch.py (the fetch of an
+allowed audio URL), audio_api.py (the OpenAI audio API's upload route, captioned through the chat
+path), caption_page.py (the page at /), http_limits.py (the HTTP parser's header cap and deadline;
+importing this module imports it, which selects it), settings.py (the environment it reads),
+errors.py (its error answers, and vLLM's mapped), asgi.py (ASGI's types, a body read as it streams).
 """
 
 from __future__ import annotations
@@ -46,21 +48,32 @@ import ipaddress
 import json
 import logging
 import os
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-import http_limits  # noqa: F401  (importing it selects the guarded HTTP parser)
-from caption_page import WEB_DIR, Page
-from media_fetch import FETCH_FAILED, FetchFailed, fetch_audio
-from request_policy import Limits, audio_only_problem, escape, remote_audio_urls
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from captioner_server import http_limits  # noqa: F401  (importing it selects the guarded HTTP parser)
+from captioner_server.access_log import bounded_log
+from captioner_server.asgi import (
+    ASGIApp,
+    BodyTooLarge,
+    ClientGone,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+)
+from captioner_server.caption_page import WEB_DIR, Page
+from captioner_server.errors import (
+    Refusal,
+    answer_raised,
+    bad_request,
+    error_response,
+    shutdown_aware,
+)
+from captioner_server.media_fetch import FetchFailed, fetch_audio
+from captioner_server.request_policy import Limits, audio_only_problem, remote_audio_urls
+from captioner_server.settings import guard_settings
 
 
 class Route(NamedTuple):
@@ -68,7 +81,7 @@ class Route(NamedTuple):
     public: bool  # answered without the API key
 
 
-# The OpenAI audio API (a multipart upload): lib/audio_api.py answers it, through the chat path.
+# The OpenAI audio API (a multipart upload): audio_api.py answers it, through the chat path.
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/captions")
 # What the kit documents; nothing else reaches vLLM. (The caption page is not here: the guard
 # answers it itself, see Page below.)
@@ -88,91 +101,16 @@ CHAT_PATH = "/v1/chat/completions"
 MAX_JSON_DEPTH = 32  # a caption request is 6 deep
 MAX_HEADER_COUNT = 100
 FETCH_SECONDS = 10.0  # a remote clip's whole fetch, and the time every failed fetch takes
-DEFAULT_FETCH_BYTES = 256 * 2**20
 
 NO_REMOTE_MEDIA = (
     "this server fetches no URL (ALLOWED_MEDIA_DOMAINS is empty): send the audio inline as a "
     "data: URL or input_audio (test_client.py does)"
 )
-MEDIA_FETCH_FAILED = FETCH_FAILED
 UNAUTHORIZED = "missing or wrong API key: send the header 'Authorization: Bearer <API_KEY>'"
 CROSS_ORIGIN = ("cross-origin request refused: this API answers only its own page (open "
                 "http://127.0.0.1:<port>/ through the tunnel) and clients that send no Origin")
 
-# vLLM's words when a request reaches it after shutdown began (its media thread pool is closed),
-# and for requests in flight when its engine process is gone (stopped under them, or crashed):
-# /health answers 503 then too, and the request did nothing, so clients may resend it elsewhere.
-SHUTTING_DOWN_MARKERS = (b"cannot schedule new futures after shutdown", b"EngineCore encountered an issue")
-SHUTTING_DOWN = ("the server is shutting down or its engine stopped (stop, restart or crash); "
-                 "retry in a few seconds")
-
-
-# vLLM's 500s when the audio cannot be decoded (soundfile, PyAV, the model's processor): the
-# client's mistake, so 400.
-DECODE_MARKERS = ("Error opening", "decode", "Invalid or corrupted audio", "Failed to apply", "audio")
-MAX_ERROR_CHARS = 300
-
-
-def error_text(body: bytes) -> tuple[str | None, str]:
-    """(message, type) of a JSON error body in vLLM's shape; (None, "") for any other body."""
-    try:
-        error = json.loads(body)["error"]
-        message, kind = error["message"], error.get("type") or "Error"
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None, ""
-    return (message, str(kind)) if isinstance(message, str) else (None, "")
-
-
-def one_line(message: str) -> str:
-    """An error message as one bounded, printable line ("Failed to apply X on data={<array>}"
-    loses its data, "<_io.BytesIO object at 0x7f...>" its address)."""
-    line = message.split(" on data=", 1)[0].strip().splitlines()[0] if message.strip() else message
-    line = escape(re.sub(r" at 0x[0-9a-fA-F]+>", ">", line))
-    return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS] + "..."
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def body_chunks(receive: Receive, max_bytes: int | None) -> AsyncIterator[bytes]:
-    """A request body's chunks as they arrive: BodyTooLarge(size) once past `max_bytes` (the body
-    is never read whole before that), ClientGone if the client leaves first."""
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if max_bytes is not None and size > max_bytes:
-            raise BodyTooLarge(str(size))
-        yield chunk
-        if not message.get("more_body", False):
-            return
-
-
-class ClientGone(Exception):
-    pass
-
-
-class Refusal(Exception):
-    """A request the guard answers itself: status, vLLM's error type, message."""
-
-    def __init__(self, status: int, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
-
-
-def bad_request(message: str) -> Refusal:
-    return Refusal(400, "BadRequestError", message)
-
-
 # --- pure checks (unit-tested without a server) ---------------------------------------------
-
-
-def split_list(value: str | None) -> list[str]:
-    return [v.strip().lower() for v in (value or "").replace(" ", ",").split(",") if v.strip()]
 
 
 def host_name(host: str) -> str:
@@ -247,128 +185,19 @@ def json_depth(value: Any) -> int:
     return depth
 
 
-def limits_from_env(environ: MutableMapping[str, str] | os._Environ[str]) -> Limits:
-    """What start_service.sh exports about the served model and the settings (request_policy)."""
-    def number(name: str) -> int | None:
-        value = environ.get(name, "")
-        return int(value) if value.isdigit() else None
-
-    return Limits(vocab_size=vocab_size(environ.get("CAPTIONER_MODEL_PATH")),
-                  served_model=environ.get("CAPTIONER_SERVED_MODEL_NAME") or None,
-                  max_tokens=number("CAPTIONER_MAX_TOKENS"), max_model_len=number("CAPTIONER_MAX_MODEL_LEN"),
-                  max_audio_seconds=number("VLLM_MAX_AUDIO_DECODE_DURATION_S"))
-
-
-def vocab_size(model_dir: str | None) -> int | None:
-    """The vocabulary vLLM checks token ids against: the text model's (the thinker's) vocab_size."""
-    if not model_dir:
-        return None
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    thinker = config.get("thinker_config", {})
-    for part in (thinker.get("text_config", {}), config.get("text_config", {}), config):
-        if isinstance(part, dict) and isinstance(part.get("vocab_size"), int):
-            return int(part["vocab_size"])
-    return None
-
-
 # --- ASGI -----------------------------------------------------------------------------------
-
-MAX_LOGGED_TARGET = 200  # characters of a request's path (and method) in the access log
-
-
-def bounded_log(scope: Scope, send: Send) -> Send:
-    """A `send` that, as the response starts (when uvicorn writes the access-log line from the
-    scope), leaves in the scope only what may be logged: no query string (a key sent as
-    ?api_key= never reaches the log), the path and method escaped and cut to MAX_LOGGED_TARGET
-    characters (a 65 KB path costs ~200 bytes of log, not 65 KB)."""
-    async def wrapped(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            scope["query_string"] = b""
-            for key in ("path", "method"):
-                value = scope.get(key)
-                if isinstance(value, str) and (len(value) > MAX_LOGGED_TARGET or escape(value) != value):
-                    cut = escape(value[:MAX_LOGGED_TARGET])[:MAX_LOGGED_TARGET]
-                    scope[key] = cut + ("..." if len(value) > MAX_LOGGED_TARGET else "")
-        await send(message)
-
-    return wrapped
-
-
-
-async def error_response(
-    send: Send, status: int, kind: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    payload = json.dumps(
-        {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    ).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    (b"connection", b"close"), *(extra or [])],
-    })  # fmt: skip
-    await send({"type": "http.response.body", "body": payload})
-
-
-def shutdown_aware(send: Send, hide_errors: bool = False) -> Send:
-    """A `send` that holds back an error until its body is known, then answers: vLLM shutting
-    down → 503 + Retry-After; with hide_errors (the request made the guard fetch a URL, and
-    errors would tell what is at the address) → MEDIA_FETCH_FAILED (400); vLLM failing to decode
-    the audio (its 500) → 400; any other error message as one bounded line (vLLM's messages can
-    hold a whole array dump)."""
-    held: list[Message] = []
-
-    async def wrapped(message: Message) -> None:
-        if message["type"] == "http.response.start" and message.get("status", 200) >= 400:
-            held.append(message)
-            return
-        if not held:
-            await send(message)
-            return
-        held.append(message)
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            body = b"".join(m.get("body", b"") for m in held[1:])
-            status, (text, kind) = held[0].get("status", 500), error_text(body)
-            if any(marker in body for marker in SHUTTING_DOWN_MARKERS):
-                await error_response(send, 503, "ServiceUnavailable", SHUTTING_DOWN, [(b"retry-after", b"5")])
-            elif hide_errors:
-                await error_response(send, 400, "BadRequestError", MEDIA_FETCH_FAILED)
-            elif status == 500 and text is not None and any(m in text for m in DECODE_MARKERS):
-                decode_error = f"could not decode the audio: {one_line(text)}"
-                await error_response(send, 400, "BadRequestError", decode_error)
-            elif text is not None and one_line(text) != text:
-                await error_response(send, status, kind, one_line(text))
-            else:
-                for m in held:
-                    await send(m)
-            held.clear()
-
-    return wrapped
-
 
 class RequestGuard:
     def __init__(self, app: ASGIApp, max_bytes: int | None = None, api_key: str | None = None,
                  extra_routes: str | None = None, allowed_hosts: str | None = None,
                  media_domains: str | None = None, limits: Limits | None = None) -> None:
-        def setting(given: str | None, name: str) -> list[str]:
-            return split_list(os.environ.get(name) if given is None else given)
-
         self.app = app
-        if max_bytes is None:
-            max_bytes = int(os.environ.get("CAPTIONER_MAX_REQUEST_BYTES") or 0)
-        self.max_bytes = max_bytes if max_bytes > 0 else None
-        self.api_key = os.environ.get("VLLM_API_KEY") if api_key is None else api_key
-        self.extra_routes = setting(extra_routes, "CAPTIONER_EXTRA_ROUTES")
-        self.allowed_hosts = setting(allowed_hosts, "CAPTIONER_ALLOWED_HOSTS")
-        self.media_domains = setting(media_domains, "CAPTIONER_ALLOWED_MEDIA_DOMAINS")
-        self.limits = limits_from_env(os.environ) if limits is None else limits
-        # A fetched clip is held whole, as an uploaded one is: the body cap, or vLLM's decode cap.
-        caps = [c for c in (self.max_bytes, int(os.environ.get("VLLM_MAX_AUDIO_DECODE_BYTES") or 0)) if c]
-        self.max_fetch_bytes = min(caps) if caps else DEFAULT_FETCH_BYTES
+        # The environment's settings (settings.py), where no argument gives one.
+        given = guard_settings(os.environ, max_bytes, api_key, extra_routes, allowed_hosts, media_domains,
+                               limits)
+        self.max_bytes, self.api_key, self.limits = given.max_bytes, given.api_key, given.limits
+        self.extra_routes, self.allowed_hosts = given.extra_routes, given.allowed_hosts
+        self.media_domains, self.max_fetch_bytes = given.media_domains, given.max_fetch_bytes
         self.page = Page.load(WEB_DIR, key_required=bool(self.api_key))
 
     def too_large(self, size: int) -> str:
@@ -427,7 +256,7 @@ class RequestGuard:
         return await self.inline_remote_audio(parsed), True
 
     async def inline_remote_audio(self, parsed: dict[str, Any]) -> bytes:
-        """Fetch each http(s) audio URL (lib/media_fetch.py: resolved once, the address checked
+        """Fetch each http(s) audio URL (media_fetch.py: resolved once, the address checked
         and pinned, no redirects, size and time capped, one error after a uniform time) and put
         the bytes in the request as a data: URL: vLLM never fetches anything."""
         if not self.media_domains:
@@ -465,7 +294,8 @@ class RequestGuard:
             await self.page.serve(scope, send)
             return
         if scope.get("path") in AUDIO_PATHS:
-            import audio_api  # here, not above: it imports this module (and the client's decoder)
+            # Imported here, not above: it imports this module (and the client's decoder).
+            from captioner_server import audio_api
 
             await audio_api.serve(self, scope, receive, send)
             return
@@ -508,16 +338,7 @@ class RequestGuard:
         except Exception as exc:
             # vLLM's handler for uncaught exceptions sits outside this middleware (Starlette's
             # ServerErrorMiddleware): a shutdown error, or a fetch that failed, reaches us raised.
-            if started:
-                raise
-            if any(m.decode() in str(exc) for m in SHUTTING_DOWN_MARKERS):
-                await error_response(send, 503, "ServiceUnavailable", SHUTTING_DOWN, [(b"retry-after", b"5")])
-            elif fetched:  # the exception's text would tell what is at the address; no traceback either
-                await error_response(send, 400, "BadRequestError", MEDIA_FETCH_FAILED)
-            elif any(m in str(exc) for m in DECODE_MARKERS):  # the client's audio: 400, no traceback
-                decode_error = f"could not decode the audio: {one_line(str(exc))}"
-                await error_response(send, 400, "BadRequestError", decode_error)
-            else:
+            if started or not await answer_raised(send, exc, fetched):
                 raise
 
     async def _read_body(self, receive: Receive) -> bytes:

@@ -2,7 +2,7 @@
 /v1/audio/captions (our name for it), so that `curl -F file=@clip.wav`, the OpenAI SDK's
 `client.audio.transcriptions.create(...)` and Whisper clients caption with no code.
 
-The request guard (lib/request_guard.py) hands these paths here after its Host, Origin, key,
+The request guard (request_guard.py) hands these paths here after its Host, Origin, key,
 route and declared-size checks. The body is a multipart form, parsed as it streams in and held in
 memory only (python_multipart's parser, fed chunk by chunk: nothing is spooled to disk), capped by
 MAX_REQUEST_BYTES (413 as soon as it passes): `file` (any container the client decodes) and,
@@ -14,7 +14,7 @@ The audio is cut with the client's own rule (captioner/audio.py's prepare: windo
 or MAX_AUDIO_SECONDS where lower, cut at quiet moments; audio over MAX_AUDIO_SECONDS is a 413,
 found before it is decoded whole), decoded in a thread so the event loop goes on serving. Each
 window is captioned through vLLM's chat path as a client's request would be: payload.chat_request's
-body for its WAV, the guard's checks (lib/request_policy.py), then vLLM's app with a synthetic
+body for its WAV, the guard's checks (request_policy.py), then vLLM's app with a synthetic
 POST /v1/chat/completions. Not vLLM's own /v1/audio/transcriptions: for Qwen3-Omni it adds a
 "Transcribe this audio" text prompt, and the Captioner takes audio alone. The windows run in
 parallel; the answer is made from a Record built as the client builds one, by
@@ -31,30 +31,23 @@ from typing import Any
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from request_guard import (
-    CHAT_PATH,
-    SHUTTING_DOWN,
-    SHUTTING_DOWN_MARKERS,
-    BodyTooLarge,
-    ClientGone,
-    Message,
-    Receive,
-    Refusal,
-    RequestGuard,
-    Scope,
-    Send,
-    bad_request,
-    body_chunks,
-    error_response,
-    shutdown_aware,
-)
-from request_policy import MAX_TEXT_FIELD, Limits, escape, field_problem, shown
 
 from captioner.audio import AudioTooLong, PreparedAudio, prepare, window_seconds
 from captioner.errors import InputError
 from captioner.formats import render
 from captioner.payload import chat_request, data_url
 from captioner.records import Record, Segment, join_captions
+from captioner_server.asgi import BodyTooLarge, ClientGone, Message, Receive, Scope, Send, body_chunks
+from captioner_server.errors import (
+    SHUTTING_DOWN,
+    SHUTTING_DOWN_MARKERS,
+    Refusal,
+    bad_request,
+    error_response,
+    shutdown_aware,
+)
+from captioner_server.request_guard import CHAT_PATH, RequestGuard
+from captioner_server.request_policy import MAX_TEXT_FIELD, Limits, escape, field_problem, shown
 
 FIELDS = ("file", "model", "response_format", "temperature", "stream")
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")

@@ -1,4 +1,4 @@
-"""Fetch an audio URL the operator allows, for the request guard (lib/request_guard.py), so that
+"""Fetch an audio URL the operator allows, for the request guard (request_guard.py), so that
 vLLM is handed the bytes inline and never fetches anything itself.
 
 When vLLM fetched allowed URLs, the guard could only check the name and resolve it once: vLLM then
@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-# The same text as request_guard.MEDIA_FETCH_FAILED (the guard imports it from here).
+# The same text as errors.MEDIA_FETCH_FAILED (the guard's errors import it from here).
 FETCH_FAILED = "could not fetch or decode the audio at the URL"
 # The type returned when the response names none, or one that is not a plain type/subtype.
 DEFAULT_TYPE = "application/octet-stream"

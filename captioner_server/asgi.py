@@ -1,0 +1,37 @@
+"""ASGI's types, as the guard's modules use them, and a request body read as it streams in."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def body_chunks(receive: Receive, max_bytes: int | None) -> AsyncIterator[bytes]:
+    """A request body's chunks as they arrive: BodyTooLarge(size) once past `max_bytes` (the body
+    is never read whole before that), ClientGone if the client leaves first."""
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise BodyTooLarge(str(size))
+        yield chunk
+        if not message.get("more_body", False):
+            return
