@@ -24,6 +24,27 @@ PROG=start_service
 # shellcheck source=lib/service_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/service_lib.sh"
 
+# vLLM's only allowed media host: vLLM fetches nothing (the request guard fetches what the operator
+# allows), and it treats an empty allow-list as "allow every host", so it gets one host that can
+# never resolve (.invalid is reserved, RFC 2606).
+NO_REMOTE_MEDIA_HOST=no-remote-media.invalid
+# Largest request head (request line + headers) the HTTP parser buffers; uvicorn answers 400 past
+# it. Must match MAX_HEADER_BYTES in captioner_server/http_limits.py (tests/test_security.py checks
+# that it does).
+MAX_HEADER_BYTES=65536
+# The oldest vLLM without the engine crashes that one ordinary audio request reached in 0.26
+# (out-of-vocabulary stop_token_ids, the multimodal cache desync after a rejected request, a forged
+# WAV sample rate, remote media read whole before the size caps: all fixed by 0.29).
+MIN_VLLM_VERSION=0.29.0
+
+FOREGROUND=""
+own_option() { # start's own options (init_script hands it those it does not know)
+  case $1 in
+    --foreground) FOREGROUND=1 ;;
+    *) return 1 ;;
+  esac
+}
+
 # --- preflight -------------------------------------------------------------------------------
 
 check_vllm() {
@@ -59,6 +80,25 @@ check_model() {
     die "MODEL_PATH=$MODEL_PATH has no preprocessor_config.json (the audio feature extractor)"
   if [[ $LOAD_FORMAT != dummy ]] && ! compgen -G "$MODEL_PATH_ABS/*.safetensors" >/dev/null; then
     die "MODEL_PATH=$MODEL_PATH has no *.safetensors weights (run 'make model', or LOAD_FORMAT=dummy to benchmark without weights)"
+  fi
+}
+
+proc_desc() { # "pid 123 (sleep)"
+  local comm
+  comm=$(cat "/proc/$1/comm" 2>/dev/null) || comm=gone
+  printf 'pid %s (%s)' "$1" "$comm"
+}
+
+# Who listens on PORT? Prints "pid 123 (python3)" or "an unknown process"; returns 1 if nobody.
+port_holder() {
+  local line pid
+  line=$(ss -Hltnp "sport = :$1" 2>/dev/null | head -n 1)
+  [[ -n $line ]] || return 1
+  if [[ $line =~ pid=([0-9]+) ]]; then
+    pid=${BASH_REMATCH[1]}
+    proc_desc "$pid"
+  else
+    printf 'an unknown process'
   fi
 }
 
@@ -236,6 +276,29 @@ launch() {
   done
   write_pid_file "$CHILD_PID"
 }
+
+write_pid_file() { # write_pid_file PID — atomically
+  local pid=$1 tmp
+  tmp=$(mktemp "$PID_FILE_ABS.XXXXXX")
+  {
+    echo "pid=$pid"
+    echo "pgid=$(proc_stat_field "$pid" 5)"
+    echo "start_time=$(proc_stat_field "$pid" 22)"
+    echo "log_id=$(file_id "$LOG_FILE")"
+    echo "started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    # What the service serves, and where status, stop and a second start find it.
+    echo "port=$PORT"
+    echo "bind=$HOST"
+    echo "host=$HEALTH_HOST"
+    echo "socket=$UNIX_SOCKET_ABS"
+    echo "url=$BASE_URL"
+    echo "log=$LOG_FILE"
+    echo "model=$MODEL_PATH_ABS"
+    echo "served_model=$SERVED_MODEL_NAME"
+  } >"$tmp"
+  mv -f "$tmp" "$PID_FILE_ABS"
+}
+
 
 wait_healthy() {
   local deadline=$((SECONDS + START_TIMEOUT)) next_note=$((SECONDS + 15)) code

@@ -17,8 +17,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from captioner_server.settings import request_timeout
 
 # Largest request head (request line + headers) h11 buffers; uvicorn answers 400 past it.
-# start_service.sh passes the same number as --h11-max-incomplete-event-size (MAX_HEADER_BYTES in
-# lib/service_lib.sh; tests/test_security.py checks that they match).
+# start_service.sh passes the same number as --h11-max-incomplete-event-size (its MAX_HEADER_BYTES;
+# tests/test_security.py checks that they match).
 MAX_HEADER_BYTES = 65536
 
 REQUEST_TIMEOUT = request_timeout(os.environ)

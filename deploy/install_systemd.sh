@@ -39,7 +39,8 @@ fill() { # fill TEMPLATE -> stdout, every @KEY@ replaced
 environment_overrides() { # environment_overrides [FILE] -> their names, one a line
   local name
   local -a without=()
-  while read -r name; do without+=(-u "$name"); done < <(schema_names)
+  # Every setting's name, in config.env.example's order.
+  while read -r name; do without+=(-u "$name"); done < <(sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' "$KIT_ROOT/config.env.example")
   comm -13 <(env "${without[@]}" "$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell ${1:+--config "$1"} | sort) \
     <("$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell ${1:+--config "$1"} | sort) |
     sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p'
@@ -67,7 +68,7 @@ main() {
   overrides=$(environment_overrides "$config" | paste -s -d ',' | sed 's/,/, /g')
   [[ -z $overrides ]] ||
     die "the environment sets $overrides, which the unit would not see (it reads only $CONFIG_ABS): put them in that file, or unset them"
-  validate_config
+  load_config "$config" ALL # every setting validated (captioner/config.py --check)
   case $UNIX_SOCKET_ABS in
     /tmp/* | /var/tmp/*) die "UNIX_SOCKET=$UNIX_SOCKET_ABS: the unit has a /tmp of its own (PrivateTmp=yes), so no other process would see the socket; put it in a folder of /run, e.g. /run/captioner/api.sock" ;;
   esac

@@ -9,17 +9,6 @@ PROG=${PROG:-$(basename "$0" .sh)}
 # The Python that reads the configuration (captioner/config.py, standard library only): the kit's
 # venv, else the system's. It is also the default VLLM_PYTHON.
 if [[ -x $KIT_ROOT/.venv/bin/python ]]; then KIT_PYTHON=$KIT_ROOT/.venv/bin/python; else KIT_PYTHON=python3; fi
-# vLLM's only allowed media host: vLLM fetches nothing (the request guard fetches what the operator
-# allows), and it treats an empty allow-list as "allow every host", so it gets one host that can
-# never resolve (.invalid is reserved, RFC 2606).
-NO_REMOTE_MEDIA_HOST=no-remote-media.invalid
-# Largest request head (request line + headers) the HTTP parser buffers; uvicorn answers 400 past
-# it. Must match MAX_HEADER_BYTES in lib/http_limits.py (tests/test_security.py checks that it does).
-MAX_HEADER_BYTES=65536
-# The oldest vLLM without the engine crashes that one ordinary audio request reached in 0.26
-# (out-of-vocabulary stop_token_ids, the multimodal cache desync after a rejected request, a forged
-# WAV sample rate, remote media read whole before the size caps: all fixed by 0.29).
-MIN_VLLM_VERSION=0.29.0
 
 say() { # progress, warnings and errors all go to stderr as "PROG: message"
   echo "$PROG: $*" >&2
@@ -34,19 +23,17 @@ usage() { # the calling script's header comment, up to `set -euo pipefail`
   sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
 }
 
-# init_script "$@": the options every script takes (-h/--help, --config FILE; --foreground for
-# start_service), then the configuration, loaded and validated: only the settings named in the
-# script's USES array when it sets one (so a bad value elsewhere never blocks a stop or a status),
-# else every setting. Sets FOREGROUND.
+# init_script "$@": the options every script takes (-h/--help, --config FILE), any other one to
+# the script's own_option function where it has one (start_service's --foreground), then the
+# configuration, loaded and validated: only the settings named in the script's USES array when it
+# sets one (so a bad value elsewhere never blocks a stop or a status), else every setting.
 init_script() {
   local config=""
-  FOREGROUND=""
   while (($#)); do
     case $1 in
       -h | --help) usage; exit 0 ;;
       --config) [[ $# -ge 2 ]] || die "--config needs a FILE"; config=$2; shift ;;
-      --foreground) [[ $PROG == start_service ]] || die "unknown option '$1' (see --help)"; FOREGROUND=1 ;;
-      *) die "unknown option '$1' (see --help)" ;;
+      *) { declare -F own_option >/dev/null && own_option "$1"; } || die "unknown option '$1' (see --help)" ;;
     esac
     shift
   done
@@ -77,17 +64,6 @@ load_config() {
   VLLM_PYTHON=${VLLM_PYTHON:-$KIT_PYTHON}
 }
 
-# validate_config: every setting validated, as load_config FILE ALL does (for
-# deploy/install_systemd.sh, which validates after its own checks).
-validate_config() {
-  "$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell --prog "$PROG" ${CONFIG_FILE:+--config "$CONFIG_FILE"} \
-    --check ALL >/dev/null || exit 1
-}
-
-schema_names() { # every setting's name, in config.env.example's order
-  sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' "$KIT_ROOT/config.env.example"
-}
-
 # shared_dir DIR: is DIR other accounts' too, so never ours to chmod or chown? It is when others
 # may make files in it (writable by all, or sticky, as /tmp) or it holds an entry of an account
 # other than its owner (as /var/log does).
@@ -101,8 +77,8 @@ shared_dir() {
 # --- process identity --------------------------------------------------------------------------
 # A PID file holds key=value lines: pid, pgid, start_time (clock ticks since boot, /proc/PID/stat
 # field 22), log_id (device:inode of the log file the service writes to), started_at, and what the
-# service serves (write_pid_file): it is the running service's record, which status, stop and a
-# second start read rather than today's configuration.
+# service serves (start_service.sh's write_pid_file): the running service's record, which status, stop
+# and a second start read rather than today's configuration.
 # The service is launched with setsid, so every process of it (API server, engine, workers, and
 # the engine orphaned by a kill -9 of the API server) sits in session PID and writes its stdout to
 # that log file. A process is ours only if both hold. The kernel never hands out a pid that is in
@@ -174,28 +150,6 @@ use_record() {
   [[ -z $PF_SOCKET ]] || HTTP_URL=http://localhost CURL_SOCKET=(--unix-socket "$PF_SOCKET")
 }
 
-write_pid_file() { # write_pid_file PID — atomically
-  local pid=$1 tmp
-  tmp=$(mktemp "$PID_FILE_ABS.XXXXXX")
-  {
-    echo "pid=$pid"
-    echo "pgid=$(proc_stat_field "$pid" 5)"
-    echo "start_time=$(proc_stat_field "$pid" 22)"
-    echo "log_id=$(file_id "$LOG_FILE")"
-    echo "started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    # What the service serves, and where status, stop and a second start find it.
-    echo "port=$PORT"
-    echo "bind=$HOST"
-    echo "host=$HEALTH_HOST"
-    echo "socket=$UNIX_SOCKET_ABS"
-    echo "url=$BASE_URL"
-    echo "log=$LOG_FILE"
-    echo "model=$MODEL_PATH_ABS"
-    echo "served_model=$SERVED_MODEL_NAME"
-  } >"$tmp"
-  mv -f "$tmp" "$PID_FILE_ABS"
-}
-
 # Is the PID file's leader (the API server) alive and really ours?
 leader_is_ours() {
   [[ $PF_PID =~ ^[0-9]+$ && -d /proc/$PF_PID ]] || return 1
@@ -238,26 +192,7 @@ terminate_service() {
   wait_service_gone 10
 }
 
-# --- network ---------------------------------------------------------------------------------
-
-proc_desc() { # "pid 123 (sleep)"
-  local comm
-  comm=$(cat "/proc/$1/comm" 2>/dev/null) || comm=gone
-  printf 'pid %s (%s)' "$1" "$comm"
-}
-
-# Who listens on PORT? Prints "pid 123 (python3)" or "an unknown process"; returns 1 if nobody.
-port_holder() {
-  local line pid
-  line=$(ss -Hltnp "sport = :$1" 2>/dev/null | head -n 1)
-  [[ -n $line ]] || return 1
-  if [[ $line =~ pid=([0-9]+) ]]; then
-    pid=${BASH_REMATCH[1]}
-    proc_desc "$pid"
-  else
-    printf 'an unknown process'
-  fi
-}
+# --- probes ----------------------------------------------------------------------------------
 
 http_status() { # http_status PATH -> HTTP code, 000 when unreachable
   curl -s -o /dev/null -m "${2:-5}" -w '%{http_code}' "${CURL_SOCKET[@]}" "$HTTP_URL$1" 2>/dev/null || true

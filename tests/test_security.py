@@ -167,8 +167,8 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 def test_the_header_cap_the_scripts_give_the_http_parser_is_the_guards() -> None:
-    # lib/service_lib.sh passes it to vLLM (--h11-max-incomplete-event-size); the guard reads its own.
-    shell = (ROOT / "lib" / "service_lib.sh").read_text()
+    # start_service.sh passes it to vLLM (--h11-max-incomplete-event-size); the guard reads its own.
+    shell = (ROOT / "start_service.sh").read_text()
     assert f"\nMAX_HEADER_BYTES={MAX_HEADER_BYTES}\n" in shell
 
 
