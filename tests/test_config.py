@@ -243,7 +243,7 @@ def test_a_script_validates_only_what_it_names_and_what_those_rules_read_first()
 
 def test_the_guard_reads_each_setting_under_one_name_that_config_py_exports() -> None:
     read = set()
-    for source in (ROOT / "lib").glob("*.py"):
+    for source in (ROOT / "captioner_server").glob("*.py"):
         read |= set(re.findall(rf'"{GUARD_PREFIX}([A-Z_]+)"', source.read_text()))
     assert read == set(GUARD_SETTINGS)
     env = dict(item.split("=", 1) for item in derive(load({"MODEL_PATH": "m"}, os.devnull))["GUARD_ENV"])
