@@ -48,45 +48,21 @@ CALLS_PER_GRAPH = 10
 Config = dict[str, int]
 
 
+# The grid per batch-size class: (largest M of the class, the values of each CONFIG_KEYS axis).
+# Few tokens per expert want small M tiles and deep pipelines (memory bound); many want big tiles
+# and more warps (compute bound).
+GRIDS: tuple[tuple[int, tuple[Sequence[int], ...]], ...] = (
+    # (M ≤, (BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, num_warps, num_stages))
+    (16, ([16], [32, 64, 128, 256], [64, 128, 256], [1], [4, 8], [3, 4, 5])),
+    (128, ([16, 32], [64, 128, 256], [64, 128], [1], [4, 8], [2, 3, 4])),
+    (512, ([32, 64], [64, 128, 256], [64, 128], [1], [4, 8], [3, 4])),
+    (1 << 30, ([64, 128], [128, 256], [64, 128], [1, 16], [4, 8], [3, 4])),
+)
+
+
 def grid_for(m: int, size: str) -> list[Config]:
-    """Candidate configs for batch size m: few tokens per expert want small M tiles and deep
-    pipelines (memory bound), many want big tiles and more warps (compute bound)."""
-    if m <= 16:
-        axes: dict[str, Sequence[int]] = dict(
-            BLOCK_SIZE_M=[16],
-            BLOCK_SIZE_N=[32, 64, 128, 256],
-            BLOCK_SIZE_K=[64, 128, 256],
-            GROUP_SIZE_M=[1],
-            num_warps=[4, 8],
-            num_stages=[3, 4, 5],
-        )
-    elif m <= 128:
-        axes = dict(
-            BLOCK_SIZE_M=[16, 32],
-            BLOCK_SIZE_N=[64, 128, 256],
-            BLOCK_SIZE_K=[64, 128],
-            GROUP_SIZE_M=[1],
-            num_warps=[4, 8],
-            num_stages=[2, 3, 4],
-        )
-    elif m <= 512:
-        axes = dict(
-            BLOCK_SIZE_M=[32, 64],
-            BLOCK_SIZE_N=[64, 128, 256],
-            BLOCK_SIZE_K=[64, 128],
-            GROUP_SIZE_M=[1],
-            num_warps=[4, 8],
-            num_stages=[3, 4],
-        )
-    else:
-        axes = dict(
-            BLOCK_SIZE_M=[64, 128],
-            BLOCK_SIZE_N=[128, 256],
-            BLOCK_SIZE_K=[64, 128],
-            GROUP_SIZE_M=[1, 16],
-            num_warps=[4, 8],
-            num_stages=[3, 4],
-        )
+    """Candidate configs for batch size m (GRIDS)."""
+    axes = dict(zip(CONFIG_KEYS, next(a for top, a in GRIDS if m <= top), strict=True))
     if size == "small":  # a quick pass: the middle two of a longer axis, the first of a shorter one
         axes = {k: (v[len(v) // 2 - 1 : len(v) // 2 + 1] if len(v) > 2 else v[:1]) for k, v in axes.items()}
     return [
