@@ -60,6 +60,18 @@ def test_every_script_the_readme_names_exists_and_has_help(script: str) -> None:
     assert r.returncode == 0 and "Usage:" in r.stdout
 
 
+def run_bash(script: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """A README block as a user pastes it: bash, stopping at the first failing command."""
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_the_config_table_lists_every_variable_of_config_env_example() -> None:
     names = re.findall(r"^([A-Z_]+)=", (ROOT / "config.env.example").read_text(), re.M)
     for name in names:
@@ -123,14 +135,7 @@ def test_the_first_screen_captions_on_the_host_and_the_laptop(server: Service, t
         line = command.replace(".venv/bin/python test_client.py", python).replace(
             "http://127.0.0.1:8003", server.base_url
         )
-        r = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", line],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        r = run_bash(line, tmp_path, env)
         assert r.returncode == 0, (command, r.stderr)
         if command.startswith("curl "):
             assert isinstance(json.loads(r.stdout)["text"], str), (command, r.stdout)
@@ -168,9 +173,7 @@ def test_the_readme_curl_example_returns_a_chat_completion(server: Service, tmp_
         .replace('"Qwen3-Omni-30B-A3B-Captioner"', f'"{server.model}"')
         .replace("/tmp/caption-request.json", str(tmp_path / "req.json"))
     )
-    r = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    r = run_bash(block, ROOT)
     assert r.returncode == 0, r.stderr
     reply = json.loads(r.stdout)
     assert reply["object"] == "chat.completion"
@@ -183,13 +186,6 @@ def test_the_readme_upload_example_returns_subtitles(server: Service, tmp_path: 
     (tmp_path / "clip.wav").write_bytes((ROOT / "samples" / "sample.wav").read_bytes())
     block = block.replace("http://127.0.0.1:8003", server.base_url)
     env = {**os.environ, "API_KEY": ""}  # the test server has none: the header is sent empty
-    r = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", block],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_bash(block, tmp_path, env)
     assert r.returncode == 0, r.stderr
     assert all(cue[:2] == ("00:00:00,000", "00:00:05,578") for cue in parse_srt(r.stdout)), r.stdout
