@@ -254,7 +254,18 @@ def audio_part_problem(part: dict[str, Any]) -> str | None:
             return f"{kind}.{key} must be a non-empty string"
     if kind == "input_audio" and not FORMAT.fullmatch(inner["format"]):
         return "input_audio.format must be a file type such as wav, mp3 or flac"
+    if kind == "audio_url" and url_scheme(inner["url"]) not in URL_SCHEMES:
+        scheme = shown(url_scheme(inner["url"]) + ":")
+        return (f"audio_url.url must be an http(s) or a data:audio/...;base64, URL, not a {scheme} one: "
+                "the server reads no local file (send the audio inline)")
     return None
+
+
+URL_SCHEMES = ("http", "https", "data")
+
+
+def url_scheme(url: str) -> str:
+    return url.split(":", 1)[0].strip().lower()
 
 
 def audio_only_problem(body: Any, limits: Limits = Limits()) -> str | None:
@@ -292,7 +303,7 @@ def remote_audio_urls(body: Any) -> list[str]:
     for part in body["messages"][0]["content"]:
         spec = part.get("audio_url")
         url = spec.get("url") if isinstance(spec, dict) else spec
-        if isinstance(url, str) and url.split(":", 1)[0].strip().lower() in ("http", "https"):
+        if isinstance(url, str) and url_scheme(url) in ("http", "https"):
             urls.append(url)
     return urls
 
