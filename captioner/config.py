@@ -48,7 +48,7 @@ CROSS_RULES: dict[str, tuple[str, str, str]] = {
     ),
 }
 
-# The settings the request guard (lib/*.py, in vLLM's process) reads, each as CAPTIONER_<NAME> (a
+# The settings the request guard (captioner_server/, in vLLM's process) reads, each as CAPTIONER_<NAME> (a
 # path made absolute). Those vLLM reads too reach the guard under vLLM's one name instead
 # (VLLM_API_KEY, VLLM_MAX_AUDIO_DECODE_*: start_service.sh), so each has one name there.
 GUARD_SETTINGS = (

@@ -1,7 +1,7 @@
 """What a caption request carries, made in one place: a mono 16-bit WAV, its `data:` URL, and the
 chat-completions body around it.
 
-The body is the one shape the service takes (lib/request_guard.py): one user message holding one
+The body is the one shape the service takes (captioner_server/request_policy.py): one user message holding one
 audio part and no text, the model, and sampling fields. The Captioner is trained on audio alone;
 a text part would be off its training distribution, so no request the kit sends carries one.
 
