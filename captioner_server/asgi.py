@@ -35,3 +35,18 @@ async def body_chunks(receive: Receive, max_bytes: int | None) -> AsyncIterator[
         yield chunk
         if not message.get("more_body", False):
             return
+
+
+def body_then(body: bytes, then: Receive) -> Receive:
+    """A receive that hands the app `body` whole, once, then whatever `then` receives (for an app
+    called with a body already read)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive

@@ -37,7 +37,16 @@ from captioner.errors import InputError
 from captioner.formats import render
 from captioner.payload import chat_request, data_url
 from captioner.records import Record, Segment, join_captions
-from captioner_server.asgi import BodyTooLarge, ClientGone, Message, Receive, Scope, Send, body_chunks
+from captioner_server.asgi import (
+    BodyTooLarge,
+    ClientGone,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    body_then,
+)
 from captioner_server.errors import (
     SHUTTING_DOWN,
     SHUTTING_DOWN_MARKERS,
@@ -379,15 +388,11 @@ class Windows:
             queue.put_nowait(None)
 
     async def call_vllm(self, body: bytes, reply: ChatReply) -> None:
-        sent = False
-
-        async def receive() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+        async def gone() -> Message:
             await self.gone.wait()  # vLLM listens for the client leaving: this client's leaving
             return {"type": "http.disconnect"}
+
+        receive = body_then(body, gone)
 
         try:
             await self.guard.app(chat_scope(self.scope, len(body)), receive, shutdown_aware(reply.send))

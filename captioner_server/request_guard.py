@@ -62,6 +62,7 @@ from captioner_server.asgi import (
     Scope,
     Send,
     body_chunks,
+    body_then,
 )
 from captioner_server.caption_page import WEB_DIR, Page
 from captioner_server.errors import (
@@ -317,15 +318,7 @@ class RequestGuard:
                 await error_response(send, r.status, r.kind, r.message)
                 return
 
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
+        replay = body_then(body, receive)
         started = False
 
         async def tracked(message: Message) -> None:

@@ -217,7 +217,7 @@ def test_guard_caps_declared_and_streamed_bodies_and_passes_the_rest_untouched()
     assert status == 413 and read is None and b"MAX_REQUEST_BYTES" in body
     status, _, read = _asgi_call(guard, "/tokenize", [b"a" * 60, b"b" * 60], [])  # chunked, no length
     assert status == 413 and read is None
-    good = json.dumps({"messages": [{"role": "user", "content": [audio_part("x")]}]}).encode()
+    good = json.dumps({"messages": [{"role": "user", "content": [audio_part(data_url(tone_wav(0.01)))]}]}).encode()
     status, _, read = _asgi_call(RequestGuard(None, max_bytes=10_000, api_key=""),  # type: ignore[arg-type]
                                  "/v1/chat/completions", [good[:20], good[20:]], [])
     assert status == 200 and read == good
