@@ -38,7 +38,7 @@ import pytest
 import requests
 
 from captioner.payload import SAMPLE_RATE, audio_part, chat_request, data_url, wav_bytes
-from tests.service import ROOT, SAMPLE, Service, started
+from tests.service import ROOT, SAMPLE, Service, Starts, plan, taken
 from tests.test_client_server import client_env, run_client
 
 sys.path.insert(0, str(ROOT / "lib"))
@@ -149,15 +149,18 @@ def decoys() -> Iterator[dict[str, MediaDecoy]]:
             d.close()
 
 
+plan("hardened", **{
+    "API_KEY": KEY, "ALLOWED_MEDIA_DOMAINS": ",".join(["localhost", "127.0.0.2", *PRIVATE_NAME]),
+    "MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS), "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
+    "ALLOWED_HOSTS": EXTRA_HOST, "EXTRA_ROUTES": "/tokenize", "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT)})
+
+
 @pytest.fixture(scope="module")
-def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def hardened(starts: Starts) -> Iterator[Service]:
     """A server with an API key, an allow-list of media hosts (two named as loopback, and this
     machine's own name when it resolves to a private address), a 7 s audio cap, a 2 MB body cap,
     one extra Host name, /tokenize opened by EXTRA_ROUTES and a 3 s request timeout."""
-    yield from started(Service(tmp_path_factory.mktemp("hardened-logs"), overrides={
-        "API_KEY": KEY, "ALLOWED_MEDIA_DOMAINS": ",".join(["localhost", "127.0.0.2", *PRIVATE_NAME]),
-        "MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS), "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
-        "ALLOWED_HOSTS": EXTRA_HOST, "EXTRA_ROUTES": "/tokenize", "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT)}))
+    yield from taken(starts, "hardened")
 
 
 # --- the request guard on its own (no server) ------------------------------------------------
