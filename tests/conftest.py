@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service import ROOT, TINY_MODEL, Service, started
+from tests.service import PLANNED, ROOT, TINY_MODEL, Service, Starts, plan, taken
 
 
 @pytest.fixture
@@ -35,10 +35,10 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-# The fixtures that start real servers. A test that uses one is in the server tier whatever its
-# module says, and a test outside that tier cannot start one (see below): `-m "not server"` is
-# the unit tier, seconds long, without the model.
-SERVER_FIXTURES = {"server", "hardened", "fresh_service", "two_services", "page_service"}
+# The fixtures that start real servers (every planned one takes `starts`). A test that uses one is
+# in the server tier whatever its module says, and a test outside that tier cannot start one (see
+# below): `-m "not server"` is the unit tier, seconds long, without the model.
+SERVER_FIXTURES = {"starts", "fresh_service"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -66,9 +66,25 @@ def _servers_only_in_the_server_tier(request: pytest.FixtureRequest, monkeypatch
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def starts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Starts]:
+    """The planned servers, in the order this run's tests first use them."""
+    order: list[str] = []
+    for item in request.session.items:
+        order += [name for name in getattr(item, "fixturenames", ()) if name in PLANNED and name not in order]
+    made = Starts(tmp_path_factory.mktemp, order)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture(scope="session")
+def server(starts: Starts) -> Iterator[Service]:
     """One real `vllm serve` for the whole run: tiny model, CPU, loopback, no API key."""
-    yield from started(Service(tmp_path_factory.mktemp("server-logs")))
+    yield from taken(starts, "server")
+
+
+plan("server")
 
 
 @pytest.fixture

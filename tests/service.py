@@ -11,8 +11,9 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,70 @@ def started(service: Service):  # type: ignore[no-untyped-def]
     finally:
         service.stop()
         service.force_cleanup()
+
+
+# The servers fixtures take from Starts (conftest's `starts`), by the fixture's name: name -> the
+# settings it differs in. The module whose fixture takes one plans it at import, so a run knows all
+# it will need before its first test.
+PLANNED: dict[str, dict[str, str]] = {}
+
+
+def plan(name: str, **overrides: str) -> str:
+    PLANNED[name] = overrides
+    return name
+
+
+class Starts:
+    """Each planned server the run needs, handed out once. One is started when a test first needs
+    it, together with the next AHEAD the run will need (`order`), in parallel: a start is mostly
+    one process importing vLLM on one core, so three at once on two cores take far less than three
+    in a row, and no test runs beside them. What nobody took is stopped at the end."""
+
+    AHEAD = 2
+
+    def __init__(self, mktemp: Callable[[str], Path], order: list[str]) -> None:
+        self.mktemp, self.order = mktemp, order
+        self.ready: dict[str, Service] = {}
+        self.failed: dict[str, BaseException] = {}
+
+    def take(self, name: str) -> Service:
+        if name not in self.ready and name not in self.failed:
+            later = self.order[self.order.index(name) + 1:] if name in self.order else []
+            self.start_together([name, *[n for n in later if n not in self.ready][: self.AHEAD]])
+        if name in self.failed:
+            raise self.failed.pop(name)
+        return self.ready.pop(name)
+
+    def start_together(self, names: list[str]) -> None:
+        services = {name: Service(self.mktemp(f"{name}-logs"), overrides=PLANNED[name]) for name in names}
+        self.ready.update(services)  # stopped by close() whatever happens to the starts
+        threads = {name: threading.Thread(target=self._start, args=(name, svc))
+                   for name, svc in services.items()}
+        for t in threads.values():
+            t.start()
+        for t in threads.values():
+            t.join()
+
+    def _start(self, name: str, svc: Service) -> None:
+        try:
+            svc.start()
+        except BaseException as exc:  # raised to the test that takes it
+            self.failed[name] = exc
+            del self.ready[name]
+            svc.stop()
+            svc.force_cleanup()
+
+    def close(self) -> None:
+        for svc in list(self.ready.values()):
+            svc.stop()
+            svc.force_cleanup()
+
+
+def taken(starts: Starts, name: str):  # type: ignore[no-untyped-def]
+    """Fixture body: the started server `name`, stopped afterwards and never left behind."""
+    svc = starts.take(name)
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        svc.force_cleanup()

@@ -18,13 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from tests.service import ROOT, SAMPLE, Service, sample_folder
+from tests.service import ROOT, SAMPLE, Service, Starts, plan, sample_folder, taken
 from tests.test_client_server import client_env
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("decoy_untouched")]
@@ -39,6 +40,27 @@ def comm(pid: int) -> str:
         return ""
 
 
+# Each test's own server, started ahead with others (tests/service.py's Starts): the tests stop them.
+plan("engine_killed")
+plan("drained", SHUTDOWN_DRAIN="60", STOP_TIMEOUT="90", MAX_TOKENS="3000", MAX_NUM_SEQS="8")
+plan("restarted", SHUTDOWN_DRAIN="2")
+
+
+@pytest.fixture
+def engine_killed(starts: Starts) -> Iterator[Service]:
+    yield from taken(starts, "engine_killed")
+
+
+@pytest.fixture
+def drained(starts: Starts) -> Iterator[Service]:
+    yield from taken(starts, "drained")
+
+
+@pytest.fixture
+def restarted(starts: Starts) -> Iterator[Service]:
+    yield from taken(starts, "restarted")
+
+
 def health(svc: Service) -> int | None:
     """/health's status, or None when nothing answers."""
     try:
@@ -48,9 +70,8 @@ def health(svc: Service) -> int | None:
 
 
 def test_kill9_of_the_engine_health_fails_status_says_so_stop_cleans_up_next_start_works(
-        fresh_service: Service) -> None:
-    svc = fresh_service
-    svc.start()
+        engine_killed: Service) -> None:
+    svc = engine_killed
     engines = [p for p in svc.leftovers() if comm(p).startswith(ENGINE_COMM)]
     assert len(engines) == 1, [(p, comm(p)) for p in svc.leftovers()]
     os.kill(engines[0], signal.SIGKILL)
@@ -78,14 +99,11 @@ def test_kill9_of_the_engine_health_fails_status_says_so_stop_cleans_up_next_sta
 
 
 def test_sigterm_under_load_lets_in_flight_captions_finish_within_the_drain_window(
-        tmp_path: Path) -> None:
-    svc = Service(tmp_path / "logs", overrides={
-        "SHUTDOWN_DRAIN": "60", "STOP_TIMEOUT": "90", "MAX_TOKENS": "3000", "MAX_NUM_SEQS": "8"})
+        drained: Service) -> None:
+    svc = drained
     tokens, n = 1500, 6
     results: list[Any] = [None] * n
     try:
-        svc.start()
-
         def one(i: int) -> None:
             try:
                 r = svc.caption(SAMPLE.read_bytes(), max_tokens=tokens, ignore_eos=True)
@@ -161,14 +179,14 @@ def test_read_only_log_dir_is_refused_in_one_line_and_nothing_is_launched(tmp_pa
 RESTART_RETRIES = "12"
 
 
-def test_server_restarted_under_a_running_batch_every_input_captioned_exactly_once(tmp_path: Path) -> None:
-    svc = Service(tmp_path / "logs", overrides={"SHUTDOWN_DRAIN": "2"})
+def test_server_restarted_under_a_running_batch_every_input_captioned_exactly_once(
+        restarted: Service, tmp_path: Path) -> None:
+    svc = restarted
     total = 40
     folder = sample_folder(tmp_path / "batch", total)
     out = tmp_path / "out.jsonl"
     batch: subprocess.Popen[str] | None = None
     try:
-        svc.start()
         batch = subprocess.Popen(
             [sys.executable, str(ROOT / "test_client.py"), str(folder), "-o", str(out), "--base-url",
              svc.base_url, "--max-tokens", "64", "--concurrency", "1", "--retries", RESTART_RETRIES],

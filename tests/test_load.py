@@ -9,18 +9,25 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.service import SAMPLE, Service
+from tests.service import SAMPLE, Service, Starts, plan, taken
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 REQUESTS, CONCURRENCY, MAX_NUM_SEQS, WARM_UP, MAX_TOKENS = 300, 32, 4, 16, 64
 RETRY_STATUSES = (429, 503)
+plan("loaded_service", MAX_NUM_SEQS=str(MAX_NUM_SEQS))
+
+
+@pytest.fixture
+def loaded_service(starts: Starts) -> Iterator[Service]:
+    yield from taken(starts, "loaded_service")
 
 
 def service_rss_mib(svc: Service) -> float:
@@ -41,11 +48,10 @@ def metric(svc: Service, name: str) -> float:
                if line.startswith((name + "{", name + " ")))
 
 
-def test_300_requests_at_concurrency_32_all_answered_none_lost_memory_flat(tmp_path: Path) -> None:
-    svc = Service(tmp_path / "logs", overrides={"MAX_NUM_SEQS": str(MAX_NUM_SEQS)})
+def test_300_requests_at_concurrency_32_all_answered_none_lost_memory_flat(loaded_service: Service) -> None:
+    svc = loaded_service
     audio = SAMPLE.read_bytes()
     try:
-        svc.start()
         for _ in range(WARM_UP):  # first requests allocate caches: measure after them
             assert svc.caption(audio).status_code == 200
         rss_before = service_rss_mib(svc)

@@ -1,13 +1,13 @@
 """Two real services, one stopped under two batches: each finishes with every input captioned exactly
 once, one through vLLM's router (deploy/router.sh), one through the client's own repeated --base-url.
-One test for both, so the suite starts these services once and never restarts one."""
+One test for both, so the suite starts one service for it and never restarts one: the one left
+running (only paused) is the suite's shared server."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,41 +15,28 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.service import ROOT, Service, free_port, sample_folder
+from tests.service import ROOT, Service, Starts, free_port, plan, sample_folder, taken
 from tests.test_client_server import client_command, client_env
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 BATCH = 24
 
 
+# A short drain: the live service is paused while this one stops, and a long pause would take it
+# out of the router's rotation too (health checks every 5 s, out after 2 failures).
+plan("stopped_service", SHUTDOWN_DRAIN="2")
+
+
 @pytest.fixture(scope="module")
-def two_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-    # A short drain: the live service is paused while the other stops, and a long pause would take
-    # it out of the router's rotation too (health checks every 5 s, out after 2 failures).
-    quick = {"SHUTDOWN_DRAIN": "2"}
-    services = (Service(tmp_path_factory.mktemp("router-a"), overrides=quick),
-                Service(tmp_path_factory.mktemp("router-b"), overrides=quick))
-    errors: list[BaseException] = []
+def stopped_service(starts: Starts) -> Iterator[Service]:
+    yield from taken(starts, "stopped_service")
 
-    def start(service: Service) -> None:
-        try:
-            service.start()
-        except BaseException as exc:  # reported below
-            errors.append(exc)
 
-    try:
-        threads = [threading.Thread(target=start, args=(s,)) for s in services]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        yield services
-    finally:
-        for service in services:
-            service.stop()
-            service.force_cleanup()
+@pytest.fixture(scope="module")
+def two_services(server: Service, stopped_service: Service) -> tuple[Service, Service]:
+    """(live, stopping): the live one is only paused, so it is the suite's shared server (its
+    drain, 5 s, never comes into play); the other is this module's own."""
+    return server, stopped_service
 
 
 @pytest.fixture

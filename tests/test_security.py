@@ -57,7 +57,7 @@ from captioner_server.request_policy import (
     has_audio_part,
     remote_audio_urls,
 )
-from tests.service import ROOT, SAMPLE, Service, started
+from tests.service import ROOT, SAMPLE, Service, Starts, plan, taken
 from tests.test_client_server import client_env, run_client
 
 KEY = "sec-key-456"
@@ -152,15 +152,18 @@ def decoys() -> Iterator[dict[str, MediaDecoy]]:
             d.close()
 
 
+plan("hardened", **{
+    "API_KEY": KEY, "ALLOWED_MEDIA_DOMAINS": ",".join(["localhost", "127.0.0.2", *PRIVATE_NAME]),
+    "MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS), "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
+    "ALLOWED_HOSTS": EXTRA_HOST, "EXTRA_ROUTES": "/tokenize", "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT)})
+
+
 @pytest.fixture(scope="module")
-def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def hardened(starts: Starts) -> Iterator[Service]:
     """A server with an API key, an allow-list of media hosts (two named as loopback, and this
     machine's own name when it resolves to a private address), a 7 s audio cap, a 2 MB body cap,
     one extra Host name, /tokenize opened by EXTRA_ROUTES and a 3 s request timeout."""
-    yield from started(Service(tmp_path_factory.mktemp("hardened-logs"), overrides={
-        "API_KEY": KEY, "ALLOWED_MEDIA_DOMAINS": ",".join(["localhost", "127.0.0.2", *PRIVATE_NAME]),
-        "MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS), "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
-        "ALLOWED_HOSTS": EXTRA_HOST, "EXTRA_ROUTES": "/tokenize", "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT)}))
+    yield from taken(starts, "hardened")
 
 
 # --- the request guard on its own (no server) ------------------------------------------------
@@ -217,7 +220,8 @@ def test_guard_caps_declared_and_streamed_bodies_and_passes_the_rest_untouched()
     assert status == 413 and read is None and b"MAX_REQUEST_BYTES" in body
     status, _, read = _asgi_call(guard, "/tokenize", [b"a" * 60, b"b" * 60], [])  # chunked, no length
     assert status == 413 and read is None
-    good = json.dumps({"messages": [{"role": "user", "content": [audio_part(data_url(tone_wav(0.01)))]}]}).encode()
+    clip = audio_part(data_url(tone_wav(0.01)))
+    good = json.dumps({"messages": [{"role": "user", "content": [clip]}]}).encode()
     status, _, read = _asgi_call(RequestGuard(None, max_bytes=10_000, api_key=""),  # type: ignore[arg-type]
                                  "/v1/chat/completions", [good[:20], good[20:]], [])
     assert status == 200 and read == good
