@@ -46,7 +46,8 @@ run_one() { # run_one OUT_DIR NAME
   env "${env[@]}" BENCH_LABEL="$name" "$ROOT/bench/serve_and_sweep.sh" "$out/$name.json" "$levels" \
     --requests-per-slot "${REQUESTS_PER_SLOT:-2}" --meta "setting=$name" || return 1
   if [[ -n $rates ]]; then
-    py=${BENCH_PYTHON:-python3}
+    py=${BENCH_PYTHON:-}
+    [[ -n $py ]] || { [[ -x $ROOT/.venv/bin/python ]] && py=$ROOT/.venv/bin/python; } || py=python3
     "$py" "$ROOT/bench/loadgen.py" --base-url "http://127.0.0.1:${PORT:-8003}" --rate "$rates" \
       --max-seconds "${RATE_SECONDS:-30}" --requests-per-slot 1000 --label "$name" --meta "setting=$name" \
       --output "$out/$name.rates.json" || return 1
