@@ -9,6 +9,9 @@
 #   pred          the predecessor's: MAX_NUM_SEQS=8, bf16, vLLM's own MoE table (MOE_CONFIG_DIR=)
 #   bf16, fp8     the shipped settings, bf16 or QUANTIZATION=fp8, with the kit's tuned MoE configs
 #   bf16-untuned, fp8-untuned   the same with vLLM's own MoE table only (MOE_CONFIG_DIR=)
+#   levers, each fp8 with one vLLM flag (EXTRA_VLLM_ARGS) against fp8:
+#   fp8-sync      --no-async-scheduling          fp8-kvfp8     --kv-cache-dtype fp8
+#   fp8-noprefix  --no-enable-prefix-caching     fp8-graphs128 --max-cudagraph-capture-size 128
 # Each is swept closed-loop at LEVELS (pred: PRED_LEVELS) with REQUESTS_PER_SLOT requests per
 # slot, then open-loop at RATES (pred: PRED_RATES) if set, by bench/serve_and_sweep.sh and
 # bench/loadgen.py. OUT_DIR gets NAME.json (closed), NAME.rates.json (open), NAME.service.log.gz
@@ -21,13 +24,17 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
-settings_of() { # settings_of NAME -> VAR=VALUE words
+settings_of() { # settings_of NAME -> VAR=VALUE lines
   case $1 in
-    pred) echo "MAX_NUM_SEQS=8 QUANTIZATION= MOE_CONFIG_DIR=" ;;
+    pred) printf '%s\n' MAX_NUM_SEQS=8 QUANTIZATION= MOE_CONFIG_DIR= ;;
     bf16) echo "QUANTIZATION=" ;;
-    bf16-untuned) echo "QUANTIZATION= MOE_CONFIG_DIR=" ;;
+    bf16-untuned) printf '%s\n' QUANTIZATION= MOE_CONFIG_DIR= ;;
     fp8) echo "QUANTIZATION=fp8" ;;
-    fp8-untuned) echo "QUANTIZATION=fp8 MOE_CONFIG_DIR=" ;;
+    fp8-untuned) printf '%s\n' QUANTIZATION=fp8 MOE_CONFIG_DIR= ;;
+    fp8-sync) printf '%s\n' QUANTIZATION=fp8 "EXTRA_VLLM_ARGS=--no-async-scheduling" ;;
+    fp8-kvfp8) printf '%s\n' QUANTIZATION=fp8 "EXTRA_VLLM_ARGS=--kv-cache-dtype fp8" ;;
+    fp8-noprefix) printf '%s\n' QUANTIZATION=fp8 "EXTRA_VLLM_ARGS=--no-enable-prefix-caching" ;;
+    fp8-graphs128) printf '%s\n' QUANTIZATION=fp8 "EXTRA_VLLM_ARGS=--max-cudagraph-capture-size 128" ;;
     *) return 1 ;;
   esac
 }
@@ -35,7 +42,7 @@ settings_of() { # settings_of NAME -> VAR=VALUE words
 run_one() { # run_one OUT_DIR NAME
   local out=$1 name=$2 log offset levels rates py
   local -a env
-  read -r -a env <<<"$(settings_of "$name")"
+  mapfile -t env < <(settings_of "$name")
   levels=${LEVELS:-64,128} rates=${RATES:-}
   [[ $name != pred ]] || levels=${PRED_LEVELS:-8,16} rates=${PRED_RATES:-}
   log=${LOG_DIR:-logs}
@@ -62,7 +69,7 @@ main() {
   local out=$1 name rc=0
   shift
   for name in "$@"; do
-    settings_of "$name" >/dev/null || { echo "perf_round: unknown setting '$name' (pred, bf16, bf16-untuned, fp8, fp8-untuned)" >&2; exit 2; }
+    settings_of "$name" >/dev/null || { echo "perf_round: unknown setting '$name' (see --help for the names)" >&2; exit 2; }
   done
   mkdir -p "$out"
   for name in "$@"; do
