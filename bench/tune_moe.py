@@ -234,6 +234,11 @@ def _compile_worker(args: tuple[dict[str, Any], list[tuple[Config, int]]]) -> in
         return sum(bench.compile_only(config, m) for config, m in work)
 
 
+def share_deadline(now: float, ends: float, batch_sizes_left: int) -> float:
+    """When the batch size about to be timed must stop: an even share of what is left."""
+    return now + max(0.0, ends - now) / max(1, batch_sizes_left)
+
+
 def replays_for(m: int) -> int:
     return 20 if m <= 256 else 10 if m <= 1024 else 5
 
@@ -270,8 +275,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-seconds",
         type=float,
         default=0,
-        help="stop timing new candidates after this long (0: no limit); every M keeps "
-        "its best so far, vLLM's default at worst",
+        help="the whole run's bound, compiling included (0: no limit): what is left after "
+        "compiling is shared evenly by the batch sizes, each keeping its best so far, vLLM's "
+        "default at worst; time one leaves unused goes to the next",
     )
     p.add_argument(
         "--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the JSON goes (default moe_configs/)"
@@ -373,10 +379,12 @@ def tune(args: argparse.Namespace) -> int:
     }
     best: dict[int, Config] = {}
     out_of_time = False
-    for m, configs in plan.items():
+    ends = started + args.max_seconds
+    for j, (m, configs) in enumerate(plan.items()):
         timed: list[tuple[float, Config]] = []
+        deadline = share_deadline(time.monotonic(), ends, len(plan) - j)
         for i, config in enumerate(configs):
-            if i and args.max_seconds and time.monotonic() - started > args.max_seconds:
+            if i and args.max_seconds and time.monotonic() > deadline:
                 out_of_time = True
                 break
             us = bench.time_us(config, m, replays_for(m))
@@ -399,7 +407,7 @@ def tune(args: argparse.Namespace) -> int:
             f"best {best_us:9.1f} us ({len(timed)}/{len(configs)} timed)"
         )
     if out_of_time:
-        say(f"--max-seconds {args.max_seconds:g} reached: later batch sizes kept their best so far")
+        say(f"--max-seconds {args.max_seconds:g}: batch sizes not timed in full kept their best so far")
     report["seconds"] = round(time.monotonic() - started, 1)
     if not args.check:
         write_table(args.out_dir / file_name, best, triton.__version__)

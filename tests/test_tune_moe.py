@@ -60,7 +60,14 @@ def test_a_written_table_is_what_vllm_loads_from_the_folder_the_kit_names(
 def test_the_shipped_folder_is_the_settings_default_and_holds_only_vllm_tables() -> None:
     schema = (ROOT / "config.env.example").read_text()
     assert "\nMOE_CONFIG_DIR=moe_configs\n" in schema
-    for path in (ROOT / "moe_configs").glob("*.json"):
+    readme = (ROOT / "moe_configs" / "README.md").read_text()
+    shipped = sorted((ROOT / "moe_configs").glob("*.json"))
+    assert {p.name for p in shipped} >= {
+        "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8.json",
+        "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json",
+    }
+    for path in shipped:
+        assert f"`{path.name}`" in readme, f"moe_configs/README.md does not list {path.name}"
         assert path.name.startswith("E=128,N=") and ",device_name=" in path.name, path.name
         table = json.loads(path.read_text())
         table.pop("triton_version", None)
@@ -100,3 +107,12 @@ def test_without_a_gpu_it_says_where_to_run_it_and_writes_nothing(tmp_path: Path
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "tune_moe: no CUDA GPU here: run it on the GPU host"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_time_bound_is_shared_evenly_so_every_batch_size_gets_timed_and_leftovers_roll_on() -> None:
+    # 100 s left for 4 batch sizes: the first gets 25 s.
+    assert tune_moe.share_deadline(0.0, 100.0, 4) == 25.0
+    # It finished in 10 s: the other 3 share the 90 s left, 30 s each.
+    assert tune_moe.share_deadline(10.0, 100.0, 3) == 40.0
+    # Past the bound, a batch size still times its first candidate (vLLM's default), nothing more.
+    assert tune_moe.share_deadline(120.0, 100.0, 2) == 120.0
