@@ -12,6 +12,7 @@
 #   levers, each fp8 with one vLLM flag (EXTRA_VLLM_ARGS) against fp8:
 #   fp8-sync      --no-async-scheduling          fp8-kvfp8     --kv-cache-dtype fp8
 #   fp8-noprefix  --no-enable-prefix-caching     fp8-graphs128 --max-cudagraph-capture-size 128
+#   fp8-api2      API_SERVER_COUNT=2 (two API server processes share the streaming and the guard)
 # Each is swept closed-loop at LEVELS (pred: PRED_LEVELS) with REQUESTS_PER_SLOT requests per
 # slot, then open-loop at RATES (pred: PRED_RATES) if set, by bench/serve_and_sweep.sh and
 # bench/loadgen.py. OUT_DIR gets NAME.json (closed), NAME.rates.json (open), NAME.service.log.gz
@@ -35,6 +36,7 @@ settings_of() { # settings_of NAME -> VAR=VALUE lines
     fp8-kvfp8) printf '%s\n' QUANTIZATION=fp8 "EXTRA_VLLM_ARGS=--kv-cache-dtype fp8" ;;
     fp8-noprefix) printf '%s\n' QUANTIZATION=fp8 "EXTRA_VLLM_ARGS=--no-enable-prefix-caching" ;;
     fp8-graphs128) printf '%s\n' QUANTIZATION=fp8 "EXTRA_VLLM_ARGS=--max-cudagraph-capture-size 128" ;;
+    fp8-api2) printf '%s\n' QUANTIZATION=fp8 API_SERVER_COUNT=2 ;;
     *) return 1 ;;
   esac
 }
