@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,23 +60,55 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture(autouse=True)
 def _servers_only_in_the_server_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     if request.node.get_closest_marker("server") is None:
-        def refuse(self: Service, check: bool = True) -> None:
+        start = Service.start
+
+        def refuse(self: Service, check: bool = True) -> subprocess.CompletedProcess[str]:
+            if threading.current_thread() is not threading.main_thread():
+                return start(self, check)  # a planned start (Starts), beside this test
             raise AssertionError("this test starts a server: mark it pytest.mark.server")
 
         monkeypatch.setattr(Service, "start", refuse)
 
 
+def planned_order(session: pytest.Session) -> list[str]:
+    """The planned servers this run's tests take, in the order they first take them."""
+    order: list[str] = []
+    for item in session.items:
+        order += [name for name in getattr(item, "fixturenames", ()) if name in PLANNED and name not in order]
+    return order
+
+
+# The run's Starts, for the quiet tests' hook below.
+STARTS: list[Starts] = []
+
+
 @pytest.fixture(scope="session")
 def starts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Starts]:
-    """The planned servers, in the order this run's tests first use them."""
-    order: list[str] = []
-    for item in request.session.items:
-        order += [name for name in getattr(item, "fixturenames", ()) if name in PLANNED and name not in order]
-    made = Starts(tmp_path_factory.mktemp, order)
+    """The planned servers, started ahead in the order this run's tests first take them."""
+    made = Starts(tmp_path_factory.mktemp, planned_order(request.session))
+    STARTS.append(made)
     try:
         yield made
     finally:
+        STARTS.remove(made)
         made.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_ahead(request: pytest.FixtureRequest) -> None:
+    """Servers start from the run's first test on, beside the tests that need none. (Asked for by
+    name here, `starts` stays out of every test's fixture names: the tier marks below hold.)"""
+    if planned_order(request.session):
+        request.getfixturevalue("starts")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A test marked quiet asserts how long something takes: no server starts beside it."""
+    if item.get_closest_marker("quiet") and STARTS:
+        with STARTS[0].quieted():
+            return (yield)
+    return (yield)
 
 
 @pytest.fixture(scope="session")
