@@ -39,7 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # The fixtures that start real servers (every planned one takes `starts`). A test that uses one is
 # in the server tier whatever its module says, and a test outside that tier cannot start one (see
 # below): `-m "not server"` is the unit tier, seconds long, without the model.
-SERVER_FIXTURES = {"starts", "fresh_service"}
+SERVER_FIXTURES = {"starts"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -118,17 +118,6 @@ def server(starts: Starts) -> Iterator[Service]:
 
 
 plan("server")
-
-
-@pytest.fixture
-def fresh_service(tmp_path: Path) -> Iterator[Service]:
-    """A service object of its own (not started) for lifecycle tests; cleaned up whatever happens."""
-    svc = Service(tmp_path / "logs")
-    try:
-        yield svc
-    finally:
-        svc.stop()
-        svc.force_cleanup()
 
 
 DECOY_CODE = """

@@ -768,6 +768,7 @@ def test_api_server_memory_stays_flat_under_four_250_mb_unauthenticated_posts(ha
 
 
 @pytest.mark.server
+@pytest.mark.quiet
 def test_health_answers_within_a_second_while_a_client_sends_a_100_mb_header(hardened: Service) -> None:
     sent = [0]
     answer = [b""]
@@ -807,6 +808,7 @@ def test_health_answers_within_a_second_while_a_client_sends_a_100_mb_header(har
 
 
 @pytest.mark.server
+@pytest.mark.quiet
 def test_idle_and_half_sent_requests_are_closed_after_request_timeout(hardened: Service) -> None:
     head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
     cases = {
@@ -1034,21 +1036,39 @@ def _connect_as(uid: int, groups: str, path: str) -> str:
                            probe, path], capture_output=True, text=True, timeout=30).stdout.strip()
 
 
+SOCKET_GROUP = 4242
+AS_ANOTHER_USER = os.geteuid() == 0 and shutil.which("setpriv") is not None
+
+
+def on_a_group_socket(svc: Service) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="captioner-uds-", dir="/tmp"))
+    svc.cleanups.append(lambda: shutil.rmtree(folder, ignore_errors=True))
+    os.chown(folder, 0, SOCKET_GROUP)
+    folder.chmod(0o2750)  # setgid: the socket vLLM creates gets the folder's group
+    svc.env["UNIX_SOCKET"] = str(folder / "api.sock")
+    svc.start()
+
+
+if AS_ANOTHER_USER:
+    plan("group_socket", start=on_a_group_socket)
+
+
+@pytest.fixture
+def group_socket(starts: Starts) -> Iterator[Service]:
+    """A server of the test's own on a UNIX socket in a setgid folder of group SOCKET_GROUP."""
+    if not AS_ANOTHER_USER:
+        pytest.skip("needs root and setpriv to connect as another user")
+    yield from taken(starts, "group_socket")
+
+
 @pytest.mark.server
 @pytest.mark.slow
 def test_unix_socket_only_the_services_group_reaches_and_an_ssh_style_forward_captions(
-        tmp_path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to connect as another user")
-    group = 4242
-    folder = Path(tempfile.mkdtemp(prefix="captioner-uds-", dir="/tmp"))
-    os.chown(folder, 0, group)
-    folder.chmod(0o2750)  # setgid: the socket vLLM creates gets the folder's group
-    sock = folder / "api.sock"
-    svc = Service(tmp_path / "logs", overrides={"UNIX_SOCKET": str(sock)})
+        group_socket: Service) -> None:
+    svc, group = group_socket, SOCKET_GROUP
+    sock = Path(svc.env["UNIX_SOCKET"])
     forward = None
     try:
-        svc.start()
         st = sock.stat()
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o770, oct(st.st_mode)
         assert st.st_gid == group
@@ -1068,9 +1088,6 @@ def test_unix_socket_only_the_services_group_reaches_and_an_ssh_style_forward_ca
     finally:
         if forward:
             forward.close()
-        svc.stop()
-        svc.force_cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- round 3 (issue #21): one user cannot poison another's captions, crash the engine, fill the disk
