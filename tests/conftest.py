@@ -46,6 +46,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
+    # The unit tier first: its minutes mostly wait on subprocesses and stub servers, and the planned
+    # servers start beside them (Starts), ready when the server tier comes.
+    items.sort(key=lambda item: item.get_closest_marker("server") is not None)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
