@@ -42,6 +42,36 @@ def port_is_free(port: int) -> bool:
     return out.strip() == ""
 
 
+def a_crash_of_the_api_server(svc: Service) -> None:
+    """What test_start_caption_kill9_... asserts on, done ahead beside other tests (Starts): a start,
+    a caption, status, kill -9 of the API server, status, stop, a start again, a caption, stop,
+    status. What each step gave goes in `notes`."""
+    notes = svc.notes
+    svc.start()
+    notes["health"] = requests.get(f"{svc.base_url}/health", timeout=5).status_code
+    notes["caption"] = curl_caption(svc)
+    notes["status"] = svc.status().returncode
+    leader = notes["leader"] = svc.pid
+    notes["processes"] = svc.leftovers()
+    assert leader, "start_service.sh named no pid"
+    os.kill(leader, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{leader}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    notes["orphans"] = svc.leftovers()
+    notes["status_after_kill"] = svc.status()
+    notes["stop_after_kill"] = svc.stop()
+    notes["left_after_kill"] = svc.leftovers()
+
+    svc.start()
+    curl_caption(svc)
+    notes["stop"] = svc.stop()
+    notes["status_after_stop"] = svc.status().returncode
+    notes["left"] = svc.leftovers()
+    notes["pid_file_left"] = svc.pid_file.exists()
+    notes["port_free"] = port_is_free(svc.port)
+
+
 def two_starts_over_a_stale_pid_file(svc: Service) -> None:
     """The steps of test_two_starts_at_once_... up to its first assertion: a stale PID file naming
     a live sleep, a stop over it, then two starts at once over it again. What each said goes in
@@ -68,10 +98,10 @@ def on_a_unix_socket(svc: Service) -> None:
     svc.start()
 
 
-# Each test's own server, started ahead (tests/service.py Starts): the tests stop them. What a test
-# proves of a start itself happens in it (the restart after the crash), or its start steps come
-# ahead and it asserts what they saw (two starts at once; the socket's start line).
-plan("crash_story")
+# Each test's own server, started ahead beside other tests (tests/service.py Starts): the tests stop
+# them. Where a start is what a test proves, its steps run ahead too and the test asserts on what
+# they noted: the crash story (it ends stopped), two starts at once, the socket's start line.
+plan("crash_story", start=a_crash_of_the_api_server, holds=False)
 plan("raced", start=two_starts_over_a_stale_pid_file)
 plan("on_socket", start=on_a_unix_socket)
 
@@ -94,34 +124,26 @@ def on_socket(starts: Starts) -> Iterator[Service]:
 # One story, two starts: what an operator does on a good day, then after a crash of the API server.
 def test_start_caption_kill9_of_the_api_server_stop_cleans_orphans_restart_stop_leaves_nothing(
         crash_story: Service) -> None:
-    svc = crash_story
-    assert requests.get(f"{svc.base_url}/health", timeout=5).status_code == 200
-    assert curl_caption(svc)["object"] == "chat.completion"
-    assert svc.status().returncode == 0
-    leader = svc.pid
-    assert leader and len(svc.leftovers()) >= 2, "expected the API server and its engine"
-
-    os.kill(leader, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{leader}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert svc.leftovers(), "vLLM's engine should outlive a kill -9 of its API server"
-    status = svc.status()
+    notes = crash_story.notes  # a_crash_of_the_api_server ran the steps
+    assert notes["health"] == 200
+    assert notes["caption"]["object"] == "chat.completion"
+    assert notes["status"] == 0
+    assert notes["leader"] and len(notes["processes"]) >= 2, "expected the API server and its engine"
+    assert notes["orphans"], "vLLM's engine should outlive a kill -9 of its API server"
+    status = notes["status_after_kill"]
     assert status.returncode == 1
     assert "orphaned process(es)" in status.stdout
-    stop = svc.stop()
+    stop = notes["stop_after_kill"]
     assert stop.returncode == 0, stop.stderr
     assert "orphaned process(es) of the service" in stop.stderr
-    assert svc.leftovers() == []
+    assert notes["left_after_kill"] == []
 
-    svc.start()
-    curl_caption(svc)
-    stop = svc.stop()
+    stop = notes["stop"]
     assert stop.returncode == 0, stop.stderr
-    assert svc.status().returncode == 3
-    assert svc.leftovers() == []
-    assert not svc.pid_file.exists()
-    assert port_is_free(svc.port)
+    assert notes["status_after_stop"] == 3
+    assert notes["left"] == []
+    assert not notes["pid_file_left"]
+    assert notes["port_free"]
 
 
 def test_a_bare_request_gets_the_server_side_sampling_defaults(server: Service) -> None:
