@@ -47,8 +47,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
     # The unit tier first: its minutes mostly wait on subprocesses and stub servers, and the planned
-    # servers start beside them (Starts), ready when the server tier comes.
-    items.sort(key=lambda item: item.get_closest_marker("server") is not None)
+    # servers start beside them (Starts), ready when the server tier comes. The quiet tests last:
+    # by then no start is left to wait for.
+    items.sort(key=lambda item: (item.get_closest_marker("server") is not None,
+                                 item.get_closest_marker("quiet") is not None))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -100,7 +102,11 @@ def starts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session", autouse=True)
 def _start_ahead(request: pytest.FixtureRequest) -> None:
     """Servers start from the run's first test on, beside the tests that need none. (Asked for by
-    name here, `starts` stays out of every test's fixture names: the tier marks below hold.)"""
+    name here, `starts` stays out of every test's fixture names: the tier marks below hold.) The
+    decoy comes first where a test checks it: the steps planned ahead stop and kill services too."""
+    items = request.session.items
+    if any("decoy" in getattr(item, "fixturenames", ()) for item in items):
+        request.getfixturevalue("decoy")
     if planned_order(request.session):
         request.getfixturevalue("starts")
 
@@ -136,7 +142,7 @@ while True:
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def decoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """A process named like the video service's vLLM on port 8002, logging any signal it gets."""
     d = tmp_path_factory.mktemp("decoy")

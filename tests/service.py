@@ -241,7 +241,7 @@ class Starts:
     asserts how long something takes) runs with no start beside it. What nobody took is stopped at
     the end."""
 
-    PARALLEL = 2
+    PARALLEL = 3
 
     def __init__(self, mktemp: Callable[[str], Path], order: list[str], alive: int | None = None) -> None:
         self.mktemp, self.order = mktemp, order

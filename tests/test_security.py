@@ -158,7 +158,7 @@ plan("hardened", **{
     "ALLOWED_HOSTS": EXTRA_HOST, "EXTRA_ROUTES": "/tokenize", "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT)})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # the quiet tests run at the run's end (conftest)
 def hardened(starts: Starts) -> Iterator[Service]:
     """A server with an API key, an allow-list of media hosts (two named as loopback, and this
     machine's own name when it resolves to a private address), a 7 s audio cap, a 2 MB body cap,
