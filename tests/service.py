@@ -206,10 +206,11 @@ class Service:
 @dataclass
 class Plan:
     overrides: dict[str, str]
-    # What starting it means: start_service.sh by default; a test whose subject is a start of its
-    # own gives the steps that come before its assertions (they record what they saw in `notes`).
+    # What starting it means: start_service.sh by default. A test whose subject is a start, or a
+    # story of restarts that mostly waits, gives its steps instead: they run ahead like a start,
+    # note what each gave in `notes`, and the test asserts on the notes.
     start: Callable[[Service], object]
-    # Whether a server stays up once `start` returns (the smoke tool's run stops its own).
+    # Whether a server stays up once `start` returns (a story that ends with a stop holds none).
     holds: bool = True
 
 
@@ -235,11 +236,11 @@ class Starts:
     """Each planned server the run needs, handed out once. From the run's first test on, a thread
     starts them in the order the run will first need them (`order`), PARALLEL at a time, beside
     the tests: a start is mostly one process importing vLLM on one core (on two cores, two at once
-    take 43 s, one alone 40 s), and a test mostly waits on a server or a subprocess, so a server is
-    ready before its test comes. At most `alive` stand started and not yet handed back (memory); a
-    server a test asks for is started at once whatever the limits. A test marked `quiet` (it
-    asserts how long something takes) runs with no start beside it. What nobody took is stopped at
-    the end."""
+    take 43 s, one alone 40 s), a story mostly waits on restarts and retries, and the unit tier
+    mostly waits on subprocesses and stub servers, so a server is ready before its test comes. At
+    most `alive_max` stand started and not yet handed back (memory); a server a test asks for is
+    started at once whatever the limits. A test marked `quiet` (it asserts how long something
+    takes) runs with no start beside it. What nobody took is stopped at the end."""
 
     PARALLEL = 3
 
