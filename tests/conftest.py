@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,13 +39,18 @@ def pytest_configure(config: pytest.Config) -> None:
 # The fixtures that start real servers (every planned one takes `starts`). A test that uses one is
 # in the server tier whatever its module says, and a test outside that tier cannot start one (see
 # below): `-m "not server"` is the unit tier, seconds long, without the model.
-SERVER_FIXTURES = {"starts", "fresh_service"}
+SERVER_FIXTURES = {"starts"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
+    # The unit tier first: its minutes mostly wait on subprocesses and stub servers, and the planned
+    # servers start beside them (Starts), ready when the server tier comes. The quiet tests last:
+    # by then no start is left to wait for.
+    items.sort(key=lambda item: (item.get_closest_marker("server") is not None,
+                                 item.get_closest_marker("quiet") is not None))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -59,23 +65,59 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture(autouse=True)
 def _servers_only_in_the_server_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     if request.node.get_closest_marker("server") is None:
-        def refuse(self: Service, check: bool = True) -> None:
+        start = Service.start
+
+        def refuse(self: Service, check: bool = True) -> subprocess.CompletedProcess[str]:
+            if threading.current_thread() is not threading.main_thread():
+                return start(self, check)  # a planned start (Starts), beside this test
             raise AssertionError("this test starts a server: mark it pytest.mark.server")
 
         monkeypatch.setattr(Service, "start", refuse)
 
 
+def planned_order(session: pytest.Session) -> list[str]:
+    """The planned servers this run's tests take, in the order they first take them."""
+    order: list[str] = []
+    for item in session.items:
+        order += [name for name in getattr(item, "fixturenames", ()) if name in PLANNED and name not in order]
+    return order
+
+
+# The run's Starts, for the quiet tests' hook below.
+STARTS: list[Starts] = []
+
+
 @pytest.fixture(scope="session")
 def starts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Starts]:
-    """The planned servers, in the order this run's tests first use them."""
-    order: list[str] = []
-    for item in request.session.items:
-        order += [name for name in getattr(item, "fixturenames", ()) if name in PLANNED and name not in order]
-    made = Starts(tmp_path_factory.mktemp, order)
+    """The planned servers, started ahead in the order this run's tests first take them."""
+    made = Starts(tmp_path_factory.mktemp, planned_order(request.session))
+    STARTS.append(made)
     try:
         yield made
     finally:
+        STARTS.remove(made)
         made.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_ahead(request: pytest.FixtureRequest) -> None:
+    """Servers start from the run's first test on, beside the tests that need none. (Asked for by
+    name here, `starts` stays out of every test's fixture names: the tier marks below hold.) The
+    decoy comes first where a test checks it: the steps planned ahead stop and kill services too."""
+    items = request.session.items
+    if any("decoy" in getattr(item, "fixturenames", ()) for item in items):
+        request.getfixturevalue("decoy")
+    if planned_order(request.session):
+        request.getfixturevalue("starts")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A test marked quiet asserts how long something takes: no server starts beside it."""
+    if item.get_closest_marker("quiet") and STARTS:
+        with STARTS[0].quieted():
+            return (yield)
+    return (yield)
 
 
 @pytest.fixture(scope="session")
@@ -85,17 +127,6 @@ def server(starts: Starts) -> Iterator[Service]:
 
 
 plan("server")
-
-
-@pytest.fixture
-def fresh_service(tmp_path: Path) -> Iterator[Service]:
-    """A service object of its own (not started) for lifecycle tests; cleaned up whatever happens."""
-    svc = Service(tmp_path / "logs")
-    try:
-        yield svc
-    finally:
-        svc.stop()
-        svc.force_cleanup()
 
 
 DECOY_CODE = """
@@ -111,7 +142,7 @@ while True:
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def decoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """A process named like the video service's vLLM on port 8002, logging any signal it gets."""
     d = tmp_path_factory.mktemp("decoy")

@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-captioner"
 SAMPLE = ROOT / "samples" / "sample.wav"
 START_TIMEOUT = 300
+# The environment as the run began: a server started beside a test (Starts) must not take up what
+# that test's monkeypatch.setenv put there for the client (MAX_AUDIO_SECONDS=12.5 once did).
+ENVIRON = dict(os.environ)
 
 
 def sample_folder(folder: Path, count: int) -> Path:
@@ -49,7 +52,7 @@ def service_env(log_dir: Path, port: int, **overrides: str) -> dict[str, str]:
     empty = log_dir / "empty.env"
     log_dir.mkdir(parents=True, exist_ok=True)
     empty.write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "CAPTIONER_"))}
+    env = {k: v for k, v in ENVIRON.items() if not k.startswith(("VLLM_", "CAPTIONER_"))}
     env.update(
         CAPTIONER_CONFIG=str(empty),
         DEVICE="cpu",
@@ -62,7 +65,7 @@ def service_env(log_dir: Path, port: int, **overrides: str) -> dict[str, str]:
         MAX_NUM_SEQS="8",
         START_TIMEOUT=str(START_TIMEOUT),
         STOP_TIMEOUT="20",
-        SHUTDOWN_DRAIN="5",
+        SHUTDOWN_DRAIN="1",  # vLLM waits it out even with nothing in flight, its worker spinning
         VLLM_CACHE_ROOT=str(ROOT / ".cache" / "vllm-test"),
     )
     env.update(overrides)
@@ -109,6 +112,12 @@ class Service:
     port: int = field(default_factory=free_port)
     overrides: dict[str, str] = field(default_factory=dict)
     pid: int | None = None
+    # What start_service.sh said the last time; what a planned start of a test's own saw (Plan).
+    last_start: subprocess.CompletedProcess[str] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    # What force_cleanup undoes besides the service: a folder outside log_dir (a UNIX socket's path
+    # must stay short), a process a planned start left for its test.
+    cleanups: list[Callable[[], object]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.env = service_env(self.log_dir, self.port, **self.overrides)
@@ -124,7 +133,7 @@ class Service:
         return dict(line.split("=", 1) for line in self.pid_file.read_text().splitlines() if "=" in line)
 
     def start(self, check: bool = True) -> subprocess.CompletedProcess[str]:
-        r = script("start_service.sh", self.env)
+        r = self.last_start = script("start_service.sh", self.env)
         if check and r.returncode != 0:
             raise RuntimeError(f"start_service.sh failed ({r.returncode}):\n{r.stderr}\n{self.log_tail()}")
         if r.returncode == 0:
@@ -188,72 +197,145 @@ class Service:
             except ProcessLookupError:
                 pass
         self.pid_file.unlink(missing_ok=True)
+        for undo in self.cleanups:
+            undo()
 
 
-def started(service: Service):  # type: ignore[no-untyped-def]
-    """Context manager body for fixtures: start, yield, stop — and never leave a process behind,
-    also when the start itself is interrupted."""
-    try:
-        service.start()
-        yield service
-    finally:
-        service.stop()
-        service.force_cleanup()
+# The servers fixtures take from Starts (conftest's `starts`), by the fixture's name. The module
+# whose fixture takes one plans it at import, so a run knows all it will need before its first test.
+@dataclass
+class Plan:
+    overrides: dict[str, str]
+    # What starting it means: start_service.sh by default. A test whose subject is a start, or a
+    # story of restarts that mostly waits, gives its steps instead: they run ahead like a start,
+    # note what each gave in `notes`, and the test asserts on the notes.
+    start: Callable[[Service], object]
+    # Whether a server stays up once `start` returns (a story that ends with a stop holds none).
+    holds: bool = True
 
 
-# The servers fixtures take from Starts (conftest's `starts`), by the fixture's name: name -> the
-# settings it differs in. The module whose fixture takes one plans it at import, so a run knows all
-# it will need before its first test.
-PLANNED: dict[str, dict[str, str]] = {}
+PLANNED: dict[str, Plan] = {}
 
 
-def plan(name: str, **overrides: str) -> str:
-    PLANNED[name] = overrides
+def plan(name: str, start: Callable[[Service], object] = Service.start, holds: bool = True,
+         **overrides: str) -> str:
+    PLANNED[name] = Plan(overrides, start, holds)
     return name
 
 
+def alive_limit() -> int:
+    """How many planned servers may stand started at once: each holds ~2.1 GB (API server, engine,
+    worker), and 70% of what the machine has free is theirs."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return max(2, min(6, int(line.split()[1]) * 7 // 10 // 2_200_000))
+    return 2
+
+
 class Starts:
-    """Each planned server the run needs, handed out once. One is started when a test first needs
-    it, together with the next AHEAD the run will need (`order`), in parallel: a start is mostly
-    one process importing vLLM on one core, so three at once on two cores take far less than three
-    in a row, and no test runs beside them. What nobody took is stopped at the end."""
+    """Each planned server the run needs, handed out once. From the run's first test on, a thread
+    starts them in the order the run will first need them (`order`), PARALLEL at a time, beside
+    the tests: a start is mostly one process importing vLLM on one core (on two cores, two at once
+    take 43 s, one alone 40 s), a story mostly waits on restarts and retries, and the unit tier
+    mostly waits on subprocesses and stub servers, so a server is ready before its test comes. At
+    most `alive_max` stand started and not yet handed back (memory); a server a test asks for is
+    started at once whatever the limits. A test marked `quiet` (it asserts how long something
+    takes) runs with no start beside it. What nobody took is stopped at the end."""
 
-    AHEAD = 2
+    PARALLEL = 3
 
-    def __init__(self, mktemp: Callable[[str], Path], order: list[str]) -> None:
+    def __init__(self, mktemp: Callable[[str], Path], order: list[str], alive: int | None = None) -> None:
         self.mktemp, self.order = mktemp, order
-        self.ready: dict[str, Service] = {}
+        self.alive_max = alive or alive_limit()
+        self.cond = threading.Condition()
+        self.launched: set[str] = set()
+        self.services: dict[str, Service] = {}  # launched and not yet taken: close() stops them
+        self.done: set[str] = set()  # ready or failed
         self.failed: dict[str, BaseException] = {}
+        self.starting = self.alive = self.quiet = 0
+        self.closed = False
+        threading.Thread(target=self._launch_in_order, name="starts", daemon=True).start()
 
-    def take(self, name: str) -> Service:
-        if name not in self.ready and name not in self.failed:
-            later = self.order[self.order.index(name) + 1:] if name in self.order else []
-            self.start_together([name, *[n for n in later if n not in self.ready][: self.AHEAD]])
-        if name in self.failed:
-            raise self.failed.pop(name)
-        return self.ready.pop(name)
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        """With self.cond held: until `ready()`; a signal (Ctrl-C, SIGTERM) still gets through."""
+        while not ready():
+            self.cond.wait(1)
 
-    def start_together(self, names: list[str]) -> None:
-        services = {name: Service(self.mktemp(f"{name}-logs"), overrides=PLANNED[name]) for name in names}
-        self.ready.update(services)  # stopped by close() whatever happens to the starts
-        threads = {name: threading.Thread(target=self._start, args=(name, svc))
-                   for name, svc in services.items()}
-        for t in threads.values():
-            t.start()
-        for t in threads.values():
-            t.join()
+    def _room(self) -> bool:
+        return self.starting < self.PARALLEL and self.alive < self.alive_max and not self.quiet
+
+    def _launch_in_order(self) -> None:
+        for name in self.order:
+            with self.cond:
+                self._wait(lambda: self.closed or self._room())
+                if self.closed:
+                    return
+                if name not in self.launched:  # else a test asked for it first
+                    self._launch(name)
+
+    def _launch(self, name: str) -> None:
+        """With self.cond held: start `name` in a thread of its own."""
+        svc = Service(self.mktemp(f"{name}-logs"), overrides=PLANNED[name].overrides)
+        self.launched.add(name)
+        self.services[name] = svc
+        self.starting += 1
+        self.alive += 1
+        threading.Thread(target=self._start, args=(name, svc), name=f"start {name}", daemon=True).start()
 
     def _start(self, name: str, svc: Service) -> None:
+        error: BaseException | None = None
         try:
-            svc.start()
+            PLANNED[name].start(svc)
         except BaseException as exc:  # raised to the test that takes it
-            self.failed[name] = exc
-            del self.ready[name]
+            error = exc
             svc.stop()
             svc.force_cleanup()
+        with self.cond:
+            self.starting -= 1
+            if error is not None:
+                self.failed[name] = error
+                del self.services[name]
+            if error is not None or not PLANNED[name].holds:
+                self.alive -= 1
+            self.done.add(name)
+            self.cond.notify_all()
+
+    def take(self, name: str) -> Service:
+        with self.cond:
+            if name not in self.launched:
+                self._launch(name)  # needed now: not held back by the limits
+            self._wait(lambda: name in self.done)
+            if name in self.failed:
+                raise self.failed.pop(name)
+            return self.services.pop(name)
+
+    def handed_back(self, name: str) -> None:
+        """`name`, taken, is stopped: room for the next."""
+        with self.cond:
+            if PLANNED[name].holds:
+                self.alive -= 1
+            self.cond.notify_all()
+
+    @contextlib.contextmanager
+    def quieted(self) -> Iterator[None]:
+        """No start runs inside the block: those under way finish first, the next wait."""
+        with self.cond:
+            self.quiet += 1
+            self._wait(lambda: self.starting == 0)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.quiet -= 1
+                self.cond.notify_all()
 
     def close(self) -> None:
-        for svc in list(self.ready.values()):
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+            self._wait(lambda: self.starting == 0)  # each start ends by START_TIMEOUT
+            left = list(self.services.values())
+        for svc in left:
             svc.stop()
             svc.force_cleanup()
 
@@ -266,3 +348,4 @@ def taken(starts: Starts, name: str):  # type: ignore[no-untyped-def]
     finally:
         svc.stop()
         svc.force_cleanup()
+        starts.handed_back(name)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from captioner.payload import chat_request, data_url
-from tests.service import ROOT, SAMPLE, sample_folder
+from tests.service import ENVIRON, ROOT, SAMPLE, sample_folder
 from tests.test_client_support import convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
 
 MAX_TOKENS = "16"  # keeps each request about a second on CPU
@@ -39,7 +39,9 @@ pytestmark = pytest.mark.server
 
 
 def client_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+    """The client's environment: the run's first (ENVIRON: a client started beside another test must
+    not take up what that test set), without the client's settings."""
+    env = {k: v for k, v in ENVIRON.items() if not k.startswith("CAPTIONER_")}
     env.pop("API_KEY", None)
     env["CAPTIONER_CONFIG"] = os.devnull  # hermetic: not the operator's settings
     env.update(extra)

@@ -40,10 +40,98 @@ def comm(pid: int) -> str:
         return ""
 
 
+def health(svc: Service) -> int | None:
+    """/health's status, or None when nothing answers."""
+    try:
+        return requests.get(f"{svc.base_url}/health", timeout=5).status_code
+    except requests.RequestException:
+        return None
+
+
+def kill9_of_the_engine(svc: Service) -> None:
+    """What test_kill9_of_the_engine_... asserts on, done ahead beside other tests (Starts): a start,
+    kill -9 of the engine, /health until it fails, status, stop, a start again and a caption, then
+    a stop. What each step gave goes in `notes`."""
+    notes = svc.notes
+    svc.start()
+    notes["processes"] = [(p, comm(p)) for p in svc.leftovers()]
+    engines = notes["engines"] = [p for p, name in notes["processes"] if name.startswith(ENGINE_COMM)]
+    if len(engines) != 1:
+        return  # the test says what ran instead
+    os.kill(engines[0], signal.SIGKILL)
+    # vLLM notices a dead engine: /health answers 503, then its watchdog ends the API server.
+    seen: list[int | None] = notes.setdefault("seen", [])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        code = health(svc)
+        if not seen or seen[-1] != code:
+            seen.append(code)
+        if code != 200:
+            break
+        time.sleep(0.2)
+    notes["status"] = svc.status()
+    notes["stop"] = svc.stop()
+    notes["left"] = svc.leftovers()
+    svc.start()
+    notes["caption"] = svc.caption(SAMPLE.read_bytes()).status_code
+    svc.stop()
+
+
+# The client's retries back off 0, 1, 2, 4, 8, 16, 30, 30, ... s (at most 30 s each): 12 retries
+# wait 211 s in all, a margin over a restart of the tiny model (65 s on a quiet 2-core machine,
+# 113 s measured with three other servers starting beside it; the default 7 waits 61 s).
+RESTART_RETRIES = "12"
+RESTART_BATCH = 40
+
+
+def restart_under_a_running_batch(svc: Service) -> None:
+    """What test_server_restarted_under_... asserts on, done ahead beside other tests (Starts): a
+    start, a batch of RESTART_BATCH sample copies under way, the client frozen while the service
+    stops, a start again while the client runs on, the batch's end, status, then a stop. What each
+    step gave goes in `notes`."""
+    notes = svc.notes
+    svc.start()
+    work = svc.log_dir.with_name(svc.log_dir.name + "-batch")
+    folder = notes["folder"] = sample_folder(work / "batch", RESTART_BATCH)
+    out = notes["out"] = work / "out.jsonl"
+    batch = subprocess.Popen(
+        [sys.executable, str(ROOT / "test_client.py"), str(folder), "-o", str(out), "--base-url",
+         svc.base_url, "--max-tokens", "64", "--concurrency", "1", "--retries", RESTART_RETRIES],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=client_env(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 4):
+            assert batch.poll() is None, f"the batch ended before the restart: {batch.stderr}"
+            assert time.monotonic() < deadline, "the batch wrote no 4 records in 120 s"
+            time.sleep(0.05)
+        # The client is frozen while the service stops, then runs on while it is down: its requests
+        # fail and are retried until the new server answers. Not frozen, it captioned every input
+        # while vLLM was still shutting down on a fast machine (40 in 6.8 s), and proved nothing.
+        restart_started = time.monotonic()
+        os.kill(batch.pid, signal.SIGSTOP)
+        try:
+            notes["stop"] = svc.stop()
+            notes["done_at_stop"] = out.read_bytes().count(b"\n")
+        finally:
+            os.kill(batch.pid, signal.SIGCONT)
+        svc.start()
+        notes["restart_seconds"] = time.monotonic() - restart_started
+        _, notes["stderr"] = batch.communicate(timeout=300)
+        notes["returncode"] = batch.returncode
+        notes["status"] = svc.status()
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+            batch.wait()
+    svc.stop()
+
+
 # Each test's own server, started ahead with others (tests/service.py's Starts): the tests stop them.
-plan("engine_killed")
+# Two run their whole story ahead (it waits on restarts and retries, beside other tests) and
+# assert on what it noted.
+plan("engine_killed", start=kill9_of_the_engine, holds=False)
 plan("drained", SHUTDOWN_DRAIN="60", STOP_TIMEOUT="90", MAX_TOKENS="3000", MAX_NUM_SEQS="8")
-plan("restarted", SHUTDOWN_DRAIN="2")
+plan("restarted", start=restart_under_a_running_batch, holds=False, SHUTDOWN_DRAIN="2")
 
 
 @pytest.fixture
@@ -61,41 +149,21 @@ def restarted(starts: Starts) -> Iterator[Service]:
     yield from taken(starts, "restarted")
 
 
-def health(svc: Service) -> int | None:
-    """/health's status, or None when nothing answers."""
-    try:
-        return requests.get(f"{svc.base_url}/health", timeout=5).status_code
-    except requests.RequestException:
-        return None
-
-
 def test_kill9_of_the_engine_health_fails_status_says_so_stop_cleans_up_next_start_works(
         engine_killed: Service) -> None:
-    svc = engine_killed
-    engines = [p for p in svc.leftovers() if comm(p).startswith(ENGINE_COMM)]
-    assert len(engines) == 1, [(p, comm(p)) for p in svc.leftovers()]
-    os.kill(engines[0], signal.SIGKILL)
-    # vLLM notices a dead engine: /health answers 503, then its watchdog ends the API server.
-    seen: list[int | None] = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        code = health(svc)
-        if not seen or seen[-1] != code:
-            seen.append(code)
-        if code != 200:
-            break
-        time.sleep(0.2)
+    notes = engine_killed.notes  # kill9_of_the_engine ran the steps
+    assert len(notes["engines"]) == 1, notes["processes"]
+    seen = notes["seen"]
     assert seen[-1] in (503, None), f"/health answers: {seen}"
     print(f"/health after kill -9 of the engine: {seen}")
-    status = svc.status()
+    status = notes["status"]
     assert status.returncode == 1, status.stdout + status.stderr
     assert ("the engine is dead" in status.stdout or "API server pid" in status.stdout
             or "not answering" in status.stdout), status.stdout
-    stop = svc.stop()
+    stop = notes["stop"]
     assert stop.returncode == 0, stop.stderr
-    assert svc.leftovers() == []
-    svc.start()
-    assert svc.caption(SAMPLE.read_bytes()).status_code == 200
+    assert notes["left"] == []
+    assert notes["caption"] == 200
 
 
 def test_sigterm_under_load_lets_in_flight_captions_finish_within_the_drain_window(
@@ -173,54 +241,17 @@ def test_read_only_log_dir_is_refused_in_one_line_and_nothing_is_launched(tmp_pa
     assert health(svc) is None
 
 
-# The client's retries back off 0, 1, 2, 4, 8, 16, 30, 30, ... s (at most 30 s each): 12 retries
-# wait 211 s in all, a margin over a restart of the tiny model (65 s on a quiet 2-core machine,
-# 113 s measured with three other servers starting beside it; the default 7 waits 61 s).
-RESTART_RETRIES = "12"
-
-
 def test_server_restarted_under_a_running_batch_every_input_captioned_exactly_once(
-        restarted: Service, tmp_path: Path) -> None:
-    svc = restarted
-    total = 40
-    folder = sample_folder(tmp_path / "batch", total)
-    out = tmp_path / "out.jsonl"
-    batch: subprocess.Popen[str] | None = None
-    try:
-        batch = subprocess.Popen(
-            [sys.executable, str(ROOT / "test_client.py"), str(folder), "-o", str(out), "--base-url",
-             svc.base_url, "--max-tokens", "64", "--concurrency", "1", "--retries", RESTART_RETRIES],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=client_env(), cwd=ROOT)
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 4):
-            assert batch.poll() is None, f"the batch ended before the restart: {batch.stderr}"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        # The client is frozen while the service stops, then runs on while it is down: its requests
-        # fail and are retried until the new server answers. Not frozen, it captioned every input
-        # while vLLM was still shutting down on a fast machine (40 in 6.8 s), and proved nothing.
-        restart_started = time.monotonic()
-        os.kill(batch.pid, signal.SIGSTOP)
-        try:
-            assert svc.stop().returncode == 0
-            done_at_stop = out.read_bytes().count(b"\n")
-        finally:
-            os.kill(batch.pid, signal.SIGCONT)
-        svc.start()
-        restart_seconds = time.monotonic() - restart_started
-        _, stderr = batch.communicate(timeout=300)
-        print(f"restart took {restart_seconds:.1f}s; {done_at_stop} of {total} done at the stop; "
-              f"client said: {stderr!r}")
-        assert done_at_stop < total, "the batch finished before the restart: nothing was proved"
-        assert batch.returncode == 0, stderr
-        records = [json.loads(line) for line in out.read_text().splitlines()]
-        assert sorted(r["source"] for r in records) == sorted(str(p) for p in folder.iterdir())
-        assert all(r["error"] is None for r in records)
-        assert f"{total} files: {total} captioned, 0 failed" in stderr
-        assert svc.status().returncode == 0
-    finally:
-        if batch is not None and batch.poll() is None:
-            batch.kill()
-            batch.wait()
-        svc.stop()
-        svc.force_cleanup()
+        restarted: Service) -> None:
+    notes = restarted.notes  # restart_under_a_running_batch ran the steps
+    done_at_stop, stderr, total = notes["done_at_stop"], notes["stderr"], RESTART_BATCH
+    print(f"restart took {notes['restart_seconds']:.1f}s; {done_at_stop} of {total} done at the stop; "
+          f"client said: {stderr!r}")
+    assert notes["stop"].returncode == 0
+    assert done_at_stop < total, "the batch finished before the restart: nothing was proved"
+    assert notes["returncode"] == 0, stderr
+    records = [json.loads(line) for line in notes["out"].read_text().splitlines()]
+    assert sorted(r["source"] for r in records) == sorted(str(p) for p in notes["folder"].iterdir())
+    assert all(r["error"] is None for r in records)
+    assert f"{total} files: {total} captioned, 0 failed" in stderr
+    assert notes["status"].returncode == 0

@@ -35,7 +35,7 @@ def stopped_service(starts: Starts) -> Iterator[Service]:
 @pytest.fixture(scope="module")
 def two_services(server: Service, stopped_service: Service) -> tuple[Service, Service]:
     """(live, stopping): the live one is only paused, so it is the suite's shared server (its
-    drain, 5 s, never comes into play); the other is this module's own."""
+    drain, 1 s, never comes into play); the other is this module's own."""
     return server, stopped_service
 
 

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,7 @@ plan("hardened", **{
     "ALLOWED_HOSTS": EXTRA_HOST, "EXTRA_ROUTES": "/tokenize", "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT)})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # the quiet tests run at the run's end (conftest)
 def hardened(starts: Starts) -> Iterator[Service]:
     """A server with an API key, an allow-list of media hosts (two named as loopback, and this
     machine's own name when it resolves to a private address), a 7 s audio cap, a 2 MB body cap,
@@ -768,6 +769,7 @@ def test_api_server_memory_stays_flat_under_four_250_mb_unauthenticated_posts(ha
 
 
 @pytest.mark.server
+@pytest.mark.quiet
 def test_health_answers_within_a_second_while_a_client_sends_a_100_mb_header(hardened: Service) -> None:
     sent = [0]
     answer = [b""]
@@ -807,6 +809,7 @@ def test_health_answers_within_a_second_while_a_client_sends_a_100_mb_header(har
 
 
 @pytest.mark.server
+@pytest.mark.quiet
 def test_idle_and_half_sent_requests_are_closed_after_request_timeout(hardened: Service) -> None:
     head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
     cases = {
@@ -962,12 +965,16 @@ def test_allowed_remote_fetch_private_names_refused_deadline_and_errors_that_say
              ("slow", f"http://localhost:{others.slow_port}/x.wav")]
     if PRIVATE_NAME:  # a listed name that resolves to a private address
         cases.append(("private name", a.url(host=PRIVATE_NAME[0])))
-    try:
-        answers = {}
-        for name, url in cases:
-            t0 = time.monotonic()
-            r = chat(hardened, [audio_part(url)], key=KEY)
-            answers[name] = (r.status_code, error_message(r), time.monotonic() - t0)
+
+    def ask(url: str) -> tuple[int, str, float]:
+        t0 = time.monotonic()
+        r = chat(hardened, [audio_part(url)], key=KEY)
+        return r.status_code, error_message(r), time.monotonic() - t0
+
+    try:  # all at once: each fetch fails on its own clock (the guard's fetches are asyncio tasks)
+        names, urls = zip(*cases, strict=True)
+        with ThreadPoolExecutor(len(cases)) as pool:
+            answers = dict(zip(names, pool.map(ask, urls), strict=True))
     finally:
         others.close()
     print("\n" + "\n".join(f"{k}: {v[0]} in {v[2]:.1f} s" for k, v in answers.items()))
@@ -1034,21 +1041,39 @@ def _connect_as(uid: int, groups: str, path: str) -> str:
                            probe, path], capture_output=True, text=True, timeout=30).stdout.strip()
 
 
+SOCKET_GROUP = 4242
+AS_ANOTHER_USER = os.geteuid() == 0 and shutil.which("setpriv") is not None
+
+
+def on_a_group_socket(svc: Service) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="captioner-uds-", dir="/tmp"))
+    svc.cleanups.append(lambda: shutil.rmtree(folder, ignore_errors=True))
+    os.chown(folder, 0, SOCKET_GROUP)
+    folder.chmod(0o2750)  # setgid: the socket vLLM creates gets the folder's group
+    svc.env["UNIX_SOCKET"] = str(folder / "api.sock")
+    svc.start()
+
+
+if AS_ANOTHER_USER:
+    plan("group_socket", start=on_a_group_socket)
+
+
+@pytest.fixture
+def group_socket(starts: Starts) -> Iterator[Service]:
+    """A server of the test's own on a UNIX socket in a setgid folder of group SOCKET_GROUP."""
+    if not AS_ANOTHER_USER:
+        pytest.skip("needs root and setpriv to connect as another user")
+    yield from taken(starts, "group_socket")
+
+
 @pytest.mark.server
 @pytest.mark.slow
 def test_unix_socket_only_the_services_group_reaches_and_an_ssh_style_forward_captions(
-        tmp_path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to connect as another user")
-    group = 4242
-    folder = Path(tempfile.mkdtemp(prefix="captioner-uds-", dir="/tmp"))
-    os.chown(folder, 0, group)
-    folder.chmod(0o2750)  # setgid: the socket vLLM creates gets the folder's group
-    sock = folder / "api.sock"
-    svc = Service(tmp_path / "logs", overrides={"UNIX_SOCKET": str(sock)})
+        group_socket: Service) -> None:
+    svc, group = group_socket, SOCKET_GROUP
+    sock = Path(svc.env["UNIX_SOCKET"])
     forward = None
     try:
-        svc.start()
         st = sock.stat()
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o770, oct(st.st_mode)
         assert st.st_gid == group
@@ -1068,9 +1093,6 @@ def test_unix_socket_only_the_services_group_reaches_and_an_ssh_style_forward_ca
     finally:
         if forward:
             forward.close()
-        svc.stop()
-        svc.force_cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- round 3 (issue #21): one user cannot poison another's captions, crash the engine, fill the disk

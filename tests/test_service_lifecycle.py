@@ -13,13 +13,14 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 from captioner.payload import chat_request, data_url
-from tests.service import ROOT, SAMPLE, Service, script
+from tests.service import ROOT, SAMPLE, Service, Starts, plan, script, taken
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("decoy_untouched")]
 
@@ -41,38 +42,108 @@ def port_is_free(port: int) -> bool:
     return out.strip() == ""
 
 
-# One story, two starts: what an operator does on a good day, then after a crash of the API server.
-def test_start_caption_kill9_of_the_api_server_stop_cleans_orphans_restart_stop_leaves_nothing(
-        fresh_service: Service) -> None:
-    svc = fresh_service
+def a_crash_of_the_api_server(svc: Service) -> None:
+    """What test_start_caption_kill9_... asserts on, done ahead beside other tests (Starts): a start,
+    a caption, status, kill -9 of the API server, status, stop, a start again, a caption, stop,
+    status. What each step gave goes in `notes`."""
+    notes = svc.notes
     svc.start()
-    assert requests.get(f"{svc.base_url}/health", timeout=5).status_code == 200
-    assert curl_caption(svc)["object"] == "chat.completion"
-    assert svc.status().returncode == 0
-    leader = svc.pid
-    assert leader and len(svc.leftovers()) >= 2, "expected the API server and its engine"
-
+    notes["health"] = requests.get(f"{svc.base_url}/health", timeout=5).status_code
+    notes["caption"] = curl_caption(svc)
+    notes["status"] = svc.status().returncode
+    leader = notes["leader"] = svc.pid
+    notes["processes"] = svc.leftovers()
+    assert leader, "start_service.sh named no pid"
     os.kill(leader, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while Path(f"/proc/{leader}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert svc.leftovers(), "vLLM's engine should outlive a kill -9 of its API server"
-    status = svc.status()
-    assert status.returncode == 1
-    assert "orphaned process(es)" in status.stdout
-    stop = svc.stop()
-    assert stop.returncode == 0, stop.stderr
-    assert "orphaned process(es) of the service" in stop.stderr
-    assert svc.leftovers() == []
+    notes["orphans"] = svc.leftovers()
+    notes["status_after_kill"] = svc.status()
+    notes["stop_after_kill"] = svc.stop()
+    notes["left_after_kill"] = svc.leftovers()
 
     svc.start()
     curl_caption(svc)
-    stop = svc.stop()
+    notes["stop"] = svc.stop()
+    notes["status_after_stop"] = svc.status().returncode
+    notes["left"] = svc.leftovers()
+    notes["pid_file_left"] = svc.pid_file.exists()
+    notes["port_free"] = port_is_free(svc.port)
+
+
+def two_starts_over_a_stale_pid_file(svc: Service) -> None:
+    """The steps of test_two_starts_at_once_... up to its first assertion: a stale PID file naming
+    a live sleep, a stop over it, then two starts at once over it again. What each said goes in
+    `notes` for the test."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    svc.cleanups.append(sleeper.kill)
+    svc.notes["sleeper"] = sleeper
+    stale = f"pid={sleeper.pid}\npgid={sleeper.pid}\nstart_time=1\nlog_id=1:1\n"
+    svc.log_dir.mkdir(parents=True, exist_ok=True)
+    svc.pid_file.write_text(stale)
+    svc.notes["stop"] = svc.stop()
+    svc.pid_file.write_text(stale)
+    start = [str(ROOT / "start_service.sh")]
+    pipe = subprocess.PIPE
+    procs = [subprocess.Popen(start, env=svc.env, stdout=pipe, stderr=pipe, text=True) for _ in range(2)]
+    svc.notes["outs"] = [p.communicate(timeout=400) for p in procs]
+    svc.notes["codes"] = [p.returncode for p in procs]
+
+
+def on_a_unix_socket(svc: Service) -> None:
+    sock_dir = Path(tempfile.mkdtemp(prefix="cap-", dir="/tmp"))  # a socket path is < 108 bytes
+    svc.cleanups.append(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
+    svc.env["UNIX_SOCKET"] = str(sock_dir / "api.sock")
+    svc.start()
+
+
+# Each test's own server, started ahead beside other tests (tests/service.py Starts): the tests stop
+# them. Where a start is what a test proves, its steps run ahead too and the test asserts on what
+# they noted: the crash story (it ends stopped), two starts at once, the socket's start line.
+plan("crash_story", start=a_crash_of_the_api_server, holds=False)
+plan("raced", start=two_starts_over_a_stale_pid_file)
+plan("on_socket", start=on_a_unix_socket)
+
+
+@pytest.fixture
+def crash_story(starts: Starts) -> Iterator[Service]:
+    yield from taken(starts, "crash_story")
+
+
+@pytest.fixture
+def raced(starts: Starts) -> Iterator[Service]:
+    yield from taken(starts, "raced")
+
+
+@pytest.fixture
+def on_socket(starts: Starts) -> Iterator[Service]:
+    yield from taken(starts, "on_socket")
+
+
+# One story, two starts: what an operator does on a good day, then after a crash of the API server.
+def test_start_caption_kill9_of_the_api_server_stop_cleans_orphans_restart_stop_leaves_nothing(
+        crash_story: Service) -> None:
+    notes = crash_story.notes  # a_crash_of_the_api_server ran the steps
+    assert notes["health"] == 200
+    assert notes["caption"]["object"] == "chat.completion"
+    assert notes["status"] == 0
+    assert notes["leader"] and len(notes["processes"]) >= 2, "expected the API server and its engine"
+    assert notes["orphans"], "vLLM's engine should outlive a kill -9 of its API server"
+    status = notes["status_after_kill"]
+    assert status.returncode == 1
+    assert "orphaned process(es)" in status.stdout
+    stop = notes["stop_after_kill"]
     assert stop.returncode == 0, stop.stderr
-    assert svc.status().returncode == 3
-    assert svc.leftovers() == []
-    assert not svc.pid_file.exists()
-    assert port_is_free(svc.port)
+    assert "orphaned process(es) of the service" in stop.stderr
+    assert notes["left_after_kill"] == []
+
+    stop = notes["stop"]
+    assert stop.returncode == 0, stop.stderr
+    assert notes["status_after_stop"] == 3
+    assert notes["left"] == []
+    assert not notes["pid_file_left"]
+    assert notes["port_free"]
 
 
 def test_a_bare_request_gets_the_server_side_sampling_defaults(server: Service) -> None:
@@ -89,33 +160,20 @@ def test_a_bare_request_gets_the_server_side_sampling_defaults(server: Service) 
 
 
 def test_two_starts_at_once_over_a_stale_pid_file_give_one_server_and_never_signal_its_pid(
-        fresh_service: Service) -> None:
-    svc = fresh_service
-    sleeper = subprocess.Popen(["sleep", "600"])
-    stale = f"pid={sleeper.pid}\npgid={sleeper.pid}\nstart_time=1\nlog_id=1:1\n"
-    try:
-        svc.log_dir.mkdir(parents=True, exist_ok=True)
-        svc.pid_file.write_text(stale)
-        stop = svc.stop()
-        assert stop.returncode == 0 and "stale PID file" in stop.stderr
-        svc.pid_file.write_text(stale)
-        start = [str(Path(__file__).parent.parent / "start_service.sh")]
-        pipe = subprocess.PIPE
-        procs = [subprocess.Popen(start, env=svc.env, stdout=pipe, stderr=pipe, text=True) for _ in range(2)]
-        outs = [p.communicate(timeout=400) for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], outs
-        errs = "".join(e for _, e in outs)
-        assert errs.count("ready:") == 1 and errs.count("already running") == 1, errs
-        assert errs.count("removing stale PID file") == 1, errs
-        log = (svc.log_dir / "service.log").read_text()
-        assert log.count("=== ") == 1, "vLLM was launched twice"
-        svc.pid = int(svc.read_pid_file()["pid"])
-        curl_caption(svc)
-        assert svc.stop().returncode == 0
-        assert sleeper.poll() is None, "the unrelated sleep was signalled"
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+        raced: Service) -> None:
+    svc = raced  # two_starts_over_a_stale_pid_file ran its steps
+    sleeper, stop, outs = svc.notes["sleeper"], svc.notes["stop"], svc.notes["outs"]
+    assert stop.returncode == 0 and "stale PID file" in stop.stderr
+    assert svc.notes["codes"] == [0, 0], outs
+    errs = "".join(e for _, e in outs)
+    assert errs.count("ready:") == 1 and errs.count("already running") == 1, errs
+    assert errs.count("removing stale PID file") == 1, errs
+    log = (svc.log_dir / "service.log").read_text()
+    assert log.count("=== ") == 1, "vLLM was launched twice"
+    svc.pid = int(svc.read_pid_file()["pid"])
+    curl_caption(svc)
+    assert svc.stop().returncode == 0
+    assert sleeper.poll() is None, "the unrelated sleep was signalled"
 
 
 def test_status_reports_request_counters_from_metrics(server: Service) -> None:
@@ -126,41 +184,37 @@ def test_status_reports_request_counters_from_metrics(server: Service) -> None:
 
 
 def test_unix_socket_service_warm_up_through_the_socket_and_the_pid_file_is_the_record(
-        fresh_service: Service, tmp_path: Path) -> None:
+        on_socket: Service) -> None:
     """The socket mode on the real server (issue #20): tools/warm_up.py captions through the socket
     (uvicorn and the request guard behind it); status and stop find the service from its PID file
     under other settings, a bad unrelated value included; a second start for TCP says what runs."""
-    svc = fresh_service
-    sock_dir = Path(tempfile.mkdtemp(prefix="cap-", dir="/tmp"))  # a socket path is < 108 bytes
-    sock = sock_dir / "api.sock"
-    svc.env["UNIX_SOCKET"] = str(sock)
-    try:
-        start = svc.start()
-        assert f"ready: unix:{sock} (pid {svc.pid}," in start.stderr, start.stderr
-        assert port_is_free(svc.port)
-        warm = subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "tools" / "warm_up.py"),
-             "--unix-socket", str(sock), "--base-url", "http://localhost", "--requests", "2",
-             "--seconds", "2", "--max-tokens", "4"],
-            capture_output=True, text=True, timeout=300)
-        assert warm.returncode == 0, warm.stdout + warm.stderr
-        assert "warm_up: 2 concurrent request(s) of 2 s audio, 4 tokens" in warm.stdout
-        assert warm.stdout.count(", 0 failed") == 2, warm.stdout
+    svc = on_socket
+    sock = Path(svc.env["UNIX_SOCKET"])
+    start = svc.last_start
+    assert start is not None
+    assert f"ready: unix:{sock} (pid {svc.pid}," in start.stderr, start.stderr
+    assert port_is_free(svc.port)
+    warm = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "tools" / "warm_up.py"),
+         "--unix-socket", str(sock), "--base-url", "http://localhost", "--requests", "2",
+         "--seconds", "2", "--max-tokens", "4"],
+        capture_output=True, text=True, timeout=300)
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert "warm_up: 2 concurrent request(s) of 2 s audio, 4 tokens" in warm.stdout
+    assert warm.stdout.count(", 0 failed") == 2, warm.stdout
 
-        other = {k: v for k, v in svc.env.items() if k != "UNIX_SOCKET"} | {"TEMPERATURE": "abc"}
-        status = script("status_service.sh", other, timeout=60)
-        assert status.returncode == 0, status.stdout + status.stderr
-        assert f"url:      unix:{sock}\n" in status.stdout and "health:   ok\n" in status.stdout
-        second = script("start_service.sh", other | {"TEMPERATURE": "0.5"})
-        assert second.returncode == 1
-        assert second.stderr == (
-            f"start_service: already running with other settings (pid {svc.pid}, unix:{sock}, model "
-            f"{svc.model}): UNIX_SOCKET is {sock} there, empty here; run ./stop_service.sh first to "
-            "start with these\n")
-        stop = script("stop_service.sh", other)
-        assert stop.returncode == 0, stop.stderr
-        assert f"stopping pid {svc.pid} (unix:{sock}; draining up to " in stop.stderr
-        assert svc.leftovers() == []
-        assert script("status_service.sh", other, timeout=60).returncode == 3
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+    other = {k: v for k, v in svc.env.items() if k != "UNIX_SOCKET"} | {"TEMPERATURE": "abc"}
+    status = script("status_service.sh", other, timeout=60)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"url:      unix:{sock}\n" in status.stdout and "health:   ok\n" in status.stdout
+    second = script("start_service.sh", other | {"TEMPERATURE": "0.5"})
+    assert second.returncode == 1
+    assert second.stderr == (
+        f"start_service: already running with other settings (pid {svc.pid}, unix:{sock}, model "
+        f"{svc.model}): UNIX_SOCKET is {sock} there, empty here; run ./stop_service.sh first to "
+        "start with these\n")
+    stop = script("stop_service.sh", other)
+    assert stop.returncode == 0, stop.stderr
+    assert f"stopping pid {svc.pid} (unix:{sock}; draining up to " in stop.stderr
+    assert svc.leftovers() == []
+    assert script("status_service.sh", other, timeout=60).returncode == 3

@@ -6,25 +6,40 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.service import ROOT, free_port, service_env
+from tests.service import ROOT, Service, Starts, free_port, plan, service_env, taken
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
-def test_smoke_test_runs_start_caption_refusals_and_stop_on_the_tiny_model(tmp_path: Path) -> None:
-    env = service_env(tmp_path / "logs", free_port())
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "smoke_test.py")], env=env,
-                       capture_output=True, text=True, timeout=900)
+def run_the_smoke_tool(svc: Service) -> None:
+    svc.last_start = subprocess.run([sys.executable, str(ROOT / "tools" / "smoke_test.py")], env=svc.env,
+                                    capture_output=True, text=True, timeout=900)
+
+
+# The run starts and stops a server of its own: it goes ahead, beside other tests (tests/service.py
+# Starts), and the test reads what it printed.
+plan("smoke_run", start=run_the_smoke_tool, holds=False)
+
+
+@pytest.fixture
+def smoke_run(starts: Starts) -> Iterator[Service]:
+    yield from taken(starts, "smoke_run")
+
+
+def test_smoke_test_runs_start_caption_refusals_and_stop_on_the_tiny_model(smoke_run: Service) -> None:
+    r = smoke_run.last_start
+    assert r is not None
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 12 and not any("unexpected" in row for row in rows), r.stdout
     assert "then 200 |" in rows[5] and "stop_token_ids must be token ids from 0 to" in rows[9]
     assert rows[-1].startswith("| `./stop_service.sh` | exit 0")
-    assert not (tmp_path / "logs" / "service.pid").exists()
+    assert not smoke_run.pid_file.exists()
 
 
 def test_smoke_test_fails_when_the_service_cannot_start(tmp_path: Path) -> None:
