@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from captioner.payload import WAV_MIME, chat_request, data_url
@@ -349,3 +350,16 @@ def taken(starts: Starts, name: str):  # type: ignore[no-untyped-def]
         svc.stop()
         svc.force_cleanup()
         starts.handed_back(name)
+
+
+def server_fixture(name: str, scope: str = "function", start: Callable[[Service], object] = Service.start,
+                   holds: bool = True, **overrides: str) -> Any:
+    """Plans the server `name` (`plan`) and returns the fixture of that name that hands it to a
+    test (`taken`): `name = server_fixture("name", ...)` at a test module's top level."""
+    plan(name, start, holds, **overrides)
+
+    def fixture(starts: Starts) -> Iterator[Service]:
+        yield from taken(starts, name)
+
+    fixture.__doc__ = f"The planned server {name!r}."
+    return pytest.fixture(scope=scope, name=name)(fixture)

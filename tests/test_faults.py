@@ -18,14 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from tests.service import ROOT, SAMPLE, Service, Starts, plan, sample_folder, taken
+from tests.service import ROOT, SAMPLE, Service, sample_folder, server_fixture
 from tests.test_client_server import client_env
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("decoy_untouched")]
@@ -129,24 +128,11 @@ def restart_under_a_running_batch(svc: Service) -> None:
 # Each test's own server, started ahead with others (tests/service.py's Starts): the tests stop them.
 # Two run their whole story ahead (it waits on restarts and retries, beside other tests) and
 # assert on what it noted.
-plan("engine_killed", start=kill9_of_the_engine, holds=False)
-plan("drained", SHUTDOWN_DRAIN="60", STOP_TIMEOUT="90", MAX_TOKENS="3000", MAX_NUM_SEQS="8")
-plan("restarted", start=restart_under_a_running_batch, holds=False, SHUTDOWN_DRAIN="2")
-
-
-@pytest.fixture
-def engine_killed(starts: Starts) -> Iterator[Service]:
-    yield from taken(starts, "engine_killed")
-
-
-@pytest.fixture
-def drained(starts: Starts) -> Iterator[Service]:
-    yield from taken(starts, "drained")
-
-
-@pytest.fixture
-def restarted(starts: Starts) -> Iterator[Service]:
-    yield from taken(starts, "restarted")
+engine_killed = server_fixture("engine_killed", start=kill9_of_the_engine, holds=False)
+drained = server_fixture(
+    "drained", SHUTDOWN_DRAIN="60", STOP_TIMEOUT="90", MAX_TOKENS="3000", MAX_NUM_SEQS="8"
+)
+restarted = server_fixture("restarted", start=restart_under_a_running_batch, holds=False, SHUTDOWN_DRAIN="2")
 
 
 def test_kill9_of_the_engine_health_fails_status_says_so_stop_cleans_up_next_start_works(

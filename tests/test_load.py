@@ -9,25 +9,21 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.service import SAMPLE, Service, Starts, plan, taken
+from tests.service import SAMPLE, Service, server_fixture
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 REQUESTS, CONCURRENCY, MAX_NUM_SEQS, WARM_UP, MAX_TOKENS = 300, 32, 4, 16, 64
 RETRY_STATUSES = (429, 503)
-plan("loaded_service", MAX_NUM_SEQS=str(MAX_NUM_SEQS))
 
 
-@pytest.fixture
-def loaded_service(starts: Starts) -> Iterator[Service]:
-    yield from taken(starts, "loaded_service")
+loaded_service = server_fixture("loaded_service", MAX_NUM_SEQS=str(MAX_NUM_SEQS))
 
 
 def service_rss_mib(svc: Service) -> float:

@@ -46,7 +46,7 @@ from captioner.records import Record, Segment
 from captioner_server import caption_page
 from captioner_server.caption_page import PAGE_CSP
 from captioner_server.request_guard import CROSS_ORIGIN, RequestGuard, same_origin
-from tests.service import ROOT, Service, Starts, free_port, plan, taken
+from tests.service import ROOT, Service, free_port, server_fixture
 from tests.test_client_support import SR, convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
 
 KEY = "page-key-42"
@@ -503,13 +503,10 @@ def test_the_page_resamples_retries_and_says_what_went_wrong_in_plain_words(
         assert len(stub.requests) == 11 and message(browser) == ""
 
 
-plan("page_service", API_KEY=KEY)
 
 
-@pytest.fixture(scope="module")
-def page_service(starts: Starts) -> Iterator[Service]:
-    """A server of this module's own, with an API key: the last test stops it."""
-    yield from taken(starts, "page_service")
+# A server of this module's own, with an API key: the last test stops it.
+page_service = server_fixture("page_service", scope="module", API_KEY=KEY)
 
 
 @pytest.mark.server

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.service import ROOT, Service, Starts, free_port, plan, sample_folder, taken
+from tests.service import ROOT, Service, free_port, sample_folder, server_fixture
 from tests.test_client_server import client_command, client_env
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -24,12 +24,7 @@ BATCH = 24
 
 # A short drain: the live service is paused while this one stops, and a long pause would take it
 # out of the router's rotation too (health checks every 5 s, out after 2 failures).
-plan("stopped_service", SHUTDOWN_DRAIN="2")
-
-
-@pytest.fixture(scope="module")
-def stopped_service(starts: Starts) -> Iterator[Service]:
-    yield from taken(starts, "stopped_service")
+stopped_service = server_fixture("stopped_service", scope="module", SHUTDOWN_DRAIN="2")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,13 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 from captioner.payload import chat_request, data_url
-from tests.service import ROOT, SAMPLE, Service, Starts, plan, script, taken
+from tests.service import ROOT, SAMPLE, Service, script, server_fixture
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("decoy_untouched")]
 
@@ -101,24 +100,9 @@ def on_a_unix_socket(svc: Service) -> None:
 # Each test's own server, started ahead beside other tests (tests/service.py Starts): the tests stop
 # them. Where a start is what a test proves, its steps run ahead too and the test asserts on what
 # they noted: the crash story (it ends stopped), two starts at once, the socket's start line.
-plan("crash_story", start=a_crash_of_the_api_server, holds=False)
-plan("raced", start=two_starts_over_a_stale_pid_file)
-plan("on_socket", start=on_a_unix_socket)
-
-
-@pytest.fixture
-def crash_story(starts: Starts) -> Iterator[Service]:
-    yield from taken(starts, "crash_story")
-
-
-@pytest.fixture
-def raced(starts: Starts) -> Iterator[Service]:
-    yield from taken(starts, "raced")
-
-
-@pytest.fixture
-def on_socket(starts: Starts) -> Iterator[Service]:
-    yield from taken(starts, "on_socket")
+crash_story = server_fixture("crash_story", start=a_crash_of_the_api_server, holds=False)
+raced = server_fixture("raced", start=two_starts_over_a_stale_pid_file)
+on_socket = server_fixture("on_socket", start=on_a_unix_socket)
 
 
 # One story, two starts: what an operator does on a good day, then after a crash of the API server.

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.service import ROOT, Service, Starts, free_port, plan, service_env, taken
+from tests.service import ROOT, Service, free_port, server_fixture, service_env
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -23,12 +22,7 @@ def run_the_smoke_tool(svc: Service) -> None:
 
 # The run starts and stops a server of its own: it goes ahead, beside other tests (tests/service.py
 # Starts), and the test reads what it printed.
-plan("smoke_run", start=run_the_smoke_tool, holds=False)
-
-
-@pytest.fixture
-def smoke_run(starts: Starts) -> Iterator[Service]:
-    yield from taken(starts, "smoke_run")
+smoke_run = server_fixture("smoke_run", start=run_the_smoke_tool, holds=False)
 
 
 def test_smoke_test_runs_start_caption_refusals_and_stop_on_the_tiny_model(smoke_run: Service) -> None:
