@@ -16,7 +16,8 @@
 # Each is swept closed-loop at LEVELS (pred: PRED_LEVELS) with REQUESTS_PER_SLOT requests per
 # slot, then open-loop at RATES (pred: PRED_RATES) if set, by bench/serve_and_sweep.sh and
 # bench/loadgen.py. OUT_DIR gets NAME.json (closed), NAME.rates.json (open), NAME.service.log.gz
-# (that start's part of the service log) and NAME.gpu.txt (GPU memory used after the sweep).
+# (that start's service log: start_service.sh begins a fresh one at each start) and NAME.gpu.txt
+# (GPU memory used after the sweep).
 # The service is stopped at the end.
 # Defaults: LEVELS=64,128 PRED_LEVELS=8,16 REQUESTS_PER_SLOT=2 RATES= PRED_RATES=
 # Exit codes: 0 all swept, 1 a setting failed (the others still ran), 2 usage.
@@ -42,7 +43,7 @@ settings_of() { # settings_of NAME -> VAR=VALUE lines
 }
 
 run_one() { # run_one OUT_DIR NAME
-  local out=$1 name=$2 log offset levels rates py
+  local out=$1 name=$2 log levels rates py
   local -a env
   mapfile -t env < <(settings_of "$name")
   levels=${LEVELS:-64,128} rates=${RATES:-}
@@ -50,7 +51,6 @@ run_one() { # run_one OUT_DIR NAME
   log=${LOG_DIR:-logs}
   [[ $log == /* ]] || log=$ROOT/$log
   log=$log/service.log
-  offset=$(stat -c %s "$log" 2>/dev/null || echo 0)
   echo "perf_round: $name (${env[*]}) at $levels${rates:+, rates $rates}" >&2
   env "${env[@]}" BENCH_LABEL="$name" "$ROOT/bench/serve_and_sweep.sh" "$out/$name.json" "$levels" \
     --requests-per-slot "${REQUESTS_PER_SLOT:-2}" --meta "setting=$name" || return 1
@@ -62,7 +62,7 @@ run_one() { # run_one OUT_DIR NAME
       --output "$out/$name.rates.json" || return 1
   fi
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >"$out/$name.gpu.txt" 2>&1 || true
-  tail -c +"$((offset + 1))" "$log" | gzip >"$out/$name.service.log.gz"
+  gzip <"$log" >"$out/$name.service.log.gz"
 }
 
 main() {

@@ -4,6 +4,7 @@ GPU (docs/PERFORMANCE.md has them)."""
 
 from __future__ import annotations
 
+import gzip
 import re
 import shlex
 import subprocess
@@ -54,3 +55,38 @@ def test_help_names_every_setting_it_accepts() -> None:
     assert len(names) == 10
     for name in names:
         assert re.search(rf"(^|[\s,]){re.escape(name)}([\s,]|$)", shown), name
+
+
+def test_each_setting_keeps_its_whole_start_log_though_every_start_begins_a_fresh_one(tmp_path: Path) -> None:
+    """start_service.sh rotates service.log at each start: a setting's log is the whole new file,
+    its start lines (the MoE table vLLM used, the KV cache size) included."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "perf_round.sh").write_text(PERF_ROUND.read_text())
+    # Stand-ins for the kit's scripts (the real ones need a GPU here): each start rotates the log
+    # exactly as start_service.sh's rotate_logs does, then logs a start header and a request line.
+    (tmp_path / "bench" / "serve_and_sweep.sh").write_text(
+        "#!/usr/bin/env bash\nset -e\nlog=$LOG_DIR/service.log\n"
+        '[[ -s $log ]] && mv -f "$log" "$log.1"\n'
+        'echo "=== start_service: $BENCH_LABEL MOE_CONFIG_DIR=$MOE_CONFIG_DIR" >"$log"\n'
+        'echo "Using configuration from $BENCH_LABEL" >>"$log"\n'
+        'echo \'{"runs": []}\' >"$1"\n'
+    )
+    (tmp_path / "stop_service.sh").write_text("#!/usr/bin/env bash\nexit 0\n")
+    for script in ("bench/perf_round.sh", "bench/serve_and_sweep.sh", "stop_service.sh"):
+        (tmp_path / script).chmod(0o755)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "service.log").write_text("an earlier run's long log\n" * 1000)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [str(tmp_path / "bench" / "perf_round.sh"), str(out), "fp8", "fp8-untuned"],
+        capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "LOG_DIR": str(logs)},
+    )
+    assert done.returncode == 0, done.stderr
+    fp8 = gzip.decompress((out / "fp8.service.log.gz").read_bytes()).decode()
+    untuned = gzip.decompress((out / "fp8-untuned.service.log.gz").read_bytes()).decode()
+    assert fp8.splitlines() == ["=== start_service: fp8 MOE_CONFIG_DIR=", "Using configuration from fp8"]
+    assert untuned.splitlines() == [
+        "=== start_service: fp8-untuned MOE_CONFIG_DIR=",
+        "Using configuration from fp8-untuned",
+    ]
