@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,10 @@ def within(pts: list[Point], budget: float) -> Point | None:
 
 
 def at_budget(pts: list[Point], budget: float) -> float | None:
-    for lo, hi in zip(pts, pts[1:]):
+    for lo, hi in pairwise(pts):
         if lo.p95 <= budget <= hi.p95 and hi.p95 > lo.p95:
-            return lo.captions_per_s + (budget - lo.p95) / (hi.p95 - lo.p95) * (hi.captions_per_s - lo.captions_per_s)
+            share = (budget - lo.p95) / (hi.p95 - lo.p95)
+            return lo.captions_per_s + share * (hi.captions_per_s - lo.captions_per_s)
     return None
 
 
@@ -76,8 +78,9 @@ def table(files: list[tuple[str, dict[str, Any], list[dict[str, Any]]]]) -> list
     def f(x: float | None, scale: float = 1.0, digits: int = 2) -> str:
         return "–" if x is None else f"{x * scale:.{digits}f}"
 
-    lines = ["| setting | load | captions/s | audio s/s | p50 s | p95 s | TTFT p95 s | TPOT p50 ms | distinct | start s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    head = ("setting", "load", "captions/s", "audio s/s", "p50 s", "p95 s", "TTFT p95 s", "TPOT p50 ms",
+            "distinct", "start s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, meta, runs in files:
         for r in runs:
             lines.append(
@@ -97,20 +100,26 @@ def ratios(files: list[tuple[str, dict[str, Any], list[dict[str, Any]]]]) -> lis
              f"p95 {base.p95:.2f} s).", "",
              "| setting | measured within the budget | ratio | at the budget (interpolated) | ratio |",
              "|---|---|---|---|---|"]
+    def ratio(x: float | None) -> str:
+        return "–" if x is None else f"{x / base.captions_per_s:.1f}×"
+
     for label, _, runs in files[1:]:
         pts = points(runs)
         best, line = within(pts, base.p95), at_budget(pts, base.p95)
-        measured = "none" if best is None else f"{best.captions_per_s:.2f} ({best.load}, p95 {best.p95:.2f} s)"
-        lines.append(
-            f"| {label} | {measured} | {'–' if best is None else f'{best.captions_per_s / base.captions_per_s:.1f}×'} "
-            f"| {'–' if line is None else f'{line:.2f}'} | {'–' if line is None else f'{line / base.captions_per_s:.1f}×'} |")
+        if best is None:
+            measured, best_rate = "none", None
+        else:
+            measured = f"{best.captions_per_s:.2f} ({best.load}, p95 {best.p95:.2f} s)"
+            best_rate = best.captions_per_s
+        at = "–" if line is None else f"{line:.2f}"
+        lines.append(f"| {label} | {measured} | {ratio(best_rate)} | {at} | {ratio(line)} |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="compare.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("baseline", type=Path, help="the baseline's loadgen JSON (e.g. the predecessor's settings)")
+    p.add_argument("baseline", type=Path, help="the baseline's loadgen JSON (the predecessor's settings)")
     p.add_argument("results", nargs="+", type=Path, help="loadgen JSONs to compare with it")
     args = p.parse_args(argv)
     try:

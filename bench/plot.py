@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from compare import load_of  # bench/, beside this file
+
 
 def series(path: Path) -> tuple[str, list[dict[str, Any]]]:
     data = json.loads(path.read_text())
@@ -59,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         ys = [r["latency_s"]["p95"] for r in runs]
         (line,) = ax.plot(xs, ys, marker="o", label=label)
         for r, x, y in zip(runs, xs, ys, strict=True):
-            tag = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['rate']:g}/s"
-            ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+            ax.annotate(load_of(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=line.get_color())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("p95 latency (s)")

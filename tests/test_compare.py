@@ -33,8 +33,10 @@ def compare(*paths: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_ratio_is_read_at_the_baselines_saturated_p95_measured_and_between_levels(tmp_path: Path) -> None:
-    base = write(tmp_path / "pred.json", "pred", [run_of(8, 1.5, 5.0), run_of(16, 1.6, 10.0)], start_seconds=200)
-    fast = write(tmp_path / "fp8.json", "fp8", [run_of(32, 4.0, 7.0), run_of(64, 7.0, 9.0), run_of(96, 9.0, 11.0)])
+    base = write(tmp_path / "pred.json", "pred", [run_of(8, 1.5, 5.0), run_of(16, 1.6, 10.0)],
+                 start_seconds=200)
+    fast = write(tmp_path / "fp8.json", "fp8",
+                 [run_of(32, 4.0, 7.0), run_of(64, 7.0, 9.0), run_of(96, 9.0, 11.0)])
     done = compare(base, fast)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -78,3 +80,14 @@ def test_a_mistyped_path_or_a_file_that_is_not_a_loadgen_result_is_one_line_exit
 def test_with_no_result_to_compare_it_is_usage_exit_2(tmp_path: Path) -> None:
     done = compare(write(tmp_path / "pred.json", "pred", [run_of(16, 1.6, 10.0)]))
     assert done.returncode == 2 and "usage: compare.py" in done.stderr
+
+
+def test_the_performance_pages_lead_tables_are_compares_output_for_the_committed_run() -> None:
+    """docs/PERFORMANCE.md's lead tables are not typed by hand: they are what bench/compare.py
+    prints for the raw files of the run they describe."""
+    run = ROOT / "bench" / "results" / "2026-12-07-h100-round3"
+    done = compare(*(run / f"{name}.json" for name in ("pred", "fp8", "fp8-untuned", "bf16", "bf16-untuned")))
+    assert done.returncode == 0, done.stderr
+    page = (ROOT / "docs" / "PERFORMANCE.md").read_text()
+    for block in done.stdout.strip().split("\n\n"):
+        assert block in page, block.splitlines()[0]
