@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -19,7 +20,7 @@ from tests.service import ROOT, Service, free_port, sample_folder, server_fixtur
 from tests.test_client_server import client_command, client_env
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-BATCH = 24
+BATCH = 40
 
 
 # A short drain: the live service is paused while this one stops, and a long pause would take it
@@ -72,14 +73,24 @@ def start_batch(folder: Path, *base_urls: str) -> tuple[Path, Path, subprocess.P
     return folder, out, batch
 
 
-def wait_under_way(*batches: tuple[Path, Path, subprocess.Popen[str]]) -> None:
-    """Until each batch has written 4 records."""
+def wait_under_way(*batches: tuple[Path, Path, subprocess.Popen[str]], records: int = 4) -> None:
+    """Until each batch has written `records` records."""
     deadline = time.monotonic() + 300
     for _, out, batch in batches:
-        while not (out.exists() and out.read_text().count("\n") >= 4):
+        while not (out.exists() and out.read_text().count("\n") >= records):
             assert batch.poll() is None, batch.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def wait_connected(*batches: tuple[Path, Path, subprocess.Popen[str]]) -> None:
+    """Until each batch's client has a TCP connection open: it has started and asked."""
+    deadline = time.monotonic() + 120
+    for _, _, batch in batches:
+        while not psutil.Process(batch.pid).net_connections(kind="tcp"):
+            assert batch.poll() is None, batch.communicate()
+            assert time.monotonic() < deadline, "the client never connected"
+            time.sleep(0.05)
 
 
 def sigterm_pending(pid: int | None) -> bool:
@@ -106,8 +117,13 @@ def test_a_service_stopped_under_two_batches_one_routed_one_over_two_base_urls_e
     two_services: tuple[Service, Service], router: str, tmp_path: Path
 ) -> None:
     live, stopping = two_services
-    direct = start_batch(tmp_path / "direct", live.base_url, stopping.base_url)
-    routed = start_batch(tmp_path / "routed", router)
+    # Both batches start while the services are frozen, and go on from the same moment once both
+    # clients are connected: a client takes seconds to start on a busy machine, and the batch
+    # started first once captioned all its files before the other had four.
+    with live.paused(), stopping.paused():
+        direct = start_batch(tmp_path / "direct", live.base_url, stopping.base_url)
+        routed = start_batch(tmp_path / "routed", router)
+        wait_connected(direct, routed)
     try:
         wait_under_way(direct, routed)
         # Both services are frozen while stop_service.sh sends its SIGTERM; the stopped one then
