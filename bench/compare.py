@@ -100,6 +100,7 @@ def ratios(files: list[tuple[str, dict[str, Any], list[dict[str, Any]]]]) -> lis
              f"p95 {base.p95:.2f} s).", "",
              "| setting | measured within the budget | ratio | at the budget (interpolated) | ratio |",
              "|---|---|---|---|---|"]
+
     def ratio(x: float | None) -> str:
         return "–" if x is None else f"{x / base.captions_per_s:.1f}×"
 

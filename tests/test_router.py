@@ -73,11 +73,11 @@ def start_batch(folder: Path, *base_urls: str) -> tuple[Path, Path, subprocess.P
     return folder, out, batch
 
 
-def wait_under_way(*batches: tuple[Path, Path, subprocess.Popen[str]], records: int = 4) -> None:
-    """Until each batch has written `records` records."""
+def wait_under_way(*batches: tuple[Path, Path, subprocess.Popen[str]]) -> None:
+    """Until each batch has written 4 records."""
     deadline = time.monotonic() + 300
     for _, out, batch in batches:
-        while not (out.exists() and out.read_text().count("\n") >= records):
+        while not (out.exists() and out.read_text().count("\n") >= 4):
             assert batch.poll() is None, batch.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.1)
