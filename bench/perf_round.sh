@@ -6,13 +6,16 @@
 #   e.g. bench/perf_round.sh bench/results/2026-12-07-h100 pred fp8 fp8-untuned bf16 bf16-untuned
 #
 # Settings (on top of config.env and the environment, as for start_service.sh):
-#   pred          the predecessor's: MAX_NUM_SEQS=8, bf16, vLLM's own MoE table (MOE_CONFIG_DIR=)
+#   pred          the predecessor's: MAX_NUM_SEQS=8, bf16, vLLM's own MoE table (MOE_CONFIG_DIR=),
+#                 one API server
 #   bf16, fp8     the shipped settings, bf16 or QUANTIZATION=fp8, with the kit's tuned MoE configs
+#                 (and the shipped API_SERVER_COUNT=4)
 #   bf16-untuned, fp8-untuned   the same with vLLM's own MoE table only (MOE_CONFIG_DIR=)
 #   levers, each fp8 with one vLLM flag (EXTRA_VLLM_ARGS) against fp8:
 #   fp8-sync      --no-async-scheduling          fp8-kvfp8     --kv-cache-dtype fp8
 #   fp8-noprefix  --no-enable-prefix-caching     fp8-graphs128 --max-cudagraph-capture-size 128
-#   fp8-api2      API_SERVER_COUNT=2 (two API server processes share the streaming and the guard)
+#   fp8-api1, fp8-api2   API_SERVER_COUNT=1 or 2 (the count that shares parsing, audio decoding
+#                 and streaming; 1 was the default until the 2026-12-07 levers run)
 # Each is swept closed-loop at LEVELS (pred: PRED_LEVELS) with REQUESTS_PER_SLOT requests per
 # slot, then open-loop at RATES (pred: PRED_RATES) if set, by bench/serve_and_sweep.sh and
 # bench/loadgen.py. OUT_DIR gets NAME.json (closed), NAME.rates.json (open), NAME.service.log.gz
@@ -28,7 +31,7 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
 settings_of() { # settings_of NAME -> VAR=VALUE lines
   case $1 in
-    pred) printf '%s\n' MAX_NUM_SEQS=8 QUANTIZATION= MOE_CONFIG_DIR= ;;
+    pred) printf '%s\n' MAX_NUM_SEQS=8 QUANTIZATION= MOE_CONFIG_DIR= API_SERVER_COUNT=1 ;;
     bf16) echo "QUANTIZATION=" ;;
     bf16-untuned) printf '%s\n' QUANTIZATION= MOE_CONFIG_DIR= ;;
     fp8) echo "QUANTIZATION=fp8" ;;
@@ -37,6 +40,7 @@ settings_of() { # settings_of NAME -> VAR=VALUE lines
     fp8-kvfp8) printf '%s\n' QUANTIZATION=fp8 "EXTRA_VLLM_ARGS=--kv-cache-dtype fp8" ;;
     fp8-noprefix) printf '%s\n' QUANTIZATION=fp8 "EXTRA_VLLM_ARGS=--no-enable-prefix-caching" ;;
     fp8-graphs128) printf '%s\n' QUANTIZATION=fp8 "EXTRA_VLLM_ARGS=--max-cudagraph-capture-size 128" ;;
+    fp8-api1) printf '%s\n' QUANTIZATION=fp8 API_SERVER_COUNT=1 ;;
     fp8-api2) printf '%s\n' QUANTIZATION=fp8 API_SERVER_COUNT=2 ;;
     *) return 1 ;;
   esac

@@ -64,6 +64,7 @@ def service_env(log_dir: Path, port: int, **overrides: str) -> dict[str, str]:
         MAX_MODEL_LEN="4096",
         MAX_TOKENS="64",
         MAX_NUM_SEQS="8",
+        API_SERVER_COUNT="1",  # the shipped 4 is for a GPU's load; a test that needs several says so
         START_TIMEOUT=str(START_TIMEOUT),
         STOP_TIMEOUT="20",
         SHUTDOWN_DRAIN="1",  # vLLM waits it out even with nothing in flight, its worker spinning

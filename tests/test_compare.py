@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPARE = ROOT / "bench" / "compare.py"
 
@@ -82,11 +84,17 @@ def test_with_no_result_to_compare_it_is_usage_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2 and "usage: compare.py" in done.stderr
 
 
-def test_the_performance_pages_lead_tables_are_compares_output_for_the_committed_run() -> None:
+@pytest.mark.parametrize(("run", "names"), [
+    ("2026-12-07-h100-levers", ("pred", "fp8-api2-again")),
+    ("2026-12-07-h100-levers", ("fp8", "fp8-kvfp8", "fp8-sync", "fp8-api2", "fp8-api2-again", "fp8-api4",
+                                "fp8-noprefix")),
+    ("2026-12-07-h100-round3", ("pred", "fp8", "fp8-untuned", "bf16", "bf16-untuned")),
+])
+def test_the_performance_pages_lead_tables_are_compares_output_for_the_committed_runs(
+        run: str, names: tuple[str, ...]) -> None:
     """docs/PERFORMANCE.md's lead tables are not typed by hand: they are what bench/compare.py
     prints for the raw files of the run they describe."""
-    run = ROOT / "bench" / "results" / "2026-12-07-h100-round3"
-    done = compare(*(run / f"{name}.json" for name in ("pred", "fp8", "fp8-untuned", "bf16", "bf16-untuned")))
+    done = compare(*(ROOT / "bench" / "results" / run / f"{name}.json" for name in names))
     assert done.returncode == 0, done.stderr
     page = (ROOT / "docs" / "PERFORMANCE.md").read_text()
     for block in done.stdout.strip().split("\n\n"):

@@ -52,7 +52,7 @@ def test_help_names_every_setting_it_accepts() -> None:
     text = PERF_ROUND.read_text()
     names = re.findall(r"^\s+([a-z0-9-]+)\) (?:echo|printf)", text, re.M)
     shown = subprocess.run([str(PERF_ROUND), "--help"], capture_output=True, text=True, timeout=30).stdout
-    assert len(names) == 10
+    assert len(names) == 11
     for name in names:
         assert re.search(rf"(^|[\s,]){re.escape(name)}([\s,]|$)", shown), name
 

@@ -5,16 +5,19 @@ video service on port 8002 must be alive and unsignalled after every test."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -97,12 +100,74 @@ def on_a_unix_socket(svc: Service) -> None:
     svc.start()
 
 
+KEY = "several-servers-key"
+UNKEYED = (b"GET /v1/models", b"GET /metrics", b"GET /version",
+           b"POST /v1/chat/completions")  # the POST declares a 1 GB body and sends none
+
+
+def connections_by_process(svc: Service, n: int) -> dict[int, list[socket.socket]]:
+    """n connections to the service, each held open and filed under the process that accepted it
+    (vLLM's API servers share one listening socket: the kernel picks one per connection)."""
+    socks = [socket.create_connection(("127.0.0.1", svc.port), timeout=10) for _ in range(n)]
+    mine = {s.getsockname()[1]: s for s in socks}
+    owner: dict[int, int] = {}
+    deadline = time.monotonic() + 20
+    while len(owner) < n and time.monotonic() < deadline:
+        for pid in svc.leftovers():
+            with contextlib.suppress(psutil.Error):
+                for c in psutil.Process(pid).net_connections(kind="tcp"):
+                    if c.raddr and c.laddr.port == svc.port and c.raddr.port in mine:
+                        owner[c.raddr.port] = pid
+        time.sleep(0.2)
+    assert len(owner) == n, f"only {len(owner)} of {n} connections were accepted"
+    by_pid: dict[int, list[socket.socket]] = {}
+    for port, pid in owner.items():
+        by_pid.setdefault(pid, []).append(mine[port])
+    return by_pid
+
+
+def status_line(sock: socket.socket, request_line: bytes, headers: bytes = b"") -> bytes:
+    length = b"Content-Length: 1000000000\r\n" if request_line.startswith(b"POST") else b""
+    sock.sendall(request_line + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + length + headers + b"\r\n")
+    with sock:
+        return sock.recv(200).split(b"\r\n", 1)[0]
+
+
+def several_api_servers(svc: Service) -> None:
+    """What test_several_api_servers_... asserts on, done ahead: a start with two API servers and
+    a key; requests on connections each API server accepted, without the key and with it; captions;
+    status; kill -9 of one API server; what is left; status; stop."""
+    notes = svc.notes
+    svc.start()
+    unkeyed = connections_by_process(svc, 16)  # used at once: an idle connection is closed after 30 s
+    notes["unkeyed"] = {pid: tuple(sorted({status_line(s, UNKEYED[i % 4]) for i, s in enumerate(socks)}))
+                        for pid, socks in unkeyed.items()}
+    auth = f"Authorization: Bearer {KEY}\r\n".encode()
+    keyed = connections_by_process(svc, 16)
+    notes["keyed"] = {pid: tuple(sorted({status_line(s, b"GET /v1/models", auth) for s in socks}))
+                      for pid, socks in keyed.items()}
+    notes["api_servers"] = sorted(set(unkeyed) | set(keyed))
+    notes["captions"] = [svc.caption(SAMPLE.read_bytes()).status_code for _ in range(6)]
+    notes["status"] = svc.status()
+    os.kill(notes["api_servers"][-1], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while svc.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    notes["left_after_kill"] = svc.leftovers()
+    notes["status_after_kill"] = svc.status()
+    notes["stop"] = svc.stop()
+    notes["pid_file_left"] = svc.pid_file.exists()
+    notes["port_free"] = port_is_free(svc.port)
+
+
 # Each test's own server, started ahead beside other tests (tests/service.py Starts): the tests stop
 # them. Where a start is what a test proves, its steps run ahead too and the test asserts on what
 # they noted: the crash story (it ends stopped), two starts at once, the socket's start line.
 crash_story = server_fixture("crash_story", start=a_crash_of_the_api_server, holds=False)
 raced = server_fixture("raced", start=two_starts_over_a_stale_pid_file)
 on_socket = server_fixture("on_socket", start=on_a_unix_socket)
+several = server_fixture("several", start=several_api_servers, holds=False, API_SERVER_COUNT="2", API_KEY=KEY)
 
 
 # One story, two starts: what an operator does on a good day, then after a crash of the API server.
@@ -128,6 +193,26 @@ def test_start_caption_kill9_of_the_api_server_stop_cleans_orphans_restart_stop_
     assert notes["left"] == []
     assert not notes["pid_file_left"]
     assert notes["port_free"]
+
+
+def test_several_api_servers_each_ask_for_the_key_caption_and_one_killed_takes_the_service_down_whole(
+        several: Service) -> None:
+    """API_SERVER_COUNT=2 (the shipped count is 4): every API server process checks the key on
+    every route, captions go through, and a kill -9 of one brings vLLM's manager down with all
+    of its processes: status says dead, stop clears the PID file, nothing is left."""
+    notes = several.notes  # several_api_servers ran the steps
+    assert len(notes["api_servers"]) == 2, notes["api_servers"]  # 2 ** -15 to be wrong by chance
+    assert several.pid not in notes["api_servers"]
+    assert set(notes["unkeyed"].values()) == {(b"HTTP/1.1 401 Unauthorized",)}, notes["unkeyed"]
+    assert set(notes["keyed"].values()) == {(b"HTTP/1.1 200 OK",)}, notes["keyed"]
+    assert notes["captions"] == [200] * 6
+    status = notes["status"]
+    assert status.returncode == 0 and "health:   ok" in status.stdout, status.stdout
+    assert notes["left_after_kill"] == [], "vLLM left processes behind when one API server died"
+    status = notes["status_after_kill"]
+    assert status.returncode == 1 and status.stdout.startswith("dead: "), status.stdout
+    assert notes["stop"].returncode == 0 and "stale PID file" in notes["stop"].stderr, notes["stop"].stderr
+    assert not notes["pid_file_left"] and notes["port_free"]
 
 
 def test_a_bare_request_gets_the_server_side_sampling_defaults(server: Service) -> None:

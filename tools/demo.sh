@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CAPTIONER_CONFIG=/dev/null DEVICE=cpu MODEL_PATH=models/tiny-captioner
 export SERVED_MODEL_NAME=tiny-captioner PORT=${DEMO_PORT:-18003} LOG_DIR=${DEMO_LOG_DIR:-logs/demo}
-export MAX_MODEL_LEN=4096 MAX_TOKENS=48 MAX_NUM_SEQS=8
+export MAX_MODEL_LEN=4096 MAX_TOKENS=48 MAX_NUM_SEQS=8 API_SERVER_COUNT=1
 
 trap './stop_service.sh' EXIT
 ./start_service.sh
