@@ -57,17 +57,18 @@ def test_help_names_every_setting_it_accepts() -> None:
         assert re.search(rf"(^|[\s,]){re.escape(name)}([\s,]|$)", shown), name
 
 
-def test_each_setting_keeps_its_whole_start_log_though_every_start_begins_a_fresh_one(tmp_path: Path) -> None:
-    """start_service.sh rotates service.log at each start: a setting's log is the whole new file,
-    its start lines (the MoE table vLLM used, the KV cache size) included."""
+def perf_round_with_stand_ins(tmp_path: Path, *settings: str, **env: str) -> Path:
+    """bench/perf_round.sh over stand-ins for the kit's scripts (the real ones need a GPU here):
+    each start rotates the log exactly as start_service.sh's rotate_logs does, then logs a start
+    header with the settings it was given and a request line. Returns the output folder."""
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "perf_round.sh").write_text(PERF_ROUND.read_text())
-    # Stand-ins for the kit's scripts (the real ones need a GPU here): each start rotates the log
-    # exactly as start_service.sh's rotate_logs does, then logs a start header and a request line.
     (tmp_path / "bench" / "serve_and_sweep.sh").write_text(
         "#!/usr/bin/env bash\nset -e\nlog=$LOG_DIR/service.log\n"
         '[[ -s $log ]] && mv -f "$log" "$log.1"\n'
         'echo "=== start_service: $BENCH_LABEL MOE_CONFIG_DIR=$MOE_CONFIG_DIR" >"$log"\n'
+        'echo "settings: MAX_NUM_SEQS=${MAX_NUM_SEQS-} QUANTIZATION=${QUANTIZATION-}'
+        ' API_SERVER_COUNT=${API_SERVER_COUNT-}" >>"$log"\n'
         'echo "Using configuration from $BENCH_LABEL" >>"$log"\n'
         'echo \'{"runs": []}\' >"$1"\n'
     )
@@ -79,14 +80,38 @@ def test_each_setting_keeps_its_whole_start_log_though_every_start_begins_a_fres
     (logs / "service.log").write_text("an earlier run's long log\n" * 1000)
     out = tmp_path / "out"
     done = subprocess.run(
-        [str(tmp_path / "bench" / "perf_round.sh"), str(out), "fp8", "fp8-untuned"],
-        capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "LOG_DIR": str(logs)},
+        [str(tmp_path / "bench" / "perf_round.sh"), str(out), *settings],
+        capture_output=True, text=True, timeout=30,
+        env={"PATH": "/usr/bin:/bin", "LOG_DIR": str(logs), **env},
     )
     assert done.returncode == 0, done.stderr
-    fp8 = gzip.decompress((out / "fp8.service.log.gz").read_bytes()).decode()
-    untuned = gzip.decompress((out / "fp8-untuned.service.log.gz").read_bytes()).decode()
-    assert fp8.splitlines() == ["=== start_service: fp8 MOE_CONFIG_DIR=", "Using configuration from fp8"]
-    assert untuned.splitlines() == [
-        "=== start_service: fp8-untuned MOE_CONFIG_DIR=",
-        "Using configuration from fp8-untuned",
-    ]
+    return out
+
+
+def start_log(out: Path, setting: str) -> list[str]:
+    return gzip.decompress((out / f"{setting}.service.log.gz").read_bytes()).decode().splitlines()
+
+
+def test_each_setting_keeps_its_whole_start_log_though_every_start_begins_a_fresh_one(tmp_path: Path) -> None:
+    """start_service.sh rotates service.log at each start: a setting's log is the whole new file,
+    its start lines (the MoE table vLLM used, the KV cache size) included."""
+    out = perf_round_with_stand_ins(tmp_path, "fp8", "fp8-untuned")
+    assert start_log(out, "fp8") == ["=== start_service: fp8 MOE_CONFIG_DIR=",
+                                     "settings: MAX_NUM_SEQS= QUANTIZATION=fp8 API_SERVER_COUNT=",
+                                     "Using configuration from fp8"]
+    assert start_log(out, "fp8-untuned") == ["=== start_service: fp8-untuned MOE_CONFIG_DIR=",
+                                             "settings: MAX_NUM_SEQS= QUANTIZATION=fp8 API_SERVER_COUNT=",
+                                             "Using configuration from fp8-untuned"]
+
+
+def test_pred_runs_the_predecessors_settings_whatever_the_kit_ships_or_the_caller_asks(
+        tmp_path: Path) -> None:
+    """The ratio's baseline must stay the predecessor's (8 sequences, bf16, vLLM's MoE table, one
+    API server) though the shipped defaults move (4 API servers since the levers run) and the
+    operator's environment asks for others; the shipped settings take the caller's."""
+    out = perf_round_with_stand_ins(tmp_path, "pred", "fp8", API_SERVER_COUNT="4", MAX_NUM_SEQS="128",
+                                    QUANTIZATION="fp8", MOE_CONFIG_DIR="moe_configs")
+    assert start_log(out, "pred")[:2] == ["=== start_service: pred MOE_CONFIG_DIR=",
+                                          "settings: MAX_NUM_SEQS=8 QUANTIZATION= API_SERVER_COUNT=1"]
+    assert start_log(out, "fp8")[:2] == ["=== start_service: fp8 MOE_CONFIG_DIR=moe_configs",
+                                         "settings: MAX_NUM_SEQS=128 QUANTIZATION=fp8 API_SERVER_COUNT=4"]
