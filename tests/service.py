@@ -172,10 +172,10 @@ class Service:
         raise TimeoutError(f"{self.base_url} not healthy after {timeout}s")
 
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Every process of the service stopped (SIGSTOP) inside the block, continued after it:
-        connections are still accepted by the kernel, but nothing is answered."""
-        pids = self.leftovers()
+    def paused(self, pids: list[int] | None = None) -> Iterator[None]:
+        """Every process of the service (or those of `pids`) stopped (SIGSTOP) inside the block,
+        continued after it: connections are still accepted by the kernel, but nothing is answered."""
+        pids = self.leftovers() if pids is None else pids
         assert pids, "the service is not running"
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)

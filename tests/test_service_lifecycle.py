@@ -15,7 +15,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -128,21 +127,6 @@ def accepted_by(svc: Service, sock: socket.socket) -> int | None:
     return None
 
 
-@contextlib.contextmanager
-def alone(pid: int, others: list[int]) -> Iterator[None]:
-    """Every API server but `pid` stopped (SIGSTOP) inside the block: the connections made in it
-    can only be accepted by `pid` (the API servers share one listening socket; which of them
-    accepts a connection is otherwise the kernel's choice, and one may take them all)."""
-    for other in others:
-        os.kill(other, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for other in others:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(other, signal.SIGCONT)
-
-
 def status_line(sock: socket.socket, request_line: bytes, headers: bytes = b"") -> bytes:
     length = b"Content-Length: 1000000000\r\n" if request_line.startswith(b"POST") else b""
     sock.sendall(request_line + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -161,7 +145,9 @@ def several_api_servers(svc: Service) -> None:
     auth = f"Authorization: Bearer {KEY}\r\n".encode()
     notes["answers"] = {}
     for pid in servers:
-        with alone(pid, [other for other in servers if other != pid]):
+        # The API servers share one listening socket: which of them accepts a connection is the
+        # kernel's choice, and one may take them all. With the others stopped, only `pid` can.
+        with svc.paused([other for other in servers if other != pid]):
             held = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
             unkeyed = [status_line(socket.create_connection(("127.0.0.1", svc.port), timeout=10), line)
                        for line in UNKEYED]
