@@ -14,8 +14,8 @@
 #   levers, each fp8 with one vLLM flag (EXTRA_VLLM_ARGS) against fp8:
 #   fp8-sync      --no-async-scheduling          fp8-kvfp8     --kv-cache-dtype fp8
 #   fp8-noprefix  --no-enable-prefix-caching     fp8-graphs128 --max-cudagraph-capture-size 128
-#   fp8-api1, fp8-api2   API_SERVER_COUNT=1 or 2 (the count that shares parsing, audio decoding
-#                 and streaming; 1 was the default until the 2026-12-07 levers run)
+#   fp8-api1, fp8-api2   API_SERVER_COUNT=1 or 2 (the processes that share the requests' parsing,
+#                 audio decoding and streaming; 1 was the default until the 2026-12-07 levers run)
 # Each is swept closed-loop at LEVELS (pred: PRED_LEVELS) with REQUESTS_PER_SLOT requests per
 # slot, then open-loop at RATES (pred: PRED_RATES) if set, by bench/serve_and_sweep.sh and
 # bench/loadgen.py. OUT_DIR gets NAME.json (closed), NAME.rates.json (open), NAME.service.log.gz
