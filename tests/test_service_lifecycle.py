@@ -15,7 +15,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -105,26 +107,26 @@ UNKEYED = (b"GET /v1/models", b"GET /metrics", b"GET /version",
            b"POST /v1/chat/completions")  # the POST declares a 1 GB body and sends none
 
 
-def listeners(svc: Service) -> list[int]:
-    """The service's processes that hold its listening socket, the manager that made it included."""
+def holders(svc: Service, wanted: Callable[[Any], bool]) -> list[int]:
+    """The service's processes that hold a TCP socket `wanted` picks (psutil's connections)."""
     found = []
     for pid in svc.leftovers():
         with contextlib.suppress(psutil.Error):
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == svc.port
-                   for c in psutil.Process(pid).net_connections(kind="tcp")):
+            if any(wanted(c) for c in psutil.Process(pid).net_connections(kind="tcp")):
                 found.append(pid)
     return found
+
+
+def listeners(svc: Service) -> list[int]:
+    """The processes that hold the service's listening socket, the manager that made it included."""
+    return holders(svc, lambda c: c.status == psutil.CONN_LISTEN and c.laddr.port == svc.port)
 
 
 def accepted_by(svc: Service, sock: socket.socket) -> int | None:
     """The process that accepted `sock`'s connection (None: none yet, or it left)."""
     port = sock.getsockname()[1]
-    for pid in svc.leftovers():
-        with contextlib.suppress(psutil.Error):
-            if any(c.raddr and c.laddr.port == svc.port and c.raddr.port == port
-                   for c in psutil.Process(pid).net_connections(kind="tcp")):
-                return pid
-    return None
+    found = holders(svc, lambda c: bool(c.raddr) and c.laddr.port == svc.port and c.raddr.port == port)
+    return found[0] if found else None
 
 
 def status_line(sock: socket.socket, request_line: bytes, headers: bytes = b"") -> bytes:
@@ -174,7 +176,8 @@ def several_api_servers(svc: Service) -> None:
 
 # Each test's own server, started ahead beside other tests (tests/service.py Starts): the tests stop
 # them. Where a start is what a test proves, its steps run ahead too and the test asserts on what
-# they noted: the crash story (it ends stopped), two starts at once, the socket's start line.
+# they noted: the crash story (it ends stopped), two starts at once, the socket's start line, the
+# story of two API servers (it ends stopped).
 crash_story = server_fixture("crash_story", start=a_crash_of_the_api_server, holds=False)
 raced = server_fixture("raced", start=two_starts_over_a_stale_pid_file)
 on_socket = server_fixture("on_socket", start=on_a_unix_socket)
