@@ -4,7 +4,8 @@
 # Usage: ./status_service.sh [--config FILE] [-h|--help]
 #
 # Prints pid, uptime, URL, model, log, /health and the requests running and waiting (from
-# /metrics, which needs API_KEY when the service has one: without it they are "unknown"). The
+# /metrics, which needs API_KEY when the service has one: without it they are "unknown"), and a
+# memory line when the log holds PyTorch's allocator OOM warnings since this start. The
 # address and log are the PID file's (found from PID_FILE, else LOG_DIR), not today's
 # configuration's; only PID_FILE, LOG_DIR and API_KEY are checked, so a bad value elsewhere never
 # blocks a status.
@@ -46,6 +47,17 @@ requests_line() { # "N running, M waiting" from /metrics, or why they are unknow
   esac
 }
 
+# PyTorch's own warning, whole line: "[rank0]:[W1207 09:28:28.17 CUDACachingAllocator.cpp:3933] memory
+# allocation failed with OOM on device 0 ...". Anchored, so text a request gets into the log
+# mid-line never counts.
+OOM_WARNING='^(\[rank[0-9]+\]:)?\[W[0-9]{4} [0-9:.]+ CUDACachingAllocator\.cpp:[0-9]+\] memory allocation failed with OOM'
+
+memory_line() { # the allocator's OOM warnings in this start's log, if any
+  local n
+  n=$(grep -cE "$OOM_WARNING" "$LOG_FILE" 2>/dev/null) || return 0
+  echo "memory:   $n GPU allocation(s) failed with OOM since the start: the margin is thin; set GPU_MEMORY_UTIL=0.93 and restart"
+}
+
 main() {
   init_script "$@"
 
@@ -75,6 +87,7 @@ main() {
     *) echo "health:   HTTP $health"; exit 1 ;;
   esac
   echo "requests: $(requests_line)"
+  memory_line
   exit 0
 }
 

@@ -79,6 +79,20 @@ teardown() { common_teardown; }
   assert_output --partial "requests: 2 running, 5 waiting"
 }
 
+@test "status counts PyTorch's allocator OOM warnings in the log, not the same words a request put mid-line" {
+  "$KIT/start_service.sh" 2>/dev/null
+  run "$KIT/status_service.sh"
+  refute_line --partial "memory:"
+  log=$(pid_field log)
+  warning='[W1207 09:28:28.173750100 CUDACachingAllocator.cpp:3933] memory allocation failed with OOM on device 0 while trying to allocate 1272971264 bytes'
+  echo "[rank0]:$warning" >>"$log"
+  echo "$warning" >>"$log"
+  echo "INFO:     127.0.0.1 - \"GET /[rank0]:$warning HTTP/1.1\" 404" >>"$log"
+  run "$KIT/status_service.sh"
+  assert_success
+  assert_line --index -1 "memory:   2 GPU allocation(s) failed with OOM since the start: the margin is thin; set GPU_MEMORY_UTIL=0.93 and restart"
+}
+
 @test "status: a live server whose engine died (/health 503) is reported dead" {
   "$KIT/start_service.sh" 2>/dev/null
   echo 503 >"$T/stubroot/health.status"
