@@ -186,7 +186,22 @@ def resume_command(argv: Sequence[str]) -> str:
     relative = os.path.relpath(python)
     if not relative.startswith(".."):
         python = relative  # .venv/bin/python rather than /home/.../.venv/bin/python
-    return shlex.join([python, program, *argv])
+    return shlex.join([python, program, *hide_api_key(argv)])
+
+
+def hide_api_key(argv: Sequence[str]) -> list[str]:
+    """`argv` with the value of --api-key replaced by a placeholder: the line is printed, and
+    terminals, logs and screen shares keep what is printed."""
+    shown, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            arg, hide_next = "<KEY>", False
+        elif arg == "--api-key":
+            hide_next = True
+        elif arg.startswith("--api-key="):
+            arg = "--api-key=<KEY>"
+        shown.append(arg)
+    return shown
 
 
 def run(args: argparse.Namespace) -> ExitCode:

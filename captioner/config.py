@@ -179,7 +179,10 @@ def parse(path: Path) -> list[tuple[int, str, str, list[str]]]:
             continue
         match = _ASSIGNMENT.match(line)
         if not match:
-            raise ConfigError(f"{path}:{n}: not a KEY=value line: {line}")
+            # Up to the '=' only: the rest may be a secret (`export API_KEY=...`).
+            name, equals, _ = line.partition("=")
+            shown = f": {name}=…" if equals else " (it has no '='; not shown, as it may be a secret)"
+            raise ConfigError(f"{path}:{n}: not a KEY=value line{shown}")
         value = match.group(2).rstrip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]

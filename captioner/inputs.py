@@ -86,20 +86,33 @@ def file_url_path(text: str) -> str | None:
 
 
 def resolve_inputs(args: Iterable[str], stdin: BinaryIO | None = None) -> list[InputItem]:
-    """Resolve command-line inputs, in order, without duplicates (by key).
+    """Resolve command-line inputs, in order, without duplicates (by key, and a file's hard
+    links by inode: the first name given stands).
 
-    Raises `InputError` for a path that does not exist or a folder without audio,
+    Raises `InputError` for a path that does not exist, one that is not a regular file (a pipe:
+    stdin is the way in for those), a folder without audio or with a subfolder it cannot read,
     and `UsageError` for ``-`` given twice. Failing here, before any request, keeps
     a typo from costing a half-finished batch. ``-`` reads `stdin` (default: the
     process's) to its end.
     """
     items: list[InputItem] = []
     seen: set[str] = set()
+    seen_files: set[tuple[int, int]] = set()  # (device, inode): hard links are one file too
 
     def add(item: InputItem) -> None:
-        if item.key not in seen:
-            seen.add(item.key)
-            items.append(item)
+        if item.key in seen:
+            return
+        if item.path is not None:
+            try:
+                info = os.stat(item.path)
+            except OSError:
+                pass  # gone since it was listed: its worker says so
+            else:
+                if (info.st_dev, info.st_ino) in seen_files:
+                    return
+                seen_files.add((info.st_dev, info.st_ino))
+        seen.add(item.key)
+        items.append(item)
 
     stdin_given = False
     for arg in args:
@@ -122,9 +135,11 @@ def resolve_inputs(args: Iterable[str], stdin: BinaryIO | None = None) -> list[I
                     )
                 for shown, real in found:
                     add(InputItem(shown, "file", path=real))
-            elif path.exists():
+            elif path.is_file():
                 # Named explicitly: take it whatever its extension; decoding decides.
                 add(InputItem(arg, "file", path=os.path.realpath(path)))
+            elif path.exists():  # a pipe (`<(cmd)`), a FIFO, a device: read once, like stdin
+                raise InputError(f"{arg}: not a regular file; pipe it in instead: ... | test_client.py -")
             else:
                 raise InputError(f"{arg}: no such file or folder")
     return items
@@ -166,7 +181,11 @@ def find_audio_files(folder: Path) -> list[tuple[str, str]]:
 
 def _walk_audio(folder: Path) -> Iterator[str]:
     visited: set[tuple[int, int]] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:  # a folder the walk cannot list: say so, skip nothing silently
+        raise InputError(f"{exc.filename}: cannot read this folder: {exc.strerror or exc}")
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
         try:
             info = os.stat(root)
         except OSError:

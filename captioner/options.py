@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "-o", "--output", type=Path, metavar="FILE",
-        help="write results to FILE instead of stdout; a rerun skips inputs already done; "
-        ".jsonl keeps other runs' records, other formats are rewritten for this run's inputs",
+        help="write results to FILE instead of stdout; a stopped run's rerun skips inputs already "
+        "done; .jsonl keeps every run's records (a rerun skips what it holds), other formats are "
+        "rewritten for this run's inputs",
     )  # fmt: skip
     p.add_argument(
         "-c", "--concurrency", type=positive_int, metavar="N",

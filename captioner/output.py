@@ -63,6 +63,24 @@ def check_output_path(path: Path, shown: Path | None = None) -> None:
         raise UsageError(f"--output {shown}: cannot write the file (permission denied)")
 
 
+def check_not_an_input(target: Path, keys: Sequence[str], shown: Path) -> None:
+    """`UsageError` when the file `--output` writes is one of the inputs (its real path, or a hard
+    link to it): writing it would destroy the audio being captioned."""
+    try:
+        written = os.stat(target)
+    except OSError:
+        return  # not there yet: no input can be it
+    for key in keys:
+        if not key.startswith("/"):
+            continue  # stdin's hash, a URL
+        try:
+            info = os.stat(key)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) == (written.st_dev, written.st_ino):
+            raise UsageError(f"--output {shown}: is one of the inputs; give another file name")
+
+
 def output_target(path: Path) -> Path:
     """The file `--output PATH` writes: PATH with symlinks resolved (a dangling link: the file it
     names), so the link is kept and the lock is on the file written."""
@@ -232,6 +250,7 @@ class Output:
         self._created = False
         if path is not None and self.target is not None:
             check_output_path(self.target, shown=path)
+            check_not_an_input(self.target, self.order, shown=path)
             state = state_path(self.target, fmt)
             self._created = not state.exists()
             self.state = StateFile(state, shown=path)

@@ -51,8 +51,17 @@ def choose_base_urls(given: Sequence[str] | None, settings: Settings) -> list[st
 
 
 def choose_api_key(given: str | None, settings: Settings) -> str | None:
-    """--api-key, else CAPTIONER_API_KEY, else the service's own API_KEY."""
-    return given or settings.get("CAPTIONER_API_KEY") or settings.get("API_KEY")
+    """--api-key, else CAPTIONER_API_KEY, else the service's own API_KEY; `UsageError` for one that
+    cannot be an HTTP header's value (printable ASCII, no spaces: a trailing CR of a Windows file
+    would otherwise end up in an error message, key and all)."""
+    for name, key in (("--api-key", given), ("CAPTIONER_API_KEY", settings.get("CAPTIONER_API_KEY")),
+                      ("API_KEY", settings.get("API_KEY"))):
+        if key:
+            if not re.fullmatch(r"[!-~]+", key):
+                raise UsageError(f"{name}: the API key holds a space or a control character "
+                                 "(a line end copied from a file?); give the key alone")
+            return key
+    return None
 
 
 def choose_concurrency(given: int | None, settings: Settings, servers: int) -> int:

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 
 from captioner.cli import main
 from captioner.errors import ExitCode
+from tests.service import ROOT
 from tests.test_client_support import StubServer, folder_of, tone, write_wav
 
 pytestmark = pytest.mark.usefixtures("client_env_cleared")
@@ -156,3 +158,68 @@ def test_a_file_url_is_the_local_file_it_names(tmp_path: Path, capsys: pytest.Ca
     assert len(stub.requests) == 1  # read by the client: the server never sees a file:// URL
     assert "file://elsewhere/clip.wav: a file:// URL names a file on this machine" in captured.err
     assert f"file://{tmp_path}/missing.wav: no such file or folder" in captured.err
+
+
+def test_a_hard_link_is_the_same_input_as_its_file_captioned_once_under_the_first_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = folder_of(tmp_path, 2)
+    os.link(folder / "00.wav", folder / "99-hard-link.wav")
+    with StubServer() as stub:
+        code = main([str(folder), str(folder / "99-hard-link.wav"), "--base-url", stub.base_url])
+    assert code == ExitCode.OK
+    assert len(stub.requests) == 2
+    headers = [x for x in capsys.readouterr().out.splitlines() if x.startswith("# ")]
+    assert headers == [f"# {folder}/00.wav", f"# {folder}/01.wav"]
+
+
+@pytest.mark.parametrize("how", ["the same name", "a symlink", "a hard link"])
+@pytest.mark.parametrize("name", ["clip.wav", "clip.json"])
+def test_an_output_that_is_one_of_the_inputs_is_refused_before_anything_is_sent_and_the_audio_stays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str, name: str
+) -> None:
+    clip = write_wav(tmp_path / name, tone(1))
+    audio = clip.read_bytes()
+    output = clip if how == "the same name" else tmp_path / "out.json"
+    if how == "a symlink":
+        output.symlink_to(clip)
+    elif how == "a hard link":
+        os.link(clip, output)
+    with StubServer() as stub:
+        code = main([str(clip), "-f", "json", "-o", str(output), "--base-url", stub.base_url])
+    assert (code, stub.requests) == (ExitCode.USAGE, [])
+    err = capsys.readouterr().err
+    assert err == f"captioner: error: --output {output}: is one of the inputs; give another file name\n"
+    assert clip.read_bytes() == audio
+
+
+def test_a_pipe_named_as_a_path_is_refused_in_one_line_that_says_to_pipe_it_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "clip.fifo"  # what `<(cat clip.wav)` hands over is such a pipe, by /dev/fd/N
+    os.mkfifo(fifo)
+    with StubServer() as stub:
+        code = main([str(fifo), "--base-url", stub.base_url])
+    assert (code, stub.requests) == (ExitCode.INPUT, [])
+    assert capsys.readouterr().err == (
+        f"captioner: error: {fifo}: not a regular file; pipe it in instead: ... | test_client.py -\n"
+    )
+
+
+def test_a_subfolder_the_user_cannot_read_stops_the_run_before_anything_is_sent(tmp_path: Path) -> None:
+    folder = folder_of(tmp_path, 2)
+    locked = folder / "locked"
+    locked.mkdir()
+    write_wav(locked / "hidden-from-us.wav", tone(1))
+    locked.chmod(0)
+    # Root reads every folder: drop the capabilities that let it, as an ordinary account has none.
+    caps = "-dac_override,-dac_read_search"
+    as_user = [] if os.geteuid() != 0 else ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    try:
+        with StubServer() as stub:
+            result = subprocess.run([*as_user, sys.executable, str(ROOT / "test_client.py"), str(folder),
+                                     "--base-url", stub.base_url], capture_output=True, text=True, timeout=60)
+    finally:
+        locked.chmod(0o755)
+    assert (result.returncode, stub.requests) == (ExitCode.INPUT, [])
+    assert result.stderr == f"captioner: error: {locked}: cannot read this folder: Permission denied\n"

@@ -167,6 +167,37 @@ def test_a_fatal_error_keeps_finished_records_and_names_the_resume_command(
     assert last.endswith(" ".join(args))
 
 
+@pytest.mark.parametrize("given", [["--api-key", "sk-live-SECRET"], ["--api-key=sk-live-SECRET"]])
+def test_the_resume_line_of_a_stopped_batch_shows_the_api_key_as_a_placeholder_never_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], given: list[str]
+) -> None:
+    folder = folder_of(tmp_path, 3)
+    out = tmp_path / "captions.jsonl"
+    refused = (401, {"error": {"message": "Unauthorized"}})
+    with StubServer(replies=[refused]) as stub:
+        args = [str(folder), "-o", str(out), "--base-url", stub.base_url, "-c", "1", *given]
+        assert main(args) == ExitCode.HTTP_4XX
+    err = capsys.readouterr().err
+    assert "sk-live-SECRET" not in err
+    shown = ["--api-key", "'<KEY>'"] if len(given) == 2 else ["'--api-key=<KEY>'"]
+    assert err.strip().splitlines()[-1].endswith(" ".join([*args[:-len(given)], *shown]))
+
+
+@pytest.mark.parametrize("key", ["sk-live-SECRET\r", "sk-live SECRET", "sk-live-SECRET\n"])
+def test_an_api_key_with_a_space_or_a_control_character_is_refused_before_any_request_and_not_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    clip = folder_of(tmp_path, 1) / "00.wav"
+    monkeypatch.setenv("CAPTIONER_API_KEY", key)  # `$(cat key.txt)` of a file saved on Windows
+    with StubServer() as stub:
+        assert main([str(clip), "--base-url", stub.base_url]) == ExitCode.USAGE
+    assert stub.requests == []
+    assert capsys.readouterr().err == (
+        "captioner: error: CAPTIONER_API_KEY: the API key holds a space or a control character "
+        "(a line end copied from a file?); give the key alone\n"
+    )
+
+
 def completion_body() -> dict[str, Any]:
     from tests.test_client_support import completion
 

@@ -78,7 +78,9 @@ def test_the_client_and_the_scripts_read_the_same_values(tmp_path: Path) -> None
     ("text", "message"),
     [
         ("PORT=1\nMAX_NUM_SEQ=8\n", "{f}:2: unknown variable MAX_NUM_SEQ (known: see config.env.example)"),
-        ("export PORT=8003\n", "{f}:1: not a KEY=value line: export PORT=8003"),
+        ("export PORT=8003\n", "{f}:1: not a KEY=value line: export PORT=…"),
+        ("export API_KEY=sk-secret\n", "{f}:1: not a KEY=value line: export API_KEY=…"),
+        ("sk-secret\n", "{f}:1: not a KEY=value line (it has no '='; not shown, as it may be a secret)"),
     ],
 )
 def test_a_bad_config_file_is_one_line_naming_file_and_line_for_client_and_scripts(
