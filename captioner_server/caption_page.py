@@ -79,6 +79,9 @@ class Page:
         return cls(files)
 
     async def serve(self, scope: Scope, send: Send) -> None:
+        if scope["type"] != "http":  # a WebSocket upgrade: closed unaccepted, as the guard closes one
+            await send({"type": "websocket.close", "code": 1008})
+            return
         kind, body = self.files[scope["path"]]
         await send({
             "type": "http.response.start",

@@ -17,6 +17,9 @@ the API server passes here first, cheapest check first, and nothing vLLM does st
 5. Routes: only ROUTES reach vLLM (CAPTIONER_EXTRA_ROUTES opens more, `all` every one); the
    caption page (GET / and /page/*, from <kit>/web) is answered here and never reaches vLLM;
    any other path is 404, a known path with another method 405.
+   Headers that vLLM reads as request settings (X-Vllm-Priority, X-data-parallel-rank,
+   X-Session-ID) are 400, and an X-Request-Id is held to the request_id field's rule
+   (request_policy.header_problem): vLLM puts it in its log lines.
 6. Bodies: over CAPTIONER_MAX_REQUEST_BYTES is 413, from the Content-Length or while streaming
    (the body is never read whole before that decision).
 7. /v1/chat/completions: JSON nested deeper than MAX_JSON_DEPTH is 400 (not a 500 and a
@@ -73,7 +76,7 @@ from captioner_server.errors import (
     shutdown_aware,
 )
 from captioner_server.media_fetch import FetchFailed, fetch_audio
-from captioner_server.request_policy import Limits, audio_only_problem, remote_audio_urls
+from captioner_server.request_policy import Limits, audio_only_problem, header_problem, remote_audio_urls
 from captioner_server.settings import guard_settings
 
 
@@ -107,6 +110,8 @@ NO_REMOTE_MEDIA = (
     "this server fetches no URL (ALLOWED_MEDIA_DOMAINS is empty): send the audio inline as a "
     "data: URL or input_audio (test_client.py does)"
 )
+UNREADABLE_BODY = ("the request does not have the shape of a caption request: send one user message "
+                   "whose content is one audio part (test_client.py's requests show the shape)")
 UNAUTHORIZED = "missing or wrong API key: send the header 'Authorization: Bearer <API_KEY>'"
 CROSS_ORIGIN = ("cross-origin request refused: this API answers only its own page (open "
                 "http://127.0.0.1:<port>/ through the tunnel) and clients that send no Origin")
@@ -186,6 +191,17 @@ def json_depth(value: Any) -> int:
     return depth
 
 
+def policy_problem(parsed: Any, limits: Limits) -> str | None:
+    """request_policy.py's answer; a body shape it did not foresee is the client's mistake too: one
+    400 line, never a 500 with a traceback (whose log line would hold the URL's query string)."""
+    try:
+        return audio_only_problem(parsed, limits)
+    except Exception as exc:  # any failure of a pure check on the client's JSON
+        logging.getLogger("request_guard").warning("request_guard: the request policy failed on a body "
+                                                   "(%s): refused with 400", type(exc).__name__)
+        return UNREADABLE_BODY
+
+
 # --- ASGI -----------------------------------------------------------------------------------
 
 class RequestGuard:
@@ -230,6 +246,9 @@ class RequestGuard:
                           f"POST {CHAT_PATH})")
         if method not in route.methods:
             raise Refusal(405, "MethodNotAllowed", f"{path} takes {', '.join(sorted(route.methods))}")
+        problem = header_problem(headers)
+        if problem:
+            raise bad_request(problem)
         declared = by_name.get(b"content-length")
         if self.max_bytes is not None and declared is not None and declared.isdigit():
             if int(declared) > self.max_bytes:
@@ -247,7 +266,7 @@ class RequestGuard:
             return body, False  # vLLM answers malformed JSON itself (400)
         if json_depth(parsed) > MAX_JSON_DEPTH:
             raise bad_request(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        problem = audio_only_problem(parsed, self.limits)
+        problem = policy_problem(parsed, self.limits)
         if problem:
             raise bad_request(problem)
         if not isinstance(parsed, dict) or not isinstance(parsed.get("messages"), list):

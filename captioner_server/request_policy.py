@@ -71,7 +71,8 @@ class Limits:
     def min_tokens_cap(self, max_tokens: int | None) -> int | None:
         """The most min_tokens vLLM can honour: min_tokens above the caption's length limit, which
         vLLM lowers to the room the prompt leaves, is rejected after the audio was processed."""
-        caps = [c for c in (max_tokens, self.max_tokens) if c is not None][:1]
+        # vLLM lowers the client's max_tokens to MAX_TOKENS (--override-generation-config) too.
+        caps = [c for c in (max_tokens, self.max_tokens) if c is not None]
         if self.max_model_len is not None and self.max_audio_seconds is not None:
             longest_prompt = self.max_audio_seconds * PROMPT_TOKENS_PER_SECOND + TEMPLATE_TOKENS
             caps.append(max(0, self.max_model_len - longest_prompt))
@@ -86,7 +87,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    # An int is compared by range as it is: math.isfinite(10**400) raises OverflowError.
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def integer(low: int, high: int) -> Callable[[Any], str | None]:
@@ -199,8 +201,34 @@ def relation_problem(body: dict[str, Any], limits: Limits) -> str | None:
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     cap = limits.min_tokens_cap(max_tokens)
     if body.get("min_tokens") and cap is not None and body["min_tokens"] > cap:
-        return (f"min_tokens must be at most {cap}: the caption's length limit (max_tokens, or the room "
-                "the context leaves after the longest audio the server takes)")
+        return (f"min_tokens must be at most {cap}: the caption's length limit (max_tokens, the server's "
+                "MAX_TOKENS, or the room the context leaves after the longest audio the server takes)")
+    return None
+
+
+# --- the headers vLLM reads ---------------------------------------------------------------------
+
+# Headers vLLM acts on as it would on a request field (vllm/entrypoints/generate/base/serving.py):
+# each would set what the body rules keep at vLLM's default, and a rank out of range fails only
+# after the audio was processed.
+REFUSED_HEADERS = {
+    b"x-vllm-priority": "the priority field must be 0 here",
+    b"x-data-parallel-rank": "the server picks the engine",
+    b"x-session-id": "the request field session_id is not accepted either",
+}
+# Its value becomes vLLM's request id and appears in vLLM's log lines: the request_id field's rule.
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+def header_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's headers would make vLLM do what the body rules refuse (None when they don't)."""
+    for name, value in headers:
+        name = name.lower()
+        if name in REFUSED_HEADERS:
+            return (f"the header {name.decode()} is not accepted ({REFUSED_HEADERS[name]}): "
+                    "send the request without it")
+        if name == REQUEST_ID_HEADER and REQUEST_ID.fullmatch(value.decode("latin-1")) is None:
+            return f"the header x-request-id must be {request_id('')} (or leave it out)"
     return None
 
 
@@ -231,9 +259,15 @@ def has_audio_part(body: Any) -> bool:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
             for part in content:
-                if isinstance(part, dict) and part.get("type") in AUDIO_PART_TYPES:
+                if part_type(part) in AUDIO_PART_TYPES:
                     return True
     return False
+
+
+def part_type(part: Any) -> str | None:
+    """A content part's "type" when it is a string (a list or an object there is no type)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def audio_part_problem(part: dict[str, Any]) -> str | None:
@@ -286,7 +320,7 @@ def audio_only_problem(body: Any, limits: Limits = Limits()) -> str | None:
         return f"{AUDIO_ONLY}; the message field {shown(unknown[0])} is not accepted"
     content = messages[0]["content"]
     for part in content:
-        if not isinstance(part, dict) or part.get("type") not in AUDIO_PART_TYPES:
+        if part_type(part) not in AUDIO_PART_TYPES:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             return f"{AUDIO_ONLY} (this one holds a part of type {escape(str(kind)[:60])})"
         problem = audio_part_problem(part)

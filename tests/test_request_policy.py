@@ -86,6 +86,8 @@ def test_fields_between_them_top_logprobs_needs_logprobs_stream_options_needs_st
     assert "stream_options needs stream" in str(problem(body(stream_options={"include_usage": True})))
     assert problem(body(stream=True)) is None  # the kit's own streamed request
     assert "min_tokens must be at most 10" in str(problem(body(max_tokens=10, min_tokens=20)))
+    # A max_tokens above MAX_TOKENS is lowered to it by vLLM: so is min_tokens' cap.
+    assert "min_tokens must be at most 64" in str(problem(body(max_tokens=30000, min_tokens=20000)))
     # No max_tokens: the server's MAX_TOKENS is the cap; a context that leaves less room lowers it.
     assert "at most 64" in str(problem(body(min_tokens=65)))
     short = Limits(max_tokens=16384, max_model_len=4096, max_audio_seconds=600)
