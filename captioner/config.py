@@ -227,9 +227,25 @@ def load(environ: Mapping[str, str], given: str | Path | None = None) -> dict[st
         for n, name, value, _ in parse(path):
             if known and name not in known:
                 raise ConfigError(f"{path}:{n}: unknown variable {name} (known: see config.env.example)")
+            rule = known[name].rule if name in known else None
+            problem = shell_habit(value, path_kind=rule is not None and rule.kind in PATH_KINDS)
+            if problem:
+                raise ConfigError(f"{path}:{n}: {name}: {problem} (the file is read, not run by a shell)")
             values[name] = value
     values.update((name, environ[name]) for name in values if name in environ)
     return values
+
+
+def shell_habit(value: str, path_kind: bool) -> str | None:
+    """What in a config file's value a shell would have changed and this reader keeps as it is:
+    single quotes, a comment after the value, and in a path `~`, `$VAR` or a backquote."""
+    if len(value) >= 2 and value[0] == value[-1] == "'":
+        return "single quotes would stay part of the value: use double quotes or none"
+    if re.search(r"\s#", value):
+        return "a comment after the value would be part of it: put it on a line of its own"
+    if path_kind and (value.startswith("~") or "$" in value or "`" in value):
+        return "~, $VARIABLE and backquotes are not expanded: write the path out"
+    return None
 
 
 def absolute(path: str) -> str:

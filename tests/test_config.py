@@ -81,6 +81,14 @@ def test_the_client_and_the_scripts_read_the_same_values(tmp_path: Path) -> None
         ("export PORT=8003\n", "{f}:1: not a KEY=value line: export PORT=…"),
         ("export API_KEY=sk-secret\n", "{f}:1: not a KEY=value line: export API_KEY=…"),
         ("sk-secret\n", "{f}:1: not a KEY=value line (it has no '='; not shown, as it may be a secret)"),
+        ("LOG_DIR=~/captioner-logs\n", "{f}:1: LOG_DIR: ~, $VARIABLE and backquotes are not expanded: "
+         "write the path out (the file is read, not run by a shell)"),
+        ("MODEL_PATH=$HOME/models\n", "{f}:1: MODEL_PATH: ~, $VARIABLE and backquotes are not expanded: "
+         "write the path out (the file is read, not run by a shell)"),
+        ("API_KEY='abc123'\n", "{f}:1: API_KEY: single quotes would stay part of the value: use double "
+         "quotes or none (the file is read, not run by a shell)"),
+        ("LOG_DIR=/var/log/captioner  # per host\n", "{f}:1: LOG_DIR: a comment after the value would be "
+         "part of it: put it on a line of its own (the file is read, not run by a shell)"),
     ],
 )
 def test_a_bad_config_file_is_one_line_naming_file_and_line_for_client_and_scripts(
