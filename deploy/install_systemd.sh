@@ -26,6 +26,21 @@ PROG=install_systemd
 # shellcheck source=lib/service_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/service_lib.sh"
 
+# unit_path WHAT PATH: die unless PATH goes into the unit and sed as it is: no space (splits a
+# systemd list), % (a systemd specifier), | & \ (sed's), quotes or a line end.
+unit_path() {
+  [[ $2 =~ ^/[A-Za-z0-9/_.,@+=:-]*$ ]] ||
+    die "$1 $2: a systemd unit cannot name it as it is (letters, digits and / _ . , @ + = : - only): use another path"
+}
+
+# write_file TEMPLATE DEST: DEST filled whole or not at all (a rename, so a failure leaves the old one).
+write_file() {
+  if ! { fill "$1" >"$2.new" && chmod 0644 "$2.new" && mv -f "$2.new" "$2"; }; then
+    rm -f "$2.new"
+    die "cannot write $2"
+  fi
+}
+
 fill() { # fill TEMPLATE -> stdout, every @KEY@ replaced
   sed -e "s|@UNIT@|$UNIT|g" -e "s|@KIT@|$KIT_ROOT|g" -e "s|@USER@|$SERVICE_USER|g" \
     -e "s|@GROUP@|$SERVICE_GROUP|g" -e "s|@LISTEN@|$LISTEN|g" \
@@ -75,10 +90,12 @@ main() {
   [[ -n $SERVICE_USER ]] || SERVICE_USER=$(stat -c %U "$KIT_ROOT")
   id "$SERVICE_USER" >/dev/null 2>&1 || die "user $SERVICE_USER does not exist (create it, or pass --user)"
   SERVICE_GROUP=$(id -gn "$SERVICE_USER")
-  [[ $KIT_ROOT != *[[:space:]\|]* ]] || die "the kit's path $KIT_ROOT has spaces or '|': systemd units cannot name it; move the kit"
+  unit_path "the kit's folder" "$KIT_ROOT"
   # The unit starts with the file validated here, whatever the environment of a later start.
   [[ -f $CONFIG_ABS ]] || die "no configuration file to install with: create $CONFIG_ABS (it may be empty: config.env.example holds the defaults)"
-  [[ $CONFIG_ABS != *[[:space:]\|]* ]] || die "--config $CONFIG_ABS has spaces or '|': systemd units cannot name it; move the file"
+  unit_path --config "$CONFIG_ABS"
+  unit_path LOG_DIR "$LOG_DIR_ABS"
+  [[ -z $UNIX_SOCKET_ABS ]] || unit_path UNIX_SOCKET "$UNIX_SOCKET_ABS"
 
   LISTEN=$HOST:$PORT
   [[ -z $UNIX_SOCKET_ABS ]] || LISTEN=unix:$UNIX_SOCKET_ABS
@@ -100,9 +117,8 @@ main() {
   # systemd opens service.log as root (StandardOutput=append:); made here, it is the service's, 0640.
   [[ -e $LOG_FILE ]] || install -o "$SERVICE_USER" -g "$SERVICE_GROUP" -m 0640 /dev/null "$LOG_FILE"
   install -d -o "$SERVICE_USER" -g "$SERVICE_GROUP" "$KIT_ROOT/.cache"
-  fill "$dir/captioner.service.in" >"$unit_dir/$UNIT.service"
-  fill "$dir/captioner.logrotate.in" >"$rotate_dir/$UNIT"
-  chmod 0644 "$unit_dir/$UNIT.service" "$rotate_dir/$UNIT"
+  write_file "$dir/captioner.service.in" "$unit_dir/$UNIT.service"
+  write_file "$dir/captioner.logrotate.in" "$rotate_dir/$UNIT"
   say "wrote $unit_dir/$UNIT.service and $rotate_dir/$UNIT (runs as $SERVICE_USER)"
   if [[ -d /run/systemd/system ]]; then
     systemctl daemon-reload

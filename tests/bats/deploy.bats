@@ -179,6 +179,18 @@ print_split() {
   assert_output 'install_systemd: STOP_TIMEOUT="60" is invalid: must exceed SHUTDOWN_DRAIN (90 s), or in-flight requests are killed mid-drain'
 }
 
+@test "a log folder the unit cannot name as it is (a space, %, sed's | and &) is refused, and nothing is written" {
+  mkdir -p "$T/units" "$T/rotate"
+  echo "the unit of yesterday" >"$T/units/captioner.service"
+  for dir in "$T/a b" "$T/100%" "$T/x|y" "$T/x&y"; do
+    config_file "LOG_DIR=$dir"
+    SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate run "$KIT/deploy/install_systemd.sh" --user root
+    assert_failure 1
+    assert_output "install_systemd: LOG_DIR $dir: a systemd unit cannot name it as it is (letters, digits and / _ . , @ + = : - only): use another path"
+  done
+  assert_equal "$(cat "$T/units/captioner.service")" "the unit of yesterday"
+}
+
 @test "a setting the environment changes is refused by name: the unit reads only the config file" {
   config_file PORT=8124
   PORT=9999 LOG_DIR=$T/x run "$KIT/deploy/install_systemd.sh" --print
