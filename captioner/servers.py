@@ -2,8 +2,9 @@
 
 Each request goes to the live server with the fewest requests in flight (ties: the
 one sent the fewest so far). A server whose request fails to connect, is dropped
-before an answer, gets no answer within the read timeout, or is answered with a status
-its client retries (`options.RETRY_STATUSES`, after those retries) leaves the rotation
+before an answer, gets no answer within the read timeout, or is answered with a server
+error (a 5xx other than vLLM's for unusable input, after the retries of
+`options.RETRY_STATUSES`) or 429 leaves the rotation
 with a warning, and the request goes to another server at once. It is probed again
 after `PROBE_AFTER` seconds (doubling, at most `PROBE_MAX`): one request is let through,
 and if it succeeds the server is back. When every server is out, a request waits for
@@ -47,10 +48,14 @@ T = TypeVar("T")
 
 def is_server_down(exc: BaseException) -> bool:
     """Errors that say the server (not the input) is the problem: try another one. A read
-    timeout is one: a server that does not answer in time is treated like one that refuses."""
+    timeout is one: a server that does not answer in time is treated like one that refuses. So
+    are a 5xx that is not vLLM's word for unusable input, and a 429: a server failing fast would
+    otherwise, having the fewest requests in flight, draw most of them."""
     if isinstance(exc, (ServerConnectionError, ServerTimeoutError)):
         return True
-    return isinstance(exc, ServerHTTPError) and exc.status in RETRY_STATUSES
+    if not isinstance(exc, ServerHTTPError):
+        return False
+    return exc.status in RETRY_STATUSES or exc.status == 429 or (exc.status >= 500 and not exc.bad_input)
 
 
 def short_reason(exc: CaptionerError) -> str:

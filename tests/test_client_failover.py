@@ -40,11 +40,12 @@ def test_a_dead_server_among_two_is_left_out_with_a_warning_and_the_batch_finish
                         "probing it again in 5 s; 1 of 2 servers in use"]
 
 
-def test_a_server_answering_503_again_and_again_leaves_the_rotation_and_the_other_does_the_rest(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("status", [503, 500, 429])
+def test_a_server_answering_a_server_error_again_and_again_leaves_the_rotation_and_the_other_does_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int
 ) -> None:
     folder = folder_of(tmp_path, 8)
-    busy = (503, {"error": {"message": "draining"}})
+    busy = (status, {"error": {"message": "draining"}})  # answered at once: the least busy, always
     out = tmp_path / "out.jsonl"
     with StubServer(replies=[busy] * 100) as draining, StubServer() as live:
         code = main([str(folder), "--base-url", draining.base_url, "--base-url", live.base_url,
@@ -52,7 +53,22 @@ def test_a_server_answering_503_again_and_again_leaves_the_rotation_and_the_othe
     assert code == ExitCode.OK
     assert len(live.requests) == 8 and len(draining.requests) <= 4  # one request, retried once, ...
     assert sorted(sources(out)) == sorted(str(p) for p in folder.iterdir())
-    assert f"{draining.base_url} left the rotation (HTTP 503: draining)" in capsys.readouterr().err
+    assert f"{draining.base_url} left the rotation (HTTP {status}: draining)" in capsys.readouterr().err
+
+
+def test_a_500_that_is_vllms_word_for_unusable_audio_keeps_the_server_in_and_fails_that_input_alone(
+    tmp_path: Path,
+) -> None:
+    folder = folder_of(tmp_path, 4)
+    unusable = (500, {"error": {"message": "Invalid data found when processing input"}})
+    out = tmp_path / "out.jsonl"
+    with StubServer(replies=[unusable]) as first, StubServer(delay=0.3) as second:
+        code = main([str(folder), "--base-url", first.base_url, "--base-url", second.base_url,
+                     "-o", str(out), "-c", "1"])  # fmt: skip
+    assert code == ExitCode.FAILURES
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sum(r["error"] is not None for r in records) == 1
+    assert len(first.requests) + len(second.requests) == 4  # the failed input was not sent again
 
 
 def test_a_server_that_stops_mid_batch_gets_no_more_requests_and_every_input_is_captioned_once(
