@@ -12,12 +12,13 @@
 #                  warm-up (once /health answers); no PID file, no wait.
 #
 # A second start while one runs reads the PID file (the running service's record): with the same
-# port, host, socket and model it says "already running" (exit 0); with others it says what runs
-# and what differs (exit 1): ./stop_service.sh first.
+# port, host, socket and model it says "already running" (exit 0); with others, or with its engine
+# dead (/health 503), it says so (exit 1): ./stop_service.sh first. A PID_FILE that is not this
+# account's, or not a PID file of this kit (a link, a folder, another file), is refused, left alone.
 #
 # Exit codes: 0 started (or already running as asked), 1 failed: bad config, preflight, a server
-# already running with other settings, or the server died / never became healthy (its log tail
-# is printed; no process and no PID file is left).
+# already running with other settings or a dead engine, or the server died / never became healthy
+# (its log tail is printed; no process and no PID file is left).
 # CAPTIONER_DEBUG=1 traces the script.
 set -euo pipefail
 PROG=start_service
@@ -183,8 +184,10 @@ build_args() {
     # per start (~20 s of a ~65 s start on 2 cores).
     VLLM_ARGS+=(--enforce-eager --distributed-executor-backend uni)
   fi
-  # shellcheck disable=SC2206 # documented: split on spaces, no quoting
-  [[ -z $EXTRA_VLLM_ARGS ]] || VLLM_ARGS+=($EXTRA_VLLM_ARGS)
+  # Split on spaces (documented), no quoting and no globbing: `*` stays `*`, whatever the folder.
+  local -a extra=()
+  [[ -z $EXTRA_VLLM_ARGS ]] || read -r -d '' -a extra <<<"$EXTRA_VLLM_ARGS" || true
+  VLLM_ARGS+=("${extra[@]}")
 }
 
 # The service's environment: secure defaults; the API key travels here, never in argv.
@@ -364,6 +367,8 @@ already_running() {
     changes+=$(differs SERVED_MODEL_NAME "$PF_SERVED_MODEL" "$SERVED_MODEL_NAME")
   fi
   [[ -z $changes ]] || die "already running with other settings ($running): ${changes%; }; run ./stop_service.sh first to start with these"
+  [[ $(use_record && http_status /health 2) != 503 ]] ||
+    die "already running ($running) but its engine is dead (/health 503): run ./stop_service.sh then ./start_service.sh"
   say "already running ($running)"
   exit 0
 }

@@ -10,7 +10,8 @@
 # configuration's; only PID_FILE, LOG_DIR and API_KEY are checked, so a bad value elsewhere never
 # blocks a status.
 # Exit codes (LSB): 0 running and healthy; 1 dead with a PID file left (API server gone, or its
-# engine dead: /health 503), or not answering; 3 stopped.
+# engine dead: /health 503), or not answering, or a PID file refused (not this account's, or not
+# a PID file of this kit: nothing is asked of its address); 3 stopped.
 # CAPTIONER_DEBUG=1 traces the script.
 set -euo pipefail
 PROG=status_service

@@ -9,11 +9,14 @@
 # requests for SHUTDOWN_DRAIN s), then SIGTERM and after STOP_TIMEOUT SIGKILL to every process
 # of the service, the orphaned engine of a killed API server included, until none is left.
 # A stale PID file, or one whose pid now belongs to another process, is reported and removed
-# without signalling. Never kills by name: the video service on this host has the same names.
+# without signalling. A PID_FILE that is not this account's, or not a PID file of this kit (a
+# link, a folder, any other file), is refused and left alone (exit 1), nothing signalled.
+# Never kills by name: the video service on this host has the same names.
 # Checks only the settings it uses (PID_FILE, LOG_DIR, STOP_TIMEOUT, SHUTDOWN_DRAIN): a bad value
 # elsewhere in the configuration never blocks a stop.
 #
-# Exit codes: 0 stopped (or nothing was running), 1 bad config or processes that would not die.
+# Exit codes: 0 stopped (or nothing was running), 1 bad config, a PID file refused, or processes
+# that would not die.
 # CAPTIONER_DEBUG=1 traces the script.
 set -euo pipefail
 PROG=stop_service

@@ -9,6 +9,10 @@ PROG=${PROG:-$(basename "$0" .sh)}
 # The Python that reads the configuration (captioner/config.py, standard library only): the kit's
 # venv, else the system's. It is also the default VLLM_PYTHON.
 if [[ -x $KIT_ROOT/.venv/bin/python ]]; then KIT_PYTHON=$KIT_ROOT/.venv/bin/python; else KIT_PYTHON=python3; fi
+# Every Python the scripts run (config, the vLLM probe, vLLM and its workers, the warm-up) imports
+# nothing from the caller's folder: a vllm.py or vllm/ there is never executed (Python >= 3.11;
+# the kit's own packages come through PYTHONPATH).
+export PYTHONSAFEPATH=1
 
 say() { # progress, warnings and errors all go to stderr as "PROG: message"
   echo "$PROG: $*" >&2
@@ -100,9 +104,12 @@ file_id() { # file_id PATH -> device:inode (follows links, so /proc/PID/fd/1 wor
 }
 
 is_member() { # is_member PID: in our session, writing to our log, not a zombie
+  local log_id
   [[ $(proc_stat_field "$1" 6) == "$PF_PID" ]] || return 1
   [[ $(proc_stat_field "$1" 3) != Z ]] || return 1
-  [[ $(file_id "/proc/$1/fd/1") == "$PF_LOG_ID" ]]
+  # Another account's process: its fd 1 cannot be read, so it is not ours.
+  log_id=$(file_id "/proc/$1/fd/1") || return 1
+  [[ -n $log_id && $log_id == "$PF_LOG_ID" ]]
 }
 
 # Pids of every live process of the service recorded in the PID file (read_pid_file first).
@@ -116,10 +123,18 @@ service_pids() {
   return 0
 }
 
-read_pid_file() { # sets PF_PID PF_PGID PF_START PF_LOG_ID PF_STARTED_AT and PF_<KEY> of every key
+# read_pid_file: 1 when there is no PID file. One that is a link, not a regular file, not ours, or
+# not in the form write_pid_file writes (a forged or mistyped PID_FILE) is refused: one line, exit
+# 1, nothing signalled and nothing removed. Else sets PF_PID PF_PGID PF_START PF_LOG_ID
+# PF_STARTED_AT and PF_<KEY> of every key.
+read_pid_file() {
   PF_PID='' PF_PGID='' PF_START='' PF_LOG_ID='' PF_STARTED_AT=''
   PF_PORT='' PF_BIND='' PF_HOST='' PF_SOCKET='' PF_URL='' PF_LOG='' PF_MODEL='' PF_SERVED_MODEL=''
-  [[ -f $PID_FILE_ABS ]] || return 1
+  [[ -e $PID_FILE_ABS || -L $PID_FILE_ABS ]] || return 1
+  [[ ! -L $PID_FILE_ABS ]] || die "PID_FILE $PID_FILE_ABS is a symbolic link, not a PID file of this kit; left alone"
+  [[ -f $PID_FILE_ABS ]] || die "PID_FILE $PID_FILE_ABS is not a regular file, not a PID file of this kit; left alone"
+  [[ -O $PID_FILE_ABS ]] ||
+    die "PID_FILE $PID_FILE_ABS belongs to another account (uid $(stat -c %u "$PID_FILE_ABS")), not to this one (uid $EUID); left alone"
   local key value
   while IFS='=' read -r key value; do
     case $key in
@@ -136,9 +151,11 @@ read_pid_file() { # sets PF_PID PF_PGID PF_START PF_LOG_ID PF_STARTED_AT and PF_
       log) PF_LOG=$value ;;
       model) PF_MODEL=$value ;;
       served_model) PF_SERVED_MODEL=$value ;;
+      *) PF_PID='' && break ;; # a line write_pid_file never writes
     esac
   done <"$PID_FILE_ABS"
-  return 0
+  [[ $PF_PID =~ ^[0-9]+$ && $PF_PGID =~ ^[0-9]*$ && $PF_START =~ ^[0-9]*$ && $PF_LOG_ID =~ ^[0-9]+:[0-9]+$ ]] ||
+    die "PID_FILE $PID_FILE_ABS is not a PID file of this kit; left alone"
 }
 
 # use_record: from here on, the service's address and log are the PID file's (read_pid_file

@@ -318,3 +318,45 @@ $T/logs/service.log.2 640"
   assert_failure 1
   assert_output "start_service: LOG_DIR=$T/ro/logs cannot be created ($T/ro/logs)"
 }
+
+@test "PID_FILE naming a folder is refused before anything starts, the folder untouched" {
+  mkdir "$T/run"
+  PID_FILE=$T/run run "$KIT/start_service.sh"
+  assert_failure 1
+  assert_output "start_service: PID_FILE $T/run is not a regular file, not a PID file of this kit; left alone"
+  [ ! -e "$T/args" ]
+  assert_equal "$(ls -A "$T/run")" ""
+}
+
+@test "a vllm.py in the caller's folder is never imported, by the vLLM probe or by vLLM" {
+  real=$(python3 -c 'import sys; print(sys.executable)')
+  # -c (the probe) runs a real Python in the caller's folder; the launch goes to the stub.
+  printf '#!/usr/bin/env bash\nif [[ $1 == -c ]]; then exec %q "$@"; fi\nexec %q "$@"\n' "$real" "$T/vllm-python" >"$T/probe-python"
+  chmod +x "$T/probe-python"
+  mkdir "$T/cwd"
+  printf 'import pathlib\npathlib.Path("%s").touch()\n__version__ = "0.32.0"\n' "$T/planted-ran" >"$T/cwd/vllm.py"
+  cd "$T/cwd"
+  STUB_EXIT=0 VLLM_PYTHON=$T/probe-python run "$KIT/start_service.sh" --foreground
+  [ ! -e "$T/planted-ran" ]
+  # Whatever the probe found, vLLM itself starts with the caller's folder off its path too.
+  STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
+  assert_success
+  grep -qx 'PYTHONSAFEPATH=1' "$T/env"
+}
+
+@test "EXTRA_VLLM_ARGS is split on spaces but never glob-expanded in the caller's folder" {
+  mkdir "$T/cwd"
+  touch "$T/cwd/a.json" "$T/cwd/b.json"
+  cd "$T/cwd"
+  STUB_EXIT=0 EXTRA_VLLM_ARGS='--hf-overrides * --seed 1' run "$KIT/start_service.sh" --foreground
+  assert_success
+  assert_equal "$(tail -n 4 "$T/args")" $'--hf-overrides\n*\n--seed\n1'
+}
+
+@test "a second start finds the running server's engine dead (/health 503): says so, exits 1" {
+  "$KIT/start_service.sh" 2>/dev/null
+  echo 503 >"$T/stubroot/health.status"
+  run "$KIT/start_service.sh"
+  assert_failure 1
+  assert_output "start_service: already running (pid $(pid_field pid), http://127.0.0.1:$PORT, model Qwen3-Omni-30B-A3B-Captioner) but its engine is dead (/health 503): run ./stop_service.sh then ./start_service.sh"
+}

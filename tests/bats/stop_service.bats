@@ -166,3 +166,61 @@ teardown() { common_teardown; }
   assert_success
   assert_line --index -1 "requests: unknown (/metrics answered HTTP 500)"
 }
+
+@test "a PID file of another account is refused by stop, status and start: nothing signalled, nothing removed" {
+  ((EUID == 0)) || skip "needs root to give the PID file to the user nobody"
+  mkdir -p "$T/logs"
+  # What a forger writes: the decoy's pid, and a log_id that matches any process whose fd 1 we cannot read.
+  printf 'pid=%s\npgid=%s\nstart_time=%s\nlog_id=1:1\nurl=http://127.0.0.1:8002\n' "$DECOY" "$DECOY" "$(awk '{print $22}' /proc/$DECOY/stat)" >"$T/logs/service.pid"
+  chown nobody "$T/logs/service.pid"
+  refused="PID_FILE $T/logs/service.pid belongs to another account (uid $(id -u nobody)), not to this one (uid 0); left alone"
+  run "$KIT/stop_service.sh"
+  assert_failure 1
+  assert_output "stop_service: $refused"
+  API_KEY=s3cret-key run "$KIT/status_service.sh"
+  assert_failure 1
+  assert_output "status_service: $refused"
+  run "$KIT/start_service.sh" # after a warning: the folder holds another account's file
+  assert_failure 1
+  assert_line --index -1 "start_service: $refused"
+  [ -f "$T/logs/service.pid" ]
+  [ ! -e "$T/args" ]
+  kill -0 "$DECOY"
+  rm "$T/logs/service.pid"
+}
+
+@test "a PID file whose log_id is empty or not device:inode is refused, its pid never signalled" {
+  mkdir -p "$T/logs"
+  for log_id in "" "x" "1:1 2"; do
+    printf 'pid=%s\npgid=%s\nstart_time=1\nlog_id=%s\n' "$DECOY" "$DECOY" "$log_id" >"$T/logs/service.pid"
+    run "$KIT/stop_service.sh"
+    assert_failure 1
+    assert_output "stop_service: PID_FILE $T/logs/service.pid is not a PID file of this kit; left alone"
+    run "$KIT/status_service.sh"
+    assert_failure 1
+    assert_output "status_service: PID_FILE $T/logs/service.pid is not a PID file of this kit; left alone"
+    [ -f "$T/logs/service.pid" ]
+  done
+  kill -0 "$DECOY"
+  rm "$T/logs/service.pid"
+}
+
+@test "PID_FILE naming any other file is left alone: stop says so and exits 1" {
+  printf 'meeting at 10\npid=1\n' >"$T/notes.txt"
+  PID_FILE=$T/notes.txt run "$KIT/stop_service.sh"
+  assert_failure 1
+  assert_output "stop_service: PID_FILE $T/notes.txt is not a PID file of this kit; left alone"
+  assert_equal "$(cat "$T/notes.txt")" $'meeting at 10\npid=1'
+}
+
+@test "a PID file that is a symbolic link is refused and left alone, its target too" {
+  mkdir -p "$T/logs"
+  printf 'pid=999999\npgid=999999\nstart_time=1\nlog_id=1:1\n' >"$T/real.pid"
+  ln -s "$T/real.pid" "$T/logs/service.pid"
+  run "$KIT/stop_service.sh"
+  assert_failure 1
+  assert_output "stop_service: PID_FILE $T/logs/service.pid is a symbolic link, not a PID file of this kit; left alone"
+  [ -L "$T/logs/service.pid" ]
+  [ -f "$T/real.pid" ]
+  rm "$T/logs/service.pid"
+}
