@@ -108,8 +108,12 @@ check_port() {
   if [[ -n $UNIX_SOCKET ]]; then
     [[ -e $UNIX_SOCKET_ABS ]] || return 0
     [[ -S $UNIX_SOCKET_ABS ]] || die "UNIX_SOCKET=$UNIX_SOCKET_ABS exists and is not a socket"
-    [[ $(http_status /health 2) == 000 ]] || die "UNIX_SOCKET=$UNIX_SOCKET_ABS is in use by a running server"
-    rm -f "$UNIX_SOCKET_ABS" # left by a server that is gone: vLLM cannot bind over it
+    # In use when anything accepts on it, answering or not (a busy or hung server): only a refused
+    # connect (curl's exit 7) says it was left by a server that is gone.
+    local rc=0
+    curl -s -o /dev/null -m 2 --unix-socket "$UNIX_SOCKET_ABS" http://localhost/health 2>/dev/null || rc=$?
+    ((rc == 7)) || die "UNIX_SOCKET=$UNIX_SOCKET_ABS is in use by a running server"
+    rm -f "$UNIX_SOCKET_ABS" # vLLM cannot bind over a stale one
     return 0
   fi
   if holder=$(port_holder "$PORT"); then

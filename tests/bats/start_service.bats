@@ -116,6 +116,23 @@ teardown() { common_teardown; }
   grep -qx "start_service: warm-up failed (the service is up; see $T/logs/service.log)" "$T/err"
 }
 
+@test "UNIX_SOCKET: a socket a server accepts on but does not answer is in use and stays; a stale one is removed" {
+  # A hung server: it accepts connections and never answers.
+  python3 -c "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); time.sleep(60)" "$T/hung.sock" &
+  hung=$!
+  for _ in $(seq 50); do [[ -S $T/hung.sock ]] && break; sleep 0.1; done
+  UNIX_SOCKET=$T/hung.sock run "$KIT/start_service.sh"
+  kill "$hung"
+  assert_failure 1
+  assert_output "start_service: UNIX_SOCKET=$T/hung.sock is in use by a running server"
+  [ -S "$T/hung.sock" ]
+  # A stale one: bound, then its server gone (no one accepts: connect is refused).
+  python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1])" "$T/stale.sock"
+  STUB_EXIT=0 UNIX_SOCKET=$T/stale.sock run "$KIT/start_service.sh" --foreground
+  assert_success
+  [ ! -e "$T/stale.sock" ]
+}
+
 @test "UNIX_SOCKET: the start warms up through the socket; status and stop find it there" {
   mkdir -p "$T/bin" "$T/stubroot/v1/chat"
   printf '#!/bin/sh\necho "GPU 0: x"\necho "GPU 1: y"\n' >"$T/bin/nvidia-smi"
