@@ -240,16 +240,22 @@ rotate_logs() {
 CHILD_PID=
 cleanup_failed_start() {
   [[ -n $CHILD_PID ]] || return 0
-  CHILD_PID=
+  trap '' INT TERM # a second Ctrl-C must not cut the clean-up short (STOP_TIMEOUT=10 bounds it)
   STOP_TIMEOUT=10 terminate_service leader || say "could not stop every process of the failed start: $(service_pids | tr '\n' ' ')"
   rm -f "$PID_FILE_ABS"
+  CHILD_PID=
 }
 
-on_signal() {
-  trap - INT TERM
+on_signal() { # on_signal EXIT_CODE: 130 for SIGINT, 143 for SIGTERM, as a shell says
+  trap '' INT TERM
   say "interrupted: stopping the server that was starting"
   cleanup_failed_start
-  exit 130
+  exit "$1"
+}
+
+on_signal_warming() { # the server is healthy and recorded: it stays
+  say "interrupted during the warm-up: the server is up and stays (pid $PF_PID); ./stop_service.sh stops it"
+  exit "$1"
 }
 
 fail_start() { # fail_start MESSAGE
@@ -273,7 +279,8 @@ launch() {
   ) &
   CHILD_PID=$!
   PF_PID=$CHILD_PID PF_LOG_ID=$(file_id "$LOG_FILE")
-  trap on_signal INT TERM
+  trap 'on_signal 130' INT
+  trap 'on_signal 143' TERM
   # setsid makes the child a session and group leader with its own pid; wait until it has.
   local i
   for ((i = 0; i < 50; i++)); do
@@ -417,8 +424,10 @@ main() {
   check_port
   launch
   wait_healthy
-  trap - INT TERM
+  trap 'on_signal_warming 130' INT
+  trap 'on_signal_warming 143' TERM
   warm_up
+  trap - INT TERM
   say "ready: $BASE_URL (pid $PF_PID, model $SERVED_MODEL_NAME, vLLM $VLLM_VERSION)"
 }
 

@@ -377,3 +377,40 @@ $T/logs/service.log.2 640"
   assert_failure 1
   assert_output "start_service: already running (pid $(pid_field pid), http://127.0.0.1:$PORT, model Qwen3-Omni-30B-A3B-Captioner) but its engine is dead (/health 503): run ./stop_service.sh then ./start_service.sh"
 }
+
+# interrupt_start SIGNAL...: start in the background with the default signal actions (a
+# non-interactive shell starts background jobs with SIGINT ignored, and bash cannot trap what it
+# was started ignoring), wait until vLLM is launched and recorded, send each SIGNAL (a second one
+# half a second later lands in the clean-up), wait for the end; $status and $output as `run` sets.
+interrupt_start() {
+  STUB_SLOW=60 python3 -c 'import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.execvp(sys.argv[1], sys.argv[1:])' "$KIT/start_service.sh" >"$T/start.out" 2>&1 3>&- &
+  local start=$! sig
+  for _ in $(seq 100); do [[ -s $T/logs/service.pid ]] && break; sleep 0.1; done
+  [[ -s $T/logs/service.pid ]]
+  for sig in "$@"; do kill "-$sig" "$start"; sleep 0.5; done
+  status=0
+  wait "$start" || status=$?
+  output=$(cat "$T/start.out")
+  mapfile -t lines <<<"$output"
+}
+
+@test "Ctrl-C while waiting for health: exit 130, the server that was starting is gone, no PID file" {
+  interrupt_start INT
+  assert_equal "$status" 130
+  assert_line "start_service: interrupted: stopping the server that was starting"
+  assert_equal "$(stub_processes)" ""
+  [ ! -e "$T/logs/service.pid" ]
+}
+
+@test "a second Ctrl-C during the clean-up does not cut it short; SIGTERM exits 143" {
+  interrupt_start INT INT
+  assert_equal "$status" 130
+  assert_equal "$(stub_processes)" ""
+  [ ! -e "$T/logs/service.pid" ]
+  interrupt_start TERM
+  assert_equal "$status" 143
+  assert_equal "$(stub_processes)" ""
+  [ ! -e "$T/logs/service.pid" ]
+}
