@@ -10,14 +10,16 @@
 # configuration's; only PID_FILE, LOG_DIR and API_KEY are checked, so a bad value elsewhere never
 # blocks a status.
 # Exit codes (LSB): 0 running and healthy; 1 dead with a PID file left (API server gone, or its
-# engine dead: /health 503), or not answering, or a PID file refused (not this account's, or not
-# a PID file of this kit: nothing is asked of its address); 3 stopped.
+# engine dead: /health 503), or not answering; 3 stopped; 4 unknown: a bad option or setting, or a
+# PID file refused (not this account's, or not a PID file of this kit: nothing is asked of its
+# address).
 # CAPTIONER_DEBUG=1 traces the script.
 set -euo pipefail
 PROG=status_service
 # shellcheck source=lib/service_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/service_lib.sh"
 USES=(LOG_DIR PID_FILE API_KEY)
+DIE_CODE=4 # LSB: the status is unknown
 
 metric() { # metric NAME METRICS_TEXT -> summed value, as an integer
   awk -v n="$1" '$1 ~ "^"n"({|$)" { s += $NF } END { printf "%d", s }' <<<"$2"

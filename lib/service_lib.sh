@@ -18,9 +18,9 @@ say() { # progress, warnings and errors all go to stderr as "PROG: message"
   echo "$PROG: $*" >&2
 }
 
-die() {
+die() { # die MESSAGE: one line, exit DIE_CODE (1; status_service.sh makes it LSB's 4, "unknown")
   say "$*"
-  exit 1
+  exit "${DIE_CODE:-1}"
 }
 
 usage() { # the calling script's header comment, up to `set -euo pipefail`
@@ -63,7 +63,7 @@ load_config() {
   local assignments
   command -v "$KIT_PYTHON" >/dev/null || die "python3 not found: the scripts need it to read config.env (install python3)"
   assignments=$("$KIT_PYTHON" "$KIT_ROOT/captioner/config.py" --shell --derived --prog "$PROG" \
-    ${1:+--config "$1"} ${2:+--check "${@:2}"}) || exit 1
+    ${1:+--config "$1"} ${2:+--check "${@:2}"}) || exit "${DIE_CODE:-1}"
   eval "$assignments"
   VLLM_PYTHON=${VLLM_PYTHON:-$KIT_PYTHON}
 }

@@ -154,8 +154,8 @@ refused() { # refused "exact message" — start fails with it and never launches
 }
 
 @test "an unknown option is refused" {
-  refused_opt() { run "$KIT/$1" --bogus; assert_failure 1; assert_output "$2: unknown option '--bogus' (see --help)"; }
-  refused_opt start_service.sh start_service
-  refused_opt stop_service.sh stop_service
-  refused_opt status_service.sh status_service
+  refused_opt() { run "$KIT/$1" --bogus; assert_failure "$3"; assert_output "$2: unknown option '--bogus' (see --help)"; }
+  refused_opt start_service.sh start_service 1
+  refused_opt stop_service.sh stop_service 1
+  refused_opt status_service.sh status_service 4 # LSB: status unknown
 }

@@ -143,7 +143,7 @@ teardown() { common_teardown; }
   assert_failure 1
   assert_output 'stop_service: STOP_TIMEOUT="1" is invalid: must exceed SHUTDOWN_DRAIN (1 s), or in-flight requests are killed mid-drain'
   API_KEY='a b' run "$KIT/status_service.sh"
-  assert_failure 1
+  assert_failure 4
   assert_output 'status_service: API_KEY="a b" is invalid: printable characters without spaces'
   run "$KIT/stop_service.sh"
   assert_success
@@ -178,7 +178,7 @@ teardown() { common_teardown; }
   assert_failure 1
   assert_output "stop_service: $refused"
   API_KEY=s3cret-key run "$KIT/status_service.sh"
-  assert_failure 1
+  assert_failure 4
   assert_output "status_service: $refused"
   run "$KIT/start_service.sh" # after a warning: the folder holds another account's file
   assert_failure 1
@@ -197,7 +197,7 @@ teardown() { common_teardown; }
     assert_failure 1
     assert_output "stop_service: PID_FILE $T/logs/service.pid is not a PID file of this kit; left alone"
     run "$KIT/status_service.sh"
-    assert_failure 1
+    assert_failure 4
     assert_output "status_service: PID_FILE $T/logs/service.pid is not a PID file of this kit; left alone"
     [ -f "$T/logs/service.pid" ]
   done
