@@ -388,8 +388,18 @@ differs() { # differs SETTING RUNNING WANTED -> "SETTING is RUNNING there, WANTE
   [[ $2 == "$3" ]] || printf '%s is %s there, %s here; ' "$1" "${2:-empty}" "${3:-empty}"
 }
 
+# On a shared host every account can read a file of mode 644: a key written there is everyone's.
+check_key_file() {
+  local mode
+  [[ -n $API_KEY && -f $CONFIG_FILE ]] && grep -q '^API_KEY=.' "$CONFIG_FILE" || return 0
+  mode=$(stat -L -c %a "$CONFIG_FILE")
+  ((8#$mode & 4)) || return 0
+  say "warning: $CONFIG_FILE holds API_KEY and every account on this host can read it (mode $mode): chmod o-r $CONFIG_FILE"
+}
+
 main() {
   init_script "$@"
+  check_key_file
   check_log_dir
   check_model
 

@@ -414,3 +414,14 @@ os.execvp(sys.argv[1], sys.argv[1:])' "$KIT/start_service.sh" >"$T/start.out" 2>
   assert_equal "$(stub_processes)" ""
   [ ! -e "$T/logs/service.pid" ]
 }
+
+@test "a config file holding API_KEY that every account can read is named in a warning; closed, it is not" {
+  echo "API_KEY=s3cret-key" >"$T/keyed.env"
+  chmod 644 "$T/keyed.env"
+  CAPTIONER_CONFIG=$T/keyed.env STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
+  assert_line "start_service: warning: $T/keyed.env holds API_KEY and every account on this host can read it (mode 644): chmod o-r $T/keyed.env"
+  refute_output --partial "s3cret-key"
+  chmod 640 "$T/keyed.env"
+  CAPTIONER_CONFIG=$T/keyed.env STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
+  refute_output --partial "every account on this host can read it"
+}
