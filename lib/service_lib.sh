@@ -124,8 +124,8 @@ service_pids() {
 }
 
 # read_pid_file: 1 when there is no PID file. One that is a link, not a regular file, not ours, or
-# not in the form write_pid_file writes (a forged or mistyped PID_FILE) is refused: one line, exit
-# 1, nothing signalled and nothing removed. Else sets PF_PID PF_PGID PF_START PF_LOG_ID
+# not in the form write_pid_file writes (a forged or mistyped PID_FILE) is refused: one line (die:
+# exit 1, status 4), nothing signalled and nothing removed. Else sets PF_PID PF_PGID PF_START PF_LOG_ID
 # PF_STARTED_AT and PF_<KEY> of every key.
 read_pid_file() {
   PF_PID='' PF_PGID='' PF_START='' PF_LOG_ID='' PF_STARTED_AT=''

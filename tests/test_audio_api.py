@@ -12,7 +12,6 @@ by a good request. The key and the streamed-size cap are proved on test_security
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import shutil
@@ -38,6 +37,7 @@ from captioner_server.audio_api import (
 )
 from captioner_server.request_guard import RequestGuard
 from captioner_server.request_policy import Limits
+from tests.asgi import Drive
 from tests.service import SAMPLE, Service
 from tests.test_client_server import client_env, run_client
 from tests.test_client_support import convert, parse_srt, parse_vtt, tone, write_wav
@@ -181,26 +181,11 @@ def stub_vllm(caption: str, seen: list[dict[str, Any]]) -> Any:
 def call_route(guard: RequestGuard, body: bytes, ctype: str, headers: list[tuple[bytes, bytes]] | None = None,
                path: str = PATHS[0], chunk: int = 65536) -> tuple[int, dict[bytes, bytes], bytes, int]:
     """(status, headers, body, how many body messages the route read) of one upload."""
-    queue = [{"type": "http.request", "body": body[i:i + chunk], "more_body": i + chunk < len(body)}
-             for i in range(0, len(body), chunk)]
-    read = 0
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal read
-        if queue:
-            read += 1
-            return queue.pop(0)
-        await asyncio.Event().wait()  # the client stays
-        raise AssertionError
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
+    chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)]
     scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
-             "headers": [(b"host", b"127.0.0.1:8003"), (b"content-type", ctype.encode()), *(headers or [])]}
-    asyncio.run(guard(scope, receive, send))
-    return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:]), read
+             "headers": [(b"content-type", ctype.encode()), *(headers or [])]}
+    done = Drive(guard, scope, chunks, stay=True)
+    return done.status, done.headers, done.body, done.read
 
 
 def test_the_route_cuts_long_audio_by_the_clients_rule_and_captions_each_window_through_the_chat_checks(

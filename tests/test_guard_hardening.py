@@ -4,7 +4,6 @@ each is one 400 line (or a closed WebSocket) that vLLM never sees, never a 500 a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
@@ -15,6 +14,7 @@ from captioner.payload import chat_request, data_url, wav_bytes
 from captioner_server import request_guard
 from captioner_server.request_guard import RequestGuard
 from captioner_server.request_policy import Limits, escape
+from tests.asgi import Drive
 
 CLIP = wav_bytes(b"\x00\x01" * 1600)
 KEY = "k-1"
@@ -38,21 +38,11 @@ class FakeVllm:
 def call(guard: RequestGuard, path: str, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None,
          kind: str = "http", method: str = "POST") -> list[dict[str, Any]]:
     """What the guard sends for one request (or WebSocket upgrade)."""
-    sent: list[dict[str, Any]] = []
-    incoming = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
     scope: dict[str, Any] = {"type": kind, "path": path, "query_string": b"api_key=SECRET",
-                             "headers": [(b"host", b"127.0.0.1:8003"), AUTH, *(headers or [])]}
+                             "headers": [AUTH, *(headers or [])]}
     if kind == "http":
         scope["method"] = method
-    asyncio.run(guard(scope, receive, send))
-    return sent
+    return Drive(guard, scope, [body]).sent
 
 
 def refusal(sent: list[dict[str, Any]]) -> tuple[int, str]:

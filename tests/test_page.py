@@ -46,6 +46,7 @@ from captioner.records import Record, Segment
 from captioner_server import caption_page
 from captioner_server.caption_page import PAGE_CSP
 from captioner_server.request_guard import CROSS_ORIGIN, RequestGuard, same_origin
+from tests.asgi import Drive
 from tests.service import ROOT, Service, free_port, server_fixture
 from tests.test_client_support import SR, convert, parse_srt, parse_vtt, speech_wav, tone, write_wav
 
@@ -67,22 +68,8 @@ def unreachable(base_url: str) -> str:
 
 def guard_get(guard: RequestGuard, path: str, method: str = "GET",
               headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
-    sent: list[dict[str, Any]] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"vllm"})
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": method, "path": path,
-             "headers": [(b"host", b"127.0.0.1:8003"), *(headers or [])]}
-    asyncio.run(guard(scope, receive, send))
-    return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+    done = Drive(guard, {"type": "http", "method": method, "path": path, "headers": headers or []})
+    return done.status, done.headers, done.body
 
 
 def test_guard_answers_the_page_itself_without_the_key_with_the_clients_constants(

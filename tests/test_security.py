@@ -58,6 +58,7 @@ from captioner_server.request_policy import (
     has_audio_part,
     remote_audio_urls,
 )
+from tests.asgi import Drive
 from tests.service import ROOT, SAMPLE, Service, Starts, plan, taken
 from tests.test_client_server import client_env, run_client
 
@@ -191,7 +192,6 @@ def _asgi_call(guard: RequestGuard, path: str, chunks: list[bytes],
                headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes, bytes | None]:
     """Run the guard around a stub app: (status, body, what the app read)."""
     seen: dict[str, bytes] = {}
-    sent: list[dict[str, Any]] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         message = await receive()
@@ -200,19 +200,8 @@ def _asgi_call(guard: RequestGuard, path: str, chunks: list[bytes],
         await send({"type": "http.response.body", "body": b"ok"})
 
     guard.app = app
-    queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
-             for i, c in enumerate(chunks)]
-
-    async def receive() -> dict[str, Any]:
-        return queue.pop(0) if queue else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": path,
-             "headers": [(b"host", b"127.0.0.1:8003"), *headers]}
-    asyncio.run(guard(scope, receive, send))
-    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]), seen.get("body")
+    done = Drive(guard, {"type": "http", "method": "POST", "path": path, "headers": headers}, chunks)
+    return done.status, done.body, seen.get("body")
 
 
 def test_guard_caps_declared_and_streamed_bodies_and_passes_the_rest_untouched() -> None:
