@@ -38,6 +38,10 @@ from pathlib import Path
 from rapidfuzz.distance import Indel
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the kit's captioner package
+
+from captioner.formats import escape_text  # noqa: E402
+
 CLIENT = ROOT / "test_client.py"
 
 
@@ -99,7 +103,9 @@ def summary_line(name: str, scores: list[float]) -> str:
 
 
 def cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """`text` as one Markdown table cell: pipes escaped, line breaks as spaces, other controls as
+    escapes (a carriage return or a \\x1e would split the row for a reader)."""
+    return escape_text(text.replace("|", "\\|").replace("\n", " "))
 
 
 def report(pairs: list[Pair], failed: list[str], url_a: str, url_b: str) -> str:

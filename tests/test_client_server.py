@@ -166,8 +166,8 @@ def test_75s_clip_is_three_windows_with_valid_srt_and_vtt(server: Any, tmp_path:
 def test_stream_prints_the_caption_and_a_final_newline(server: Any) -> None:
     result = run_client(str(SAMPLE), "--stream", server=server)
     assert (result.returncode, result.stderr) == (0, "")
-    # 16 tokens of a random model: some text (not only the newline the client adds), then "\n".
-    assert result.stdout.endswith("\n") and result.stdout[:-1].strip()
+    # Up to 16 tokens of a random model (it may sample EOS first: no text), then the "\n" the client adds.
+    assert result.stdout.endswith("\n")
 
 
 @pytest.mark.parametrize(
@@ -345,7 +345,8 @@ def test_interrupted_json_batch_keeps_what_was_done_and_the_same_command_finishe
     second = run_client(str(folder), "-o", str(out), "--concurrency", "1", server=server)
     assert second.returncode == 0, second.stderr
     assert f"resuming: {done} of 12 inputs already in {out}" in second.stderr
-    assert [r["source"] for r in json.loads(out.read_text())] == [str(p) for p in sorted(folder.iterdir())]
+    shown = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["source"] for r in shown] == [str(p) for p in sorted(folder.iterdir())]
     assert not state.exists()
 
 

@@ -40,6 +40,16 @@ def test_inputs_missing_or_failed_in_any_run_are_listed_not_scored() -> None:
 
 
 @pytest.mark.server
+def test_a_caption_with_line_breaks_controls_and_pipes_stays_one_table_row() -> None:
+    caption = "rain | wind\r\nthunder\x1e\x1cthen\u2028quiet\x85end"
+    pairs, _ = compare_captions.compare({"x.wav": caption}, {"x.wav": "rain"}, None)
+    rows = compare_captions.report(pairs, [], "http://a", "http://b").splitlines()
+    [row] = [line for line in rows if "x.wav" in line]
+    assert row.count(" | ") == 3 and "rain \\| wind" in row  # source, score, A, B
+    assert row.endswith(" | rain |") and len(row.splitlines()) == 1
+
+
+@pytest.mark.server
 def test_two_urls_caption_a_folder_and_the_report_scores_every_file(server: Service, tmp_path: Path) -> None:
     folder = tmp_path / "clips"
     folder.mkdir()
@@ -51,7 +61,7 @@ def test_two_urls_caption_a_folder_and_the_report_scores_every_file(server: Serv
          "--b", server.base_url.replace("127.0.0.1", "localhost"), "--baseline", "--work", str(work),
          "-o", str(out), str(folder)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert "2 inputs captioned by every run" in text
     for name in ("one.wav", "two.wav"):
         assert sum(name in line for line in text.splitlines()) == 1
@@ -61,7 +71,7 @@ def test_two_urls_caption_a_folder_and_the_report_scores_every_file(server: Serv
     # A rerun resumes from the work folder: nothing is captioned again, the report is the same.
     again = subprocess.run(r.args, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr
-    assert out.read_text() == text
+    assert out.read_text(encoding="utf-8") == text
 
 
 def test_a_service_that_captions_nothing_stops_the_comparison_with_its_url_named(

@@ -236,7 +236,7 @@ def test_server_restarted_under_a_running_batch_every_input_captioned_exactly_on
     assert notes["stop"].returncode == 0
     assert done_at_stop < total, "the batch finished before the restart: nothing was proved"
     assert notes["returncode"] == 0, stderr
-    records = [json.loads(line) for line in notes["out"].read_text().splitlines()]
+    records = [json.loads(line) for line in notes["out"].read_text(encoding="utf-8").splitlines()]
     assert sorted(r["source"] for r in records) == sorted(str(p) for p in notes["folder"].iterdir())
     assert all(r["error"] is None for r in records)
     assert f"{total} files: {total} captioned, 0 failed" in stderr

@@ -140,7 +140,8 @@ def test_the_first_screen_captions_on_the_host_and_the_laptop(server: Service, t
         if command.startswith("curl "):
             assert isinstance(json.loads(r.stdout)["text"], str), (command, r.stdout)
         else:
-            assert r.stdout.strip() and "Traceback" not in r.stderr, (command, r.stdout, r.stderr)
+            # One caption line; a random model may say nothing (EOS first), so only its end is sure.
+            assert r.stdout.endswith("\n") and "Traceback" not in r.stderr, (command, r.stdout, r.stderr)
 
 
 def github_anchors(text: str) -> set[str]:

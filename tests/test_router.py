@@ -77,7 +77,7 @@ def wait_under_way(*batches: tuple[Path, Path, subprocess.Popen[str]]) -> None:
     """Until each batch has written 4 records."""
     deadline = time.monotonic() + 300
     for _, out, batch in batches:
-        while not (out.exists() and out.read_text().count("\n") >= 4):
+        while not (out.exists() and out.read_text(encoding="utf-8").count("\n") >= 4):
             assert batch.poll() is None, batch.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.1)
@@ -105,7 +105,7 @@ def finished_each_input_once(folder: Path, out: Path, batch: subprocess.Popen[st
     """The batch's stderr, once it has exited 0 with one good record per input, in input order."""
     _, err = batch.communicate(timeout=600)
     assert batch.returncode == 0, err
-    records = [json.loads(x) for x in out.read_text().splitlines()]
+    records = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert [r["source"] for r in records] == [str(p) for p in sorted(folder.iterdir())]
     assert all(r["error"] is None for r in records)
     return err

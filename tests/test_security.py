@@ -1078,7 +1078,7 @@ def test_unix_socket_only_the_services_group_reaches_and_an_ssh_style_forward_ca
         assert requests.get(f"{url}/health", timeout=10).status_code == 200
         assert requests.post(f"{url}/tokenize", json={}, timeout=10).status_code == 404  # the guard is there
         ok = run_client(str(SAMPLE), "--base-url", url, "--max-tokens", "8")
-        assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
+        assert ok.returncode == 0 and ok.stdout.endswith("\n"), ok.stderr  # a random caption may be empty
     finally:
         if forward:
             forward.close()
