@@ -11,8 +11,8 @@
 # blocks a status.
 # Exit codes (LSB): 0 running and healthy; 1 dead with a PID file left (API server gone, or its
 # engine dead: /health 503), or not answering; 3 stopped; 4 unknown: a bad option or setting, or a
-# PID file refused (not this account's, or not a PID file of this kit: nothing is asked of its
-# address).
+# PID file refused (not this account's, not one this account can see, or not a PID file of this
+# kit: nothing is asked of its address).
 # CAPTIONER_DEBUG=1 traces the script.
 set -euo pipefail
 PROG=status_service

@@ -10,7 +10,8 @@
 # of the service, the orphaned engine of a killed API server included, until none is left.
 # A stale PID file, or one whose pid now belongs to another process, is reported and removed
 # without signalling. A PID_FILE that is not this account's, or not a PID file of this kit (a
-# link, a folder, any other file), is refused and left alone (exit 1), nothing signalled.
+# link, a folder, any other file), is refused and left alone (exit 1), nothing signalled; so is
+# one this account cannot see (another account's service: its LOG_DIR is closed to others).
 # Never kills by name: the video service on this host has the same names.
 # Checks only the settings it uses (PID_FILE, LOG_DIR, STOP_TIMEOUT, SHUTDOWN_DRAIN): a bad value
 # elsewhere in the configuration never blocks a stop.

@@ -125,12 +125,17 @@ service_pids() {
 
 # read_pid_file: 1 when there is no PID file. One that is a link, not a regular file, not ours, or
 # not in the form write_pid_file writes (a forged or mistyped PID_FILE) is refused: one line (die:
-# exit 1, status 4), nothing signalled and nothing removed. Else sets PF_PID PF_PGID PF_START PF_LOG_ID
-# PF_STARTED_AT and PF_<KEY> of every key.
+# exit 1, status 4), nothing signalled and nothing removed; so is a PID file this account cannot
+# see (a folder closed to it: another account's service, whose start made LOG_DIR private). Else
+# sets PF_PID PF_PGID PF_START PF_LOG_ID PF_STARTED_AT and PF_<KEY> of every key.
 read_pid_file() {
   PF_PID='' PF_PGID='' PF_START='' PF_LOG_ID='' PF_STARTED_AT=''
   PF_PORT='' PF_BIND='' PF_HOST='' PF_SOCKET='' PF_URL='' PF_LOG='' PF_MODEL='' PF_SERVED_MODEL=''
-  [[ -e $PID_FILE_ABS || -L $PID_FILE_ABS ]] || return 1
+  if [[ ! -e $PID_FILE_ABS && ! -L $PID_FILE_ABS ]]; then
+    [[ $(LC_ALL=C stat -c %i -- "$PID_FILE_ABS" 2>&1) != *"Permission denied"* ]] ||
+      die "PID_FILE $PID_FILE_ABS cannot be seen by this account (a folder on its path is closed to it): run this as the account that started the service"
+    return 1
+  fi
   [[ ! -L $PID_FILE_ABS ]] || die "PID_FILE $PID_FILE_ABS is a symbolic link, not a PID file of this kit; left alone"
   [[ -f $PID_FILE_ABS ]] || die "PID_FILE $PID_FILE_ABS is not a regular file, not a PID file of this kit; left alone"
   [[ -O $PID_FILE_ABS ]] ||

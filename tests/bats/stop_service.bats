@@ -189,6 +189,23 @@ teardown() { common_teardown; }
   rm "$T/logs/service.pid"
 }
 
+@test "another account's running service: its status and stop cannot see it and say so (4, 1), nothing touched" {
+  ((EUID == 0)) || skip "needs root to run the scripts as the user nobody"
+  unprivileged_kit
+  "$KIT/start_service.sh" 2>/dev/null # its LOG_DIR, made by this start, is closed to other accounts
+  pid=$(pid_field pid)
+  unseen="PID_FILE $T/logs/service.pid cannot be seen by this account (a folder on its path is closed to it): run this as the account that started the service"
+  run run_unprivileged "$UKIT/status_service.sh"
+  assert_failure 4
+  assert_output "status_service: $unseen"
+  run run_unprivileged "$UKIT/stop_service.sh"
+  assert_failure 1
+  assert_output "stop_service: $unseen"
+  kill -0 "$pid"
+  "$KIT/stop_service.sh" 2>/dev/null
+  assert_equal "$(session_of "$pid")" ""
+}
+
 @test "a PID file whose log_id is empty or not device:inode is refused, its pid never signalled" {
   mkdir -p "$T/logs"
   for log_id in "" "x" "1:1 2"; do

@@ -147,7 +147,7 @@ unprivileged_kit() {
   [[ $(run_unprivileged "$UKIT/status_service.sh" 2>&1) != stopped ]] || return 0
   UKIT=$T/kit
   mkdir "$UKIT"
-  cp -R "$KIT/start_service.sh" "$KIT/status_service.sh" "$KIT/lib" "$KIT/captioner" "$KIT/config.env.example" "$UKIT/"
+  cp -R "$KIT/start_service.sh" "$KIT/status_service.sh" "$KIT/stop_service.sh" "$KIT/lib" "$KIT/captioner" "$KIT/config.env.example" "$UKIT/"
   chmod -R o+rX "$UKIT"
   local probe
   probe=$(run_unprivileged "$UKIT/status_service.sh" 2>&1) || true
