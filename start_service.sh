@@ -170,7 +170,12 @@ build_args() {
     --api-server-count "$API_SERVER_COUNT" --middleware captioner_server.request_guard.RequestGuard
     --h11-max-incomplete-event-size "$MAX_HEADER_BYTES"
     --limit-mm-per-prompt '{"audio":1,"image":0,"video":0}'
-    --mm-processor-cache-gb 0)
+    --mm-processor-cache-gb 0 --media-io-kwargs '{"audio":{"audio_backend":"soundfile"}}')
+  # audio_backend soundfile: vLLM decodes a request's audio with libsndfile alone. Its default
+  # falls back to FFmpeg, whose concat, HLS and DASH demuxers open the files and URLs that the
+  # bytes name: `ffconcat version 1.0 / file notes/x.wav` sent as audio was read from the
+  # server's folder. libsndfile reads WAV, AIFF, FLAC, MP3 and Ogg; the client and the upload
+  # route send anything else as WAV (captioner/audio.py).
   # --mm-processor-cache-gb 0: every clip is new, so vLLM's multimodal processor cache never hits;
   # it grows to 4 GiB and is state one request can leave out of step for the next
   # (bench/results/2026-12-06-cpu-mm-processor-cache).

@@ -4,15 +4,18 @@ Decoding uses PyAV (FFmpeg) rather than soundfile: libsndfile reads WAV, FLAC an
 Ogg but not AAC/M4A, WebM/Opus-in-Matroska or AMR, which operators do have, and
 FFmpeg probes the container from the bytes, so stdin and extension-less URLs work.
 PyAV also resamples and downmixes in the same pass (`av.AudioResampler`). The
-server's own loader (vLLM: torchcodec, then soundfile, then PyAV) reads whatever
-FFmpeg reads, so a file short enough to go out untouched is one it can decode.
+service's vLLM decodes with libsndfile alone (start_service.sh: FFmpeg's concat, HLS and
+DASH demuxers open the files and URLs that the bytes name, so the server never runs FFmpeg
+on a request's audio), and the service's own upload route reads only `SAFE_FORMATS`.
 
-Audio no longer than the window is sent as the original bytes with its MIME type,
+Audio no longer than the window, in a form libsndfile reads (`SNDFILE_READS`: PCM WAV or
+AIFF, FLAC, MP3, Ogg Vorbis or Opus), is sent as the original bytes with its MIME type,
 after a probe that reads the duration without decoding the whole file: from the
 header for containers that record it, else by counting packets (still no decode);
 the first audio frame is decoded, so non-audio input still fails here and not on
-the server. Only longer audio (or audio whose length neither gives) is decoded in
-full. Longer audio is cut into windows of at most `max_seconds`, each cut placed at the
+the server. Other audio (M4A, WebM, a video's sound track, ...), longer audio and audio
+whose length neither gives are decoded in full and sent as WAV.
+Longer audio is cut into windows of at most `max_seconds`, each cut placed at the
 quietest moment of the window's last stretch when that moment is really quiet,
 else exactly at the limit; windows are sent as 16 kHz mono 16-bit WAV, the rate the
 model's audio encoder works at.
@@ -28,6 +31,7 @@ memory whole.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import tempfile
@@ -70,6 +74,21 @@ _MIME_BY_FORMAT = {
     "asf": "audio/x-ms-wma",
 }
 
+# What the service's decoder (libsndfile) reads, by FFmpeg's demuxer and decoder names: audio
+# in these goes out as it is; anything else as WAV.
+SNDFILE_READS: dict[str, tuple[str, ...]] = {
+    "wav": ("pcm_",),
+    "aiff": ("pcm_",),
+    "flac": ("flac",),
+    "mp3": ("mp3",),
+    "ogg": ("vorbis", "opus", "flac"),
+}
+
+# The demuxers the service's upload route lets FFmpeg use: audio and audio-in-video containers,
+# none of which opens a file or URL named inside the bytes (FFmpeg's concat, HLS, DASH and
+# image2 do, from a text file sent as "audio").
+SAFE_FORMATS = "wav,w64,aiff,flac,mp3,ogg,mov,matroska,aac,amr,asf,caf"
+
 # Demuxers whose duration FFmpeg reads from the file itself (a header, an index, the last
 # page's granule). For the rest (raw MP3 without a Xing header, ADTS AAC, AMR, ...) it
 # estimates from the bitrate: 26.9 s for a 31.4 s VBR MP3 in a test. Those are measured by
@@ -111,6 +130,14 @@ class Probed:
     duration: float | None  # seconds; None when neither header nor packets tell
     mime: str
     container: str
+    as_is: bool = False  # libsndfile reads it (SNDFILE_READS): it may go out untouched
+
+
+def sndfile_reads(container: str, codec: str) -> bool:
+    """Whether libsndfile (the service's decoder) reads `codec` audio in `container` (FFmpeg's
+    names: `mov,mp4,m4a,...`, `mp3float`)."""
+    codecs = SNDFILE_READS.get(container.split(",")[0])
+    return codecs is not None and codec.startswith(codecs)
 
 
 class PcmSpool:
@@ -253,9 +280,12 @@ def _media_size(media: Media, name: str) -> int:
 
 
 @contextlib.contextmanager
-def _open_audio(media: Media, name: str) -> Iterator[tuple[av.container.InputContainer, av.AudioStream]]:
-    """The container and its first audio stream; `InputError` for empty or unreadable input or no
-    audio stream. FFmpeg errors pass through for the caller to word."""
+def _open_audio(
+    media: Media, name: str, formats: str | None = None
+) -> Iterator[tuple[av.container.InputContainer, av.AudioStream]]:
+    """The container and its first audio stream; `InputError` for empty or unreadable input, no
+    audio stream, or (with `formats`, FFmpeg's demuxer names) a container not among them. Other
+    FFmpeg errors pass through for the caller to word."""
     if not _media_size(media, name):
         raise InputError(f"{name}: empty input (0 bytes)")
     if isinstance(media, bytes):
@@ -265,21 +295,31 @@ def _open_audio(media: Media, name: str) -> Iterator[tuple[av.container.InputCon
     else:
         media.seek(0)
         source = media
-    with av.open(source, mode="r") as container:
+    try:
+        container = av.open(source, mode="r", options={"format_whitelist": formats} if formats else None)
+    except av.FFmpegError as exc:
+        if formats and exc.errno == errno.EINVAL:  # FFmpeg: "Format ... not on whitelist"
+            raise InputError(f"{name}: not an audio file this server reads ({CONTAINERS_TOLD})") from exc
+        raise
+    with container:
         if not container.streams.audio:
             raise InputError(f"{name}: no audio stream ({container.format.name} data, not audio)")
         yield container, container.streams.audio[0]
 
 
-def probe(data: Media, name: str) -> Probed:
+CONTAINERS_TOLD = "WAV, FLAC, MP3, Ogg, Opus, M4A/MP4, WebM/Matroska, AIFF, AAC, AMR, WMA or CAF"
+
+
+def probe(data: Media, name: str, formats: str | None = None) -> Probed:
     """Check that `data` is audio (its first frame decodes) and read its duration cheaply.
 
     The same `InputError`s as `decode` for input that is not audio, without decoding
     more than the first frame.
     """
     try:
-        with _open_audio(data, name) as (container, stream):
+        with _open_audio(data, name, formats) as (container, stream):
             container_name = container.format.name
+            as_is = sndfile_reads(container_name, stream.codec_context.name)
             duration = None
             if _HEADER_DURATION_FORMATS.intersection(container_name.split(",")):
                 duration = _header_duration(container, stream)
@@ -301,7 +341,7 @@ def probe(data: Media, name: str) -> Probed:
         raise InputError(f"{name}: no audio samples decoded (empty or truncated file)")
     if duration is None and first is not None and end is not None and end > first and stream.time_base:
         duration = float((end - first) * stream.time_base)
-    return Probed(duration, mime_for_container(container_name), container_name)
+    return Probed(duration, mime_for_container(container_name), container_name, as_is)
 
 
 def _header_duration(container: av.container.InputContainer, stream: av.AudioStream) -> float | None:
@@ -333,12 +373,12 @@ def _resampled(
     yield from (_mono(f) for f in resampler.resample(None))
 
 
-def decode(data: Media, name: str, limit_seconds: float | None = None) -> Decoded:
+def decode(data: Media, name: str, limit_seconds: float | None = None, formats: str | None = None) -> Decoded:
     """Decode any FFmpeg-readable audio to mono float32 at 16 kHz, whole; `InputError` if not
     audio, `AudioTooLong` past `limit_seconds` (see `_resampled`). `prepare` does not hold long
     audio whole: it streams it to a `PcmSpool` (`decode_to_spool`)."""
     try:
-        with _open_audio(data, name) as (container, stream):
+        with _open_audio(data, name, formats) as (container, stream):
             chunks = list(_resampled(container, stream, name, limit_seconds))
             container_name = container.format.name
     except av.FFmpegError as exc:
@@ -387,13 +427,15 @@ def frame_rms(samples: Samples, frame: int) -> Samples:
     return np.sqrt(np.mean(np.square(samples[: n_frames * frame].reshape(n_frames, frame)), axis=1))
 
 
-def decode_to_spool(data: Media, name: str, limit_seconds: float | None = None) -> Spooled:
+def decode_to_spool(
+    data: Media, name: str, limit_seconds: float | None = None, formats: str | None = None
+) -> Spooled:
     """Decode `data` as `decode` does, into a `PcmSpool` and the loudness of its frames, holding
     no more than a chunk of samples at a time."""
     spool = PcmSpool()
     loudness = _Loudness()
     try:
-        with _open_audio(data, name) as (container, stream):
+        with _open_audio(data, name, formats) as (container, stream):
             for chunk in _resampled(container, stream, name, limit_seconds):
                 loudness.add(chunk)
                 spool.append(chunk)
@@ -491,31 +533,37 @@ def _check_length(name: str, seconds: float, limit_seconds: float) -> None:
 
 
 def prepare(
-    data: Media, name: str, max_seconds: float, *, limit_seconds: float | None = None
+    data: Media,
+    name: str,
+    max_seconds: float,
+    *,
+    limit_seconds: float | None = None,
+    formats: str | None = None,
 ) -> PreparedAudio:
     """What to send for `data` (bytes, a file's path, or a seekable file): the original bytes,
     or WAV windows made from a `PcmSpool` as they are sent.
 
-    Only audio longer than `max_seconds` by its probed duration (or of unknown
-    duration) is decoded in full; the decoded length then decides. With `limit_seconds`
-    (the service's own route: MAX_AUDIO_SECONDS), longer audio is `AudioTooLong`, from the
-    probed duration when it tells, else while decoding.
+    Only audio libsndfile reads and no longer than `max_seconds` by its probed duration goes
+    out as it is; the rest is decoded in full and the decoded length decides. With
+    `limit_seconds` (the service's own route: MAX_AUDIO_SECONDS), longer audio is
+    `AudioTooLong`, from the probed duration when it tells, else while decoding. `formats`
+    (the service's route: `SAFE_FORMATS`) limits the demuxers FFmpeg may use.
     """
-    probed = probe(data, name)
+    probed = probe(data, name, formats)
     if limit_seconds is not None and probed.duration is not None:
         _check_length(name, probed.duration, limit_seconds)
-    if probed.duration is not None and probed.duration <= max_seconds:
+    if probed.as_is and probed.duration is not None and probed.duration <= max_seconds:
         window = Window(0.0, probed.duration, media_bytes(data, name), probed.mime)
         return PreparedAudio(probed.duration, probed.mime, [window])
     with _FULL_DECODE_SLOTS:
-        spooled = decode_to_spool(data, name, limit_seconds)
+        spooled = decode_to_spool(data, name, limit_seconds, formats)
     if limit_seconds is not None:
         try:
             _check_length(name, spooled.duration, limit_seconds)
         except AudioTooLong:
             spooled.spool.close()
             raise
-    if spooled.duration <= max_seconds:
+    if probed.as_is and spooled.duration <= max_seconds:
         spooled.spool.close()
         window = Window(0.0, spooled.duration, media_bytes(data, name), spooled.mime)
         return PreparedAudio(spooled.duration, spooled.mime, [window])

@@ -32,7 +32,7 @@ from typing import Any
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from captioner.audio import AudioTooLong, PreparedAudio, prepare, window_seconds
+from captioner.audio import SAFE_FORMATS, AudioTooLong, PreparedAudio, prepare, window_seconds
 from captioner.errors import InputError
 from captioner.formats import render
 from captioner.payload import chat_request, data_url
@@ -53,6 +53,7 @@ from captioner_server.errors import (
     Refusal,
     bad_request,
     error_response,
+    one_line,
     shutdown_aware,
 )
 from captioner_server.request_guard import CHAT_PATH, RequestGuard
@@ -246,7 +247,9 @@ async def decode_upload(data: bytes, limits: Limits) -> PreparedAudio:
     """The upload cut into windows by the client's rule, in a thread (decoding is CPU work)."""
     limit = limits.max_audio_seconds
     try:
-        return await asyncio.to_thread(prepare, data, "file", window_seconds(limit), limit_seconds=limit)
+        return await asyncio.to_thread(
+            prepare, data, "file", window_seconds(limit), limit_seconds=limit, formats=SAFE_FORMATS
+        )
     except AudioTooLong as exc:
         length = f"{'' if exc.exact else 'more than '}{exc.seconds:.1f} s"
         raise Refusal(413, "RequestEntityTooLarge",
@@ -345,10 +348,11 @@ class ChatReply:
 
 
 def refusal_from(status: int, body: bytes) -> Refusal:
-    """vLLM's (or the guard's) JSON error, as a Refusal to answer the upload with."""
+    """vLLM's (or the guard's) JSON error, as a Refusal to answer the upload with: its message as
+    one bounded line (an error event inside a stream has not been through the guard's)."""
     try:
         error = json.loads(body)["error"]
-        return Refusal(status, str(error.get("type") or "Error"), str(error["message"]))
+        return Refusal(status, str(error.get("type") or "Error"), one_line(str(error["message"])))
     except (ValueError, KeyError, TypeError, AttributeError):
         return Refusal(status, "Error", f"the caption request failed with HTTP {status}")
 

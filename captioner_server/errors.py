@@ -25,6 +25,8 @@ SHUTTING_DOWN = ("the server is shutting down or its engine stopped (stop, resta
 # client's mistake, so 400.
 DECODE_MARKERS = ("Error opening", "decode", "Invalid or corrupted audio", "Failed to apply", "audio")
 MAX_ERROR_CHARS = 300
+DECODE_HINT = ("Send it as WAV, AIFF, FLAC, MP3 or Ogg (test_client.py and /v1/audio/transcriptions "
+               "convert other audio).")
 
 
 class Refusal(Exception):
@@ -101,8 +103,7 @@ def shutdown_aware(send: Send, hide_errors: bool = False) -> Send:
             elif hide_errors:
                 await error_response(send, 400, "BadRequestError", MEDIA_FETCH_FAILED)
             elif status == 500 and text is not None and any(m in text for m in DECODE_MARKERS):
-                decode_error = f"could not decode the audio: {one_line(text)}"
-                await error_response(send, 400, "BadRequestError", decode_error)
+                await error_response(send, 400, "BadRequestError", decode_refusal(text))
             elif text is not None and one_line(text) != text:
                 await error_response(send, status, kind, one_line(text))
             else:
@@ -111,6 +112,13 @@ def shutdown_aware(send: Send, hide_errors: bool = False) -> Send:
             held.clear()
 
     return wrapped
+
+
+def decode_refusal(text: str) -> str:
+    """The one line for audio vLLM could not decode: it reads with libsndfile alone
+    (start_service.sh), so the line says which forms it takes and who converts the rest."""
+    told = one_line(text)
+    return f"could not decode the audio: {told}{'' if told.endswith('.') else '.'} {DECODE_HINT}"
 
 
 async def answer_raised(send: Send, exc: Exception, fetched: bool) -> bool:
@@ -122,8 +130,7 @@ async def answer_raised(send: Send, exc: Exception, fetched: bool) -> bool:
     elif fetched:  # the exception's text would tell what is at the address; no traceback either
         await error_response(send, 400, "BadRequestError", MEDIA_FETCH_FAILED)
     elif any(m in str(exc) for m in DECODE_MARKERS):  # the client's audio: 400, no traceback
-        decode_error = f"could not decode the audio: {one_line(str(exc))}"
-        await error_response(send, 400, "BadRequestError", decode_error)
+        await error_response(send, 400, "BadRequestError", decode_refusal(str(exc)))
     else:
         return False
     return True

@@ -234,6 +234,47 @@ def test_the_route_is_behind_the_key_and_refuses_an_oversize_body_before_reading
     assert status == 413 and read == 0
 
 
+def test_a_script_naming_local_files_is_refused_before_any_is_read_and_m4a_goes_to_vllm_as_wav(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # FFmpeg's concat demuxer opens the files a script names, from the process's folder: the route
+    # once decoded a long one itself and handed a short one to vLLM, whose FFmpeg read it.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    write_wav(tmp_path / "sub" / "secret.wav", tone(40))
+    seen: list[dict[str, Any]] = []
+    guard = RequestGuard(stub_vllm("a caption", seen), max_bytes=50_000_000, api_key="key",
+                         limits=Limits(served_model="served", max_audio_seconds=600))
+    auth = [(b"authorization", b"Bearer key")]
+    script = b"ffconcat version 1.0\nfile sub/secret.wav\n"
+    status, _, answer, _ = call_route(guard, *multipart([("file", ("a.wav", script))]), auth)
+    assert status == 400, answer
+    assert json.loads(answer)["error"]["message"] == (
+        "file: not an audio file this server reads (WAV, FLAC, MP3, Ogg, Opus, M4A/MP4, WebM/Matroska, "
+        "AIFF, AAC, AMR, WMA or CAF)")
+    assert seen == []
+    # vLLM decodes with libsndfile alone (start_service.sh): what it cannot read goes as WAV.
+    m4a = convert(write_wav(tmp_path / "a.wav", tone(3)), tmp_path / "a.m4a").read_bytes()
+    flac = convert(tmp_path / "a.wav", tmp_path / "a.flac").read_bytes()
+    for clip, sent in ((m4a, "data:audio/wav;base64,"), (flac, "data:audio/flac;base64,")):
+        status, _, answer, _ = call_route(guard, *multipart([("file", ("clip", clip))]), auth)
+        assert status == 200, answer
+        assert seen.pop()["body"]["messages"][0]["content"][0]["audio_url"]["url"].startswith(sent)
+
+
+def test_an_error_event_inside_vllms_stream_is_answered_in_one_bounded_line() -> None:
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        trace = "Traceback (most recent call last):\n  at <x object at 0x7f00>\n" + "y" * 5000
+        error = {"error": {"message": trace, "code": 500}}
+        await send({"type": "http.response.body", "body": f"data: {json.dumps(error)}\n\n".encode()})
+    guard = RequestGuard(failing, max_bytes=50_000_000, api_key="", limits=Limits())
+    status, _, answer, _ = call_route(guard, *multipart([("file", ("a.wav", SAMPLE.read_bytes()))]))
+    message = json.loads(answer)["error"]["message"]
+    assert status == 500 and message == "Traceback (most recent call last):", message
+
+
 def quiet_gapped(seconds: float) -> np.ndarray:
     """A tone with a 0.3 s pause at 27.5 s and 56 s: the client's rule cuts there, not at 30 and 60."""
     samples = tone(seconds)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from captioner_server.errors import MEDIA_FETCH_FAILED, SHUTTING_DOWN, answer_raised
+from captioner_server.errors import DECODE_HINT, MEDIA_FETCH_FAILED, SHUTTING_DOWN, answer_raised
 from captioner_server.request_policy import Limits
 from captioner_server.settings import DEFAULT_FETCH_BYTES, guard_settings, request_timeout
 
@@ -52,5 +52,6 @@ def test_what_vllm_raises_is_answered_as_the_same_error_sent_would_be() -> None:
     assert json.loads(sent[1]["body"])["error"]["message"] == MEDIA_FETCH_FAILED
     done, sent = answered(ValueError("Failed to apply X on data={[1, 2]}"))
     assert done and sent[0]["status"] == 400
-    assert json.loads(sent[1]["body"])["error"]["message"] == "could not decode the audio: Failed to apply X"
+    message = json.loads(sent[1]["body"])["error"]["message"]
+    assert message == f"could not decode the audio: Failed to apply X. {DECODE_HINT}"
     assert answered(KeyError("something else")) == (False, [])

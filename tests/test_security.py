@@ -39,7 +39,7 @@ import pytest
 import requests
 
 from captioner.payload import SAMPLE_RATE, audio_part, chat_request, data_url, wav_bytes
-from captioner_server.errors import MEDIA_FETCH_FAILED, SHUTTING_DOWN
+from captioner_server.errors import DECODE_HINT, MEDIA_FETCH_FAILED, SHUTTING_DOWN
 from captioner_server.http_limits import MAX_HEADER_BYTES
 from captioner_server.media_fetch import is_public as is_public_address
 from captioner_server.request_guard import (
@@ -252,7 +252,7 @@ def test_guard_turns_vllms_500_while_shutting_down_into_a_retryable_503() -> Non
     asyncio.run(RequestGuard(app_answering(500, decode_500), max_bytes=0, api_key="")(scope, receive, send))
     assert sent[0]["status"] == 400  # vLLM could not decode the client's audio: the client's mistake
     decoded = json.loads(sent[1]["body"])["error"]["message"]
-    assert decoded == "could not decode the audio: Error opening <_io.BytesIO object>"
+    assert decoded == f"could not decode the audio: Error opening <_io.BytesIO object>. {DECODE_HINT}"
     sent.clear()
     other_500 = b'{"error":{"message":"something else broke","type":"InternalServerError","code":500}}'
     asyncio.run(RequestGuard(app_answering(500, other_500), max_bytes=0, api_key="")(scope, receive, send))
@@ -548,6 +548,25 @@ def test_file_urls_are_refused(server: Service, path: str) -> None:
     scheme = path.split(":")[0].strip().lower()
     assert error_message(r) == ("audio_url.url must be an http(s) or a data:audio/...;base64, URL, not a "
                                 f"'{scheme}:' one: the server reads no local file (send the audio inline)")
+    assert server.caption(SAMPLE.read_bytes()).status_code == 200
+
+
+def test_a_text_file_naming_a_local_file_is_no_audio_on_either_route(server: Service) -> None:
+    # FFmpeg's concat demuxer opens the files a script names, from the server's folder: vLLM's
+    # default decoder falls back to FFmpeg, and this request was captioned from the named file.
+    cwd = os.readlink(f"/proc/{server.pid}/cwd")
+    named = os.path.relpath(SAMPLE, cwd)
+    if named.startswith(".."):
+        pytest.skip(f"the sample is not below the server's folder {cwd}")
+    script = f"ffconcat version 1.0\nfile {named}\n".encode()
+    r = chat(server, [audio_part(data_url(script))])
+    assert r.status_code == 400, r.text
+    assert error_message(r) == ("could not decode the audio: Error opening <_io.BytesIO object>: Format not "
+                                f"recognised. {DECODE_HINT}")
+    r = requests.post(f"{server.base_url}/v1/audio/transcriptions", files={"file": ("a.wav", script)},
+                      headers=server.headers(), timeout=60)
+    assert r.status_code == 400, r.text
+    assert error_message(r).startswith("file: not an audio file this server reads (WAV, FLAC, MP3, ")
     assert server.caption(SAMPLE.read_bytes()).status_code == 200
 
 

@@ -7,12 +7,13 @@ load test_helper
 setup() { common_setup; }
 teardown() { common_teardown; }
 
-@test "argv: loopback bind, audio only, no local files, no remote media, server-side sampling" {
+@test "argv: loopback bind, audio only, no local files, no remote media, libsndfile decodes, server-side sampling" {
   STUB_EXIT=0 run "$KIT/start_service.sh" --foreground
   assert_success
   run cat "$T/args"
   assert_output --partial -- $'--host\n127.0.0.1\n'
   assert_output --partial -- $'--limit-mm-per-prompt\n{"audio":1,"image":0,"video":0}\n--mm-processor-cache-gb\n0\n'
+  assert_output --partial -- $'--media-io-kwargs\n{"audio":{"audio_backend":"soundfile"}}\n'
   assert_output --partial -- $'--allowed-media-domains\nno-remote-media.invalid\n'
   assert_output --partial -- $'--override-generation-config\n{"temperature":0.6,"top_p":0.95,"top_k":20,"max_new_tokens":16384}\n'
   refute_output --partial allowed-local-media-path
