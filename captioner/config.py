@@ -302,9 +302,10 @@ def derive(values: Mapping[str, str]) -> dict[str, str | list[str]]:
     out["BASE_URL"] = f"unix:{socket}" if socket else f"http://{host}:{values['PORT']}"
     out["HTTP_URL"] = "http://localhost" if socket else f"http://{host}:{values['PORT']}"
     out["CURL_SOCKET"] = ["--unix-socket", str(socket)] if socket else []
-    out["GUARD_ENV"] = [
-        f"{GUARD_PREFIX}{name}={out.get(f'{name}_ABS', values[name])}" for name in GUARD_SETTINGS
-    ]
+    guard = {name: str(out.get(f"{name}_ABS", values[name])) for name in GUARD_SETTINGS}
+    if host not in ("127.0.0.1", "[::1]"):  # bound to one address: clients name it in their Host header
+        guard["ALLOWED_HOSTS"] = ",".join(h for h in (values["ALLOWED_HOSTS"], values["HOST"]) if h)
+    out["GUARD_ENV"] = [f"{GUARD_PREFIX}{name}={value}" for name, value in guard.items()]
     return out
 
 

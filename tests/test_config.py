@@ -23,6 +23,8 @@ from captioner.config import (
     schema,
     validate,
 )
+from captioner_server.request_guard import host_allowed
+from captioner_server.settings import guard_settings
 from tests.service import ROOT
 
 
@@ -259,3 +261,22 @@ def test_the_guard_reads_each_setting_under_one_name_that_config_py_exports() ->
     env = dict(item.split("=", 1) for item in derive(load({"MODEL_PATH": "m"}, os.devnull))["GUARD_ENV"])
     assert env[f"{GUARD_PREFIX}MODEL_PATH"] == f"{ROOT}/m"
     assert env[f"{GUARD_PREFIX}MAX_TOKENS"] == schema()["MAX_TOKENS"].default
+
+
+@pytest.mark.parametrize(("host", "listed", "allowed"), [
+    ("10.0.0.5", "", "10.0.0.5"),
+    ("10.0.0.5", "gpu.example", "gpu.example,10.0.0.5"),
+    ("fd00::5", "", "fd00::5"),
+    ("127.0.0.1", "gpu.example", "gpu.example"),
+    ("0.0.0.0", "", ""),
+    ("::", "", ""),
+])
+def test_a_server_bound_to_one_address_takes_that_address_in_the_host_header(
+        host: str, listed: str, allowed: str) -> None:
+    # start and status reach it at that address: the guard once answered their /health 421.
+    values = load({"MODEL_PATH": "m", "HOST": host, "ALLOWED_HOSTS": listed}, os.devnull)
+    derived = derive(values)
+    env = dict(item.split("=", 1) for item in derived["GUARD_ENV"])
+    assert env[f"{GUARD_PREFIX}ALLOWED_HOSTS"] == allowed
+    reached = str(derived["HTTP_URL"]).removeprefix("http://")
+    assert host_allowed(reached.encode(), guard_settings(env).allowed_hosts)
