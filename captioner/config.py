@@ -218,13 +218,23 @@ def config_file(environ: Mapping[str, str], given: str | Path | None = None) -> 
     return default if default.exists() else None
 
 
-def load(environ: Mapping[str, str], given: str | Path | None = None) -> dict[str, str]:
-    """Every setting's value: schema default < config file < environment."""
+def load(
+    environ: Mapping[str, str], given: str | Path | None = None, only: Iterable[str] | None = None
+) -> dict[str, str]:
+    """Every setting's value: schema default < config file < environment. A line naming no
+    setting, or whose value a shell would have read otherwise (`shell_habit`), is a ConfigError;
+    with `only` (what stop and status use), only for those settings: a mistake elsewhere is
+    start's to refuse and never blocks them."""
     known = schema()
     values = {name: s.default for name, s in known.items()}
     path = config_file(environ, given)
+    wanted = None if only is None else set(only)
     if path is not None:
         for n, name, value, _ in parse(path):
+            if wanted is not None and name not in wanted:
+                if name in known:
+                    values[name] = value
+                continue
             if known and name not in known:
                 raise ConfigError(f"{path}:{n}: unknown variable {name} (known: see config.env.example)")
             rule = known[name].rule if name in known else None
@@ -340,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        values = load(os.environ, args.config)
+        subset = args.check if args.check and args.check != ["ALL"] else None
+        values = load(os.environ, args.config, only=subset)
         if args.check:
             validate(values, None if args.check == ["ALL"] else args.check)
         derived = derive(values) if args.derived else {}

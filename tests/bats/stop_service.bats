@@ -145,7 +145,20 @@ teardown() { common_teardown; }
   API_KEY='a b' run "$KIT/status_service.sh"
   assert_failure 4
   assert_output 'status_service: API_KEY="a b" is invalid: printable characters without spaces'
-  run "$KIT/stop_service.sh"
+  # Nor a config file's mistakes in lines they do not use: a comment after a value, a misspelt
+  # name, a ~ in a path. In a line they use, the same mistake is refused.
+  printf 'TEMPERATURE=0.7 # warmer\nTEMPRATURE=0.7\nMODEL_PATH=~/models/x\n' >"$T/typos.env"
+  CAPTIONER_CONFIG=$T/typos.env run "$KIT/start_service.sh"
+  assert_failure 1
+  assert_output "start_service: $T/typos.env:1: TEMPERATURE: a comment after the value would be part of it: put it on a line of its own (the file is read, not run by a shell)"
+  CAPTIONER_CONFIG=$T/typos.env run "$KIT/status_service.sh"
+  assert_success
+  printf 'STOP_TIMEOUT=30 # longer\n' >>"$T/typos.env"
+  CAPTIONER_CONFIG=$T/typos.env run "$KIT/stop_service.sh"
+  assert_failure 1
+  assert_output --partial "stop_service: $T/typos.env:4: STOP_TIMEOUT: a comment after the value"
+  sed -i '$d' "$T/typos.env"
+  CAPTIONER_CONFIG=$T/typos.env run "$KIT/stop_service.sh"
   assert_success
   assert_line --index -1 "stop_service: stopped"
   assert_equal "$(session_of "$pid")" ""
