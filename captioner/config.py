@@ -71,6 +71,8 @@ class ConfigError(Exception):
 
 
 _FLOAT = re.compile(r"[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?")
+# A number as JSON writes it: the sampling settings go into vLLM's --override-generation-config.
+_JSON_NUMBER = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _FLOAT_RANGE = re.compile(r"(-?[0-9.]+)(<=?)x(<=?)(-?[0-9.]+)")
 _INT_RANGE = re.compile(r"(-?[0-9]+)\.\.(-?[0-9]+)?")
 _SOCKET = re.compile(r"[A-Za-z0-9/_.-]+")
@@ -105,6 +107,9 @@ class Rule:
         if value in self.alternatives:
             return None
         kind, arg = self.kind, self.arg
+        if kind in ("int", "float") and _FLOAT.fullmatch(value) and not _JSON_NUMBER.fullmatch(value):
+            written = str(int(value)) if kind == "int" and value.isdigit() else str(float(value))
+            return f"write it as {written} (no leading zero or bare point: it goes into JSON)"
         if kind == "int":
             low, high = _match(_INT_RANGE, arg, "int MIN..[MAX]").groups()
             told = f"expected an integer from {low} to {high}" if high else f"expected an integer >= {low}"

@@ -49,7 +49,8 @@ http(s) URL; several may be given. With no INPUT the sample clip is captioned.
 """
 
 EPILOG = f"""\
-defaults from the environment, then config.env (or $CAPTIONER_CONFIG), then config.env.example:
+defaults from the environment (CAPTIONER_* only there), then config.env (or $CAPTIONER_CONFIG),
+then config.env.example:
   CAPTIONER_BASE_URL    server URL(s), space- or comma-separated; else
                         http://127.0.0.1:PORT with the service's PORT ({DEFAULT_BASE_URL})
   CAPTIONER_API_KEY     API key, else API_KEY as the service uses it

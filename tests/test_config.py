@@ -232,7 +232,7 @@ def test_a_bad_value_is_one_line_naming_the_setting_and_what_it_allows(
     [
         {"TOP_K": "-1", "QUANTIZATION": "fp8", "MAX_NUM_BATCHED_TOKENS": "", "EXTRA_ROUTES": "all"},
         {"EXTRA_ROUTES": "/tokenize, /v1/completions", "ALLOWED_HOSTS": "a.example.com,b.example.com"},
-        {"PORT": "08003", "GPU_MEMORY_UTIL": "1", "TEMPERATURE": "0", "TOP_P": ".5", "MOE_CONFIG_DIR": ""},
+        {"PORT": "8003", "GPU_MEMORY_UTIL": "1", "TEMPERATURE": "0", "TOP_P": "0.5", "MOE_CONFIG_DIR": ""},
         {
             "UNIX_SOCKET": "/run/captioner/api.sock",
             "PID_FILE": "/run/captioner/pid",
@@ -280,3 +280,18 @@ def test_a_server_bound_to_one_address_takes_that_address_in_the_host_header(
     assert env[f"{GUARD_PREFIX}ALLOWED_HOSTS"] == allowed
     reached = str(derived["HTTP_URL"]).removeprefix("http://")
     assert host_allowed(reached.encode(), guard_settings(env).allowed_hosts)
+
+
+@pytest.mark.parametrize(("name", "value", "written"), [
+    ("TEMPERATURE", ".6", "0.6"), ("TOP_P", "00.95", "0.95"),
+    ("MAX_TOKENS", "0100", "100"), ("TOP_K", "020", "20"),
+])
+def test_a_number_json_cannot_read_is_refused_with_how_to_write_it(
+        name: str, value: str, written: str) -> None:
+    # start_service.sh puts the sampling settings into --override-generation-config as they are:
+    # {"temperature":.6} is no JSON, and vLLM died at start after every value had been "checked".
+    with pytest.raises(ConfigError) as caught:
+        validate(load({"MODEL_PATH": "m", name: value}, os.devnull), [name])
+    assert str(caught.value) == (f'{name}="{value}" is invalid: write it as {written} '
+                                 "(no leading zero or bare point: it goes into JSON)")
+    validate(load({"MODEL_PATH": "m", name: written}, os.devnull), [name])
