@@ -70,6 +70,11 @@ class ConfigError(Exception):
     setting."""
 
 
+class ConfigUnreadable(ConfigError):
+    """A config file this account may not read (another account's config.env, kept to itself as
+    the README says when it holds API_KEY)."""
+
+
 _FLOAT = re.compile(r"[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?")
 # A number as JSON writes it: the sampling settings go into vLLM's --override-generation-config.
 _JSON_NUMBER = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
@@ -169,6 +174,8 @@ def parse(path: Path) -> list[tuple[int, str, str, list[str]]]:
     """(line number, name, value, comment lines right above) for each `KEY=value` line."""
     try:
         text = path.read_text(encoding="utf-8")
+    except PermissionError:
+        raise ConfigUnreadable(f"config file {path} cannot be read by this account") from None
     except (OSError, UnicodeDecodeError):
         raise ConfigError(
             f"config file {path} not found or unreadable: create it from config.env.example"

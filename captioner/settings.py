@@ -9,24 +9,45 @@ None of it asks a server anything: which model to ask for is the servers' start-
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from captioner.api import normalize_base_url
 from captioner.audio import window_seconds
-from captioner.config import ConfigError, Settings
+from captioner.config import ConfigError, ConfigUnreadable, Settings, validate
 from captioner.errors import UsageError
 from captioner.formats import FORMAT_BY_EXTENSION
 from captioner.options import DEFAULT_BASE_URL, DEFAULT_CONCURRENCY
 
+log = logging.getLogger("captioner")
+
 
 def load_settings() -> Settings:
-    """The environment and the kit's config, or a `UsageError` that names the file and line."""
+    """The environment and the kit's config, or a `UsageError` that names the file and line. A
+    config this account may not read (a colleague's service on a shared host) is left out with a
+    warning: the flags and the environment still work."""
     try:
         return Settings()
+    except ConfigUnreadable as exc:
+        log.warning(f"{exc}: its settings are not used (give --base-url, and --api-key if it needs one)")
+        return Settings(config=os.devnull)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+
+
+def checked(settings: Settings, name: str) -> str | None:
+    """A setting of the service's, validated by its rule in config.env.example as start_service.sh
+    checks it (`UsageError`, the scripts' one line); None when unset."""
+    value = settings.get(name)
+    if value and name in settings.values:
+        try:
+            validate(settings.values, [name])
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    return value
 
 
 def choose_format(given: str | None, output: Path | None) -> str:
@@ -41,9 +62,10 @@ def choose_format(given: str | None, output: Path | None) -> str:
 def choose_base_urls(given: Sequence[str] | None, settings: Settings) -> list[str]:
     """--base-url, else CAPTIONER_BASE_URL, else this host at the service's PORT."""
     urls = given or re.split(r"[\s,]+", settings.get("CAPTIONER_BASE_URL") or "")
-    port = settings.get("PORT")
-    default = f"http://127.0.0.1:{port}" if port and port.isdigit() else DEFAULT_BASE_URL
-    urls = [normalize_base_url(u) for u in urls if u] or [default]
+    urls = [normalize_base_url(u) for u in urls if u]
+    if not urls:
+        port = checked(settings, "PORT")
+        urls = [f"http://127.0.0.1:{port}" if port and port.isdigit() else DEFAULT_BASE_URL]
     for url in urls:
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--base-url {url}: expected http://HOST:PORT")
@@ -75,7 +97,7 @@ def choose_concurrency(given: int | None, settings: Settings, servers: int) -> i
     if given:
         return int(given)
     for name, scale in (("CAPTIONER_CONCURRENCY", 1), ("MAX_NUM_SEQS", servers)):
-        value = settings.get(name)
+        value = checked(settings, name)
         if value:
             try:
                 number = int(value)
@@ -94,7 +116,7 @@ def choose_segment_seconds(given: float | None, settings: Settings) -> float:
     """
     if given:
         return float(given)
-    value = settings.get("MAX_AUDIO_SECONDS")
+    value = checked(settings, "MAX_AUDIO_SECONDS")
     if value:
         try:
             cap = float(value)

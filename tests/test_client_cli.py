@@ -222,6 +222,46 @@ def test_default_base_url_and_concurrency_follow_the_service_config(
     assert len(stub.requests) == 1
 
 
+@pytest.mark.parametrize(("line", "flags", "message"), [
+    ("PORT=abc", [], 'PORT="abc" is invalid: expected an integer from 1 to 65535'),
+    ("MAX_NUM_SEQS=0", ["--base-url", "http://127.0.0.1:9"], 'MAX_NUM_SEQS="0" is invalid: expected'),
+    ("MAX_AUDIO_SECONDS=abc", ["--base-url", "http://127.0.0.1:9"], 'MAX_AUDIO_SECONDS="abc" is invalid'),
+])
+def test_a_bad_value_of_a_setting_the_client_reads_is_the_scripts_one_line_exit_2(
+    tmp_path: Path, clip: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    line: str, flags: list[str], message: str,
+) -> None:  # fmt: skip
+    # PORT=abc once sent the client to port 8003 (exit 4, "connection refused") and MAX_NUM_SEQS=0
+    # passed silently: start_service.sh refuses both.
+    (tmp_path / "config.env").write_text(line + "\n")
+    monkeypatch.setenv("CAPTIONER_CONFIG", str(tmp_path / "config.env"))
+    assert call(str(clip), *flags) == ExitCode.USAGE
+    assert capsys.readouterr().err.startswith(f"captioner: error: {message}")
+
+
+def test_a_config_file_this_account_may_not_read_is_left_out_with_a_warning_and_the_flags_work(
+    tmp_path: Path, clip: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A colleague's config.env, kept to its owner (chmod o-r, as README asks when it holds API_KEY);
+    # root reads any file, so this account's refusal is played by read_text.
+    config = tmp_path / "config.env"
+    config.write_text("PORT=9\n")
+    monkeypatch.setenv("CAPTIONER_CONFIG", str(config))
+    real = Path.read_text
+
+    def refused(self: Path, *args: object, **kwargs: object) -> str:
+        if self == config:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with StubServer() as stub:
+        assert call(str(clip), "--base-url", stub.base_url, "--api-key", "k") == ExitCode.OK
+    assert len(stub.requests) == 1
+    assert (f"captioner: warning: config file {config} cannot be read by this account: its settings are not "
+            "used (give --base-url, and --api-key if it needs one)\n") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("how", ["close", "reset"])
 def test_connection_dropped_before_an_answer_is_resent_and_the_batch_goes_on(
     tmp_path: Path, how: str
@@ -342,7 +382,7 @@ def test_max_audio_seconds_from_the_environment_wins_over_the_config_file(
     clip = write_wav(tmp_path / "long.wav", tone(20))
     (tmp_path / "config.env").write_text("MAX_AUDIO_SECONDS=600\n")
     monkeypatch.setenv("CAPTIONER_CONFIG", str(tmp_path / "config.env"))
-    monkeypatch.setenv("MAX_AUDIO_SECONDS", "12.5")
+    monkeypatch.setenv("MAX_AUDIO_SECONDS", "12")
     with StubServer() as stub:
         assert call(str(clip), "--base-url", stub.base_url) == ExitCode.OK
     assert len(stub.requests) == 2
