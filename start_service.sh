@@ -18,7 +18,8 @@
 #
 # Exit codes: 0 started (or already running as asked), 1 failed: bad config, preflight, a server
 # already running with other settings or a dead engine, or the server died / never became healthy
-# (its log tail is printed; no process and no PID file is left).
+# (its log tail is printed; no process and no PID file is left); 130 / 143 interrupted (Ctrl-C,
+# SIGTERM): before /health answered nothing is left, in the warm-up the healthy server stays.
 # CAPTIONER_DEBUG=1 traces the script.
 set -euo pipefail
 PROG=start_service

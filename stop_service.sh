@@ -6,7 +6,7 @@
 # Reads the PID file (found from PID_FILE, else LOG_DIR: the running service's record, whatever
 # today's other settings say) and checks it against /proc (start time, session, log file) before
 # signalling anything: SIGTERM to the API server (vLLM drains in-flight
-# requests for SHUTDOWN_DRAIN s), then SIGTERM and after STOP_TIMEOUT SIGKILL to every process
+# requests for SHUTDOWN_DRAIN s), after STOP_TIMEOUT SIGTERM and 10 s later SIGKILL to every process
 # of the service, the orphaned engine of a killed API server included, until none is left.
 # A stale PID file, or one whose pid now belongs to another process, is reported and removed
 # without signalling. A PID_FILE that is not this account's, or not a PID file of this kit (a
