@@ -11,6 +11,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+# On what the guard answers itself (captions, errors): kept by no cache, read as the type it says.
+PRIVATE = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+
 
 class BodyTooLarge(Exception):
     pass

@@ -38,6 +38,7 @@ from captioner.formats import render
 from captioner.payload import chat_request, data_url
 from captioner.records import Record, Segment, join_captions
 from captioner_server.asgi import (
+    PRIVATE,
     BodyTooLarge,
     ClientGone,
     Message,
@@ -458,7 +459,8 @@ def rendered(record: Record, fmt: str) -> tuple[bytes, bytes]:
 
 async def respond(send: Send, body: bytes, content_type: bytes) -> None:
     await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+                            *PRIVATE]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -514,8 +516,7 @@ async def stream(windows: Windows, send: Send) -> None:
         if not started:
             started = True
             await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
-                                    (b"cache-control", b"no-cache")]})
+                        "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), *PRIVATE]})
 
     for task, queue in zip(windows.tasks, windows.queues, strict=True):
         joiner.next_window()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 
-from captioner_server.asgi import Message, Send
+from captioner_server.asgi import PRIVATE, Message, Send
 from captioner_server.media_fetch import FETCH_FAILED
 from captioner_server.request_policy import escape
 
@@ -70,7 +70,7 @@ async def error_response(
         "status": status,
         "headers": [(b"content-type", b"application/json"),
                     (b"content-length", str(len(payload)).encode()),
-                    (b"connection", b"close"), *(extra or [])],
+                    (b"connection", b"close"), *PRIVATE, *(extra or [])],
     })  # fmt: skip
     await send({"type": "http.response.body", "body": payload})
 

@@ -198,6 +198,7 @@ def test_the_route_cuts_long_audio_by_the_clients_rule_and_captions_each_window_
     body, ctype = multipart([("file", ("long.wav", clip))], {"response_format": "verbose_json"})
     status, headers, answer, _ = call_route(guard, body, ctype, auth)
     assert status == 200 and headers[b"content-type"] == b"application/json", answer
+    assert (headers[b"cache-control"], headers[b"x-content-type-options"]) == (b"no-store", b"nosniff")
     reply = json.loads(answer)
     spans = prepare(clip, "x", 30).spans
     times = [(round(a, 3), round(b, 3)) for a, b in spans]
@@ -217,6 +218,7 @@ def test_the_route_cuts_long_audio_by_the_clients_rule_and_captions_each_window_
                                                               {"stream": "true"}), auth)
     events = [json.loads(line[6:]) for line in answer.decode().split("\n\n") if line]
     assert status == 200 and headers[b"content-type"].startswith(b"text/event-stream")
+    assert headers[b"cache-control"] == b"no-store"  # a caption is kept by no cache
     assert "".join(e["delta"] for e in events[:-1]) == "a caption" == events[-1]["text"]
     assert events[-1]["type"] == "transcript.text.done" and events[-1]["usage"]["total_tokens"] == 13
 
@@ -224,8 +226,9 @@ def test_the_route_cuts_long_audio_by_the_clients_rule_and_captions_each_window_
 def test_the_route_is_behind_the_key_and_refuses_an_oversize_body_before_reading_it() -> None:
     guard = RequestGuard(stub_vllm("x", []), max_bytes=100_000, api_key="key", limits=Limits())
     body, ctype = multipart([("file", ("a.wav", SAMPLE.read_bytes()))])
-    status, _, answer, read = call_route(guard, body, ctype)
+    status, headers, answer, read = call_route(guard, body, ctype)
     assert status == 401 and read == 0 and json.loads(answer)["error"]["code"] == 401
+    assert (headers[b"cache-control"], headers[b"x-content-type-options"]) == (b"no-store", b"nosniff")
     auth = [(b"authorization", b"Bearer key")]
     status, _, answer, read = call_route(guard, body, ctype, auth, chunk=10_000)
     assert status == 413 and "MAX_REQUEST_BYTES" in json.loads(answer)["error"]["message"]
