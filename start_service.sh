@@ -134,24 +134,30 @@ check_log_dir() {
 }
 
 # service.log records requests (paths, clients, errors): other accounts get no access to it (issue
-# #21). The folder is closed (0750) when it is the service's own: made by this start, or ours and
-# not shared (shared_dir). A shared one (LOG_DIR=/tmp) is left as it is; the logs in it are closed.
+# #21). The folder is closed (0750) when it is the service's own: made by this start, or ours, not
+# shared (shared_dir) and either the kit's logs/ or holding nothing but the service's files. Any
+# other (LOG_DIR=/tmp, or a home folder) is left as it is; the logs in it are closed.
 close_logs() { # close_logs MADE
   local mode f
   if [[ -n $1 ]]; then
     chmod 0750 "$LOG_DIR_ABS"
-  elif [[ -O $LOG_DIR_ABS ]] && ! shared_dir "$LOG_DIR_ABS"; then
+  elif [[ -O $LOG_DIR_ABS ]] && ! shared_dir "$LOG_DIR_ABS" &&
+    { [[ $LOG_DIR_ABS -ef $KIT_ROOT/logs ]] || service_files_only "$LOG_DIR_ABS"; }; then
     chmod o= "$LOG_DIR_ABS"
   else
     mode=$(stat -L -c %a "$LOG_DIR_ABS")
     if ((8#$mode & 5)); then
-      say "warning: LOG_DIR=$LOG_DIR is open to other accounts (mode $mode, $LOG_DIR_ABS) and is shared or not ours, so it is left as it is: give the service a folder of its own"
+      say "warning: LOG_DIR=$LOG_DIR is open to other accounts (mode $mode, $LOG_DIR_ABS) and is shared, not ours or holds other files, so it is left as it is: give the service a folder of its own"
     fi
   fi
   for f in "$LOG_FILE" "$LOG_FILE"[.-]*; do
     if [[ -f $f && ! -L $f && -O $f ]]; then chmod o= "$f"; fi
   done
   new_log
+}
+
+service_files_only() { # service_files_only DIR: nothing in DIR but service.log* and service.pid*
+  [[ -z $(find -H "$1" -mindepth 1 -maxdepth 1 ! -name 'service.log*' ! -name 'service.pid*' -print -quit 2>/dev/null) ]]
 }
 
 new_log() { # service.log, made 0640 if it is missing

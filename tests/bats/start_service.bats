@@ -309,13 +309,29 @@ $T/logs/service.log.2 640"
   assert_equal "$(cat "$T/logs/service.log.1")" old
 }
 
+@test "a LOG_DIR holding other files (a home folder) is left open, with a warning; the service's files in it are closed" {
+  mkdir -m 0755 "$T/home"
+  echo mine >"$T/home/notes.txt" # ours, but not the service's: others may read this folder as before
+  STUB_EXIT=0 LOG_DIR=$T/home run "$KIT/start_service.sh" --foreground
+  assert_success
+  assert_line "start_service: warning: LOG_DIR=$T/home is open to other accounts (mode 755, $T/home) and is shared, not ours or holds other files, so it is left as it is: give the service a folder of its own"
+  assert_equal "$(stat -c %a "$T/home" "$T/home/service.log")" $'755\n640'
+  # A folder holding only the service's files is the service's own: closed.
+  mkdir -m 0755 "$T/old-logs"
+  echo old >"$T/old-logs/service.log.1"
+  STUB_EXIT=0 LOG_DIR=$T/old-logs run "$KIT/start_service.sh" --foreground
+  assert_success
+  refute_output --partial warning
+  assert_equal "$(stat -c %a "$T/old-logs")" 750
+}
+
 @test "a shared LOG_DIR (like /tmp) is left as it is, with a warning; the service's log in it is closed" {
   mkdir -m 1777 "$T/shared"
   echo old >"$T/shared/service.log"
   chmod 0644 "$T/shared/service.log"
   STUB_EXIT=0 LOG_DIR=$T/shared run "$KIT/start_service.sh" --foreground
   assert_success
-  assert_line "start_service: warning: LOG_DIR=$T/shared is open to other accounts (mode 1777, $T/shared) and is shared or not ours, so it is left as it is: give the service a folder of its own"
+  assert_line "start_service: warning: LOG_DIR=$T/shared is open to other accounts (mode 1777, $T/shared) and is shared, not ours or holds other files, so it is left as it is: give the service a folder of its own"
   assert_equal "$(stat -c %a "$T/shared" "$T/shared/service.log")" $'1777\n640'
   ((EUID == 0)) || return 0
   # Ours and writable by us alone, but holding another account's file: shared too.
