@@ -141,8 +141,7 @@ close_logs() { # close_logs MADE
   local mode f
   if [[ -n $1 ]]; then
     chmod 0750 "$LOG_DIR_ABS"
-  elif [[ -O $LOG_DIR_ABS ]] && ! shared_dir "$LOG_DIR_ABS" &&
-    { [[ $LOG_DIR_ABS -ef $KIT_ROOT/logs ]] || service_files_only "$LOG_DIR_ABS"; }; then
+  elif [[ -O $LOG_DIR_ABS ]] && services_own_dir "$LOG_DIR_ABS"; then
     chmod o= "$LOG_DIR_ABS"
   else
     mode=$(stat -L -c %a "$LOG_DIR_ABS")
@@ -154,10 +153,6 @@ close_logs() { # close_logs MADE
     if [[ -f $f && ! -L $f && -O $f ]]; then chmod o= "$f"; fi
   done
   new_log
-}
-
-service_files_only() { # service_files_only DIR: nothing in DIR but service.log* and service.pid*
-  [[ -z $(find -H "$1" -mindepth 1 -maxdepth 1 ! -name 'service.log*' ! -name 'service.pid*' -print -quit 2>/dev/null) ]]
 }
 
 new_log() { # service.log, made 0640 if it is missing

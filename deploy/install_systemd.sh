@@ -16,6 +16,9 @@
 #   --print       write both files to stdout instead; install nothing (no root needed).
 #   --user NAME   the account the service runs as (default: the owner of the kit's folder).
 #   --name UNIT   unit name (default: captioner).
+# CUDA_VISIBLE_DEVICES, set when it runs, goes into the unit: the GPUs the service may use (leave
+# the other services' GPUs out). A unit or snippet of the same name that it did not write (another
+# service's) is refused, nothing overwritten.
 # SYSTEMD_DIR and LOGROTATE_DIR override /etc/systemd/system and /etc/logrotate.d.
 #
 # Exit codes: 0 done, 1 bad option, bad config, a setting from the environment, unknown user, or
@@ -33,12 +36,23 @@ unit_path() {
     die "$1 $2: a systemd unit cannot name it as it is (letters, digits and / _ . , @ + = : - only): use another path"
 }
 
-# write_file TEMPLATE DEST: DEST filled whole or not at all (a rename, so a failure leaves the old one).
+# write_file TEMPLATE DEST: DEST filled whole or not at all (a rename, so a failure or Ctrl-C leaves
+# the old one and no DEST.new, which logrotate would read as a second snippet).
 write_file() {
+  trap 'rm -f "$2.new"; exit 130' INT
+  trap 'rm -f "$2.new"; exit 143' TERM
   if ! { fill "$1" >"$2.new" && chmod 0644 "$2.new" && mv -f "$2.new" "$2"; }; then
     rm -f "$2.new"
     die "cannot write $2"
   fi
+  trap - INT TERM
+}
+
+# not_ours DEST: die when DEST exists and was not written by this installer (another service's
+# unit or snippet of the same name): nothing is overwritten.
+not_ours() {
+  [[ ! -e $1 ]] || grep -qi 'written by deploy/install_systemd.sh' "$1" ||
+    die "$1 exists and was not written by this installer (another service's?): left alone; choose another --name"
 }
 
 fill() { # fill TEMPLATE -> stdout, every @KEY@ replaced
@@ -46,7 +60,8 @@ fill() { # fill TEMPLATE -> stdout, every @KEY@ replaced
     -e "s|@GROUP@|$SERVICE_GROUP|g" -e "s|@LISTEN@|$LISTEN|g" \
     -e "s|@LOG_DIR@|$LOG_DIR_ABS|g" -e "s|@LOG_FILE@|$LOG_FILE|g" -e "s|@SHUTDOWN_DRAIN@|$SHUTDOWN_DRAIN|g" \
     -e "s|@STOP_TIMEOUT@|$STOP_TIMEOUT|g" -e "s|@TIMEOUT_STOP@|$((10#$STOP_TIMEOUT + 30))|g" \
-    -e "s|@CONFIG@|$CONFIG_ABS|g" -e "s|@SOCKET_DIR@|${UNIX_SOCKET_ABS:+ -${UNIX_SOCKET_ABS%/*}}|g" "$1"
+    -e "s|@CONFIG@|$CONFIG_ABS|g" -e "s|@SOCKET_DIR@|${UNIX_SOCKET_ABS:+ -${UNIX_SOCKET_ABS%/*}}|g" \
+    -e "s|^@GPUS@$|$GPUS|" "$1"
 }
 
 # The settings the environment changes from what the config file gives: the unit will not see
@@ -76,7 +91,7 @@ main() {
     shift
   done
   debug_setup
-  [[ $UNIT =~ ^[A-Za-z0-9_.@-]+$ ]] || die "--name $UNIT: letters, digits and _ . @ - only"
+  [[ $UNIT =~ ^[A-Za-z0-9][A-Za-z0-9_.@-]*$ ]] || die "--name $UNIT: letters, digits and _ . @ - only, a letter or digit first"
   load_config "$config"
   CONFIG_ABS=$(realpath -m -- "${CONFIG_FILE:-$KIT_ROOT/config.env}")
   local overrides
@@ -97,6 +112,15 @@ main() {
   unit_path LOG_DIR "$LOG_DIR_ABS"
   [[ -z $UNIX_SOCKET_ABS ]] || unit_path UNIX_SOCKET "$UNIX_SOCKET_ABS"
 
+  # The GPUs a manual start would use here: the unit gets the same (else vLLM would take GPUs
+  # 0..N-1, which may be the video service's).
+  if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+    [[ $CUDA_VISIBLE_DEVICES =~ ^[A-Za-z0-9,-]*$ ]] ||
+      die "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: GPU numbers or UUIDs separated by commas only"
+    GPUS="Environment=CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"
+  else
+    GPUS="# CUDA_VISIBLE_DEVICES was not set when this unit was installed: vLLM may use every GPU."
+  fi
   LISTEN=$HOST:$PORT
   [[ -z $UNIX_SOCKET_ABS ]] || LISTEN=unix:$UNIX_SOCKET_ABS
   local dir=$KIT_ROOT/deploy
@@ -107,10 +131,13 @@ main() {
   fi
   ((EUID == 0)) || die "must run as root to install (or use --print)"
   local unit_dir=${SYSTEMD_DIR:-/etc/systemd/system} rotate_dir=${LOGROTATE_DIR:-/etc/logrotate.d}
-  # The log folder is the service user's and closed to other accounts, unless it is shared (/tmp):
-  # install -d would chown and chmod that one too.
-  if [[ -d $LOG_DIR_ABS ]] && shared_dir "$LOG_DIR_ABS"; then
-    say "warning: LOG_DIR=$LOG_DIR ($LOG_DIR_ABS) is shared with other accounts: left as it is; give the service a folder of its own"
+  not_ours "$unit_dir/$UNIT.service"
+  not_ours "$rotate_dir/$UNIT"
+  # The log folder is the service user's and closed to other accounts, unless it is not the
+  # service's own (shared like /tmp, or holding other files: another service's logs): install -d
+  # would chown and chmod that one too.
+  if [[ -d $LOG_DIR_ABS ]] && ! services_own_dir "$LOG_DIR_ABS"; then
+    say "warning: LOG_DIR=$LOG_DIR ($LOG_DIR_ABS) is shared with other accounts or holds other files: left as it is; give the service a folder of its own"
   else
     install -d -o "$SERVICE_USER" -g "$SERVICE_GROUP" -m 0750 "$LOG_DIR_ABS"
   fi

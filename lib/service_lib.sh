@@ -78,6 +78,15 @@ shared_dir() {
   [[ -n $(find -H "$1" -mindepth 1 -maxdepth 1 ! -uid "$owner" -print -quit 2>/dev/null) ]]
 }
 
+# services_own_dir DIR: may the service take DIR as its own (close it, give it to its user)? Not
+# when it is shared (shared_dir); yes when it is the kit's logs/ or holds nothing but service.log*
+# and service.pid* (a home folder, or another service's log folder, is not the service's).
+services_own_dir() {
+  ! shared_dir "$1" || return 1
+  [[ $1 -ef $KIT_ROOT/logs ]] && return 0
+  [[ -z $(find -H "$1" -mindepth 1 -maxdepth 1 ! -name 'service.log*' ! -name 'service.pid*' -print -quit 2>/dev/null) ]]
+}
+
 # --- process identity --------------------------------------------------------------------------
 # A PID file holds key=value lines: pid, pgid, start_time (clock ticks since boot, /proc/PID/stat
 # field 22), log_id (device:inode of the log file the service writes to), started_at, and what the

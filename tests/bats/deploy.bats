@@ -86,6 +86,22 @@ print_split() {
   assert_output ''
 }
 
+@test "the unit uses the GPUs CUDA_VISIBLE_DEVICES names when installing, not every GPU (the video service's too)" {
+  print_split
+  assert_equal "$(grep CUDA_VISIBLE_DEVICES "$T/captioner.service" | grep -v '^# The GPUs')" \
+    "# CUDA_VISIBLE_DEVICES was not set when this unit was installed: vLLM may use every GPU."
+  CUDA_VISIBLE_DEVICES=2,3 print_split
+  grep -qx "Environment=CUDA_VISIBLE_DEVICES=2,3" "$T/captioner.service"
+  if command -v systemd-analyze >/dev/null; then
+    run systemd-analyze verify "$T/captioner.service"
+    assert_success
+    assert_output ''
+  fi
+  CUDA_VISIBLE_DEVICES='1 2' run "$KIT/deploy/install_systemd.sh" --print
+  assert_failure 1
+  assert_output "install_systemd: CUDA_VISIBLE_DEVICES=1 2: GPU numbers or UUIDs separated by commas only"
+}
+
 @test "logrotate accepts the snippet" {
   command -v logrotate >/dev/null || skip "logrotate is not installed (apt package: logrotate)"
   config_file LOG_DIR=$T/logs
@@ -162,17 +178,51 @@ print_split() {
   config_file LOG_DIR=$T/shared
   SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate run "$KIT/deploy/install_systemd.sh" --user root
   assert_success
-  assert_line "install_systemd: warning: LOG_DIR=$T/shared ($T/shared) is shared with other accounts: left as it is; give the service a folder of its own"
+  assert_line "install_systemd: warning: LOG_DIR=$T/shared ($T/shared) is shared with other accounts or holds other files: left as it is; give the service a folder of its own"
   assert_equal "$(stat -c %a "$T/shared" "$T/shared/service.log")" $'1777\n640'
+}
+
+@test "another service's log folder, unit or snippet is left alone: nothing re-owned, nothing overwritten" {
+  ((EUID == 0)) || skip "installing needs root"
+  mkdir -p "$T/units" "$T/rotate"
+  # A log folder that holds another account's files: not taken over (install -d would chown it).
+  mkdir -m 0755 "$T/video-logs"
+  echo video >"$T/video-logs/video.log"
+  chown -R nobody "$T/video-logs"
+  config_file LOG_DIR=$T/video-logs
+  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate run "$KIT/deploy/install_systemd.sh" --user root
+  assert_success
+  assert_line "install_systemd: warning: LOG_DIR=$T/video-logs ($T/video-logs) is shared with other accounts or holds other files: left as it is; give the service a folder of its own"
+  assert_equal "$(stat -c '%a %U' "$T/video-logs" "$T/video-logs/video.log")" $'755 nobody\n644 nobody'
+  # A unit or snippet of that name that this installer did not write.
+  config_file LOG_DIR=$T/newlogs
+  echo "ExecStart=/opt/video/serve --port 8002" >"$T/units/video.service"
+  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate run "$KIT/deploy/install_systemd.sh" --user root --name video
+  assert_failure 1
+  assert_output "install_systemd: $T/units/video.service exists and was not written by this installer (another service's?): left alone; choose another --name"
+  assert_equal "$(cat "$T/units/video.service")" "ExecStart=/opt/video/serve --port 8002"
+  [ ! -e "$T/rotate/video" ] && [ ! -e "$T/newlogs" ]
+  echo "/var/log/video/*.log { daily }" >"$T/rotate/captioner"
+  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate run "$KIT/deploy/install_systemd.sh" --user root
+  assert_failure 1
+  assert_output --partial "install_systemd: $T/rotate/captioner exists and was not written by this installer"
+  # Its own files it rewrites.
+  rm "$T/rotate/captioner"
+  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate run "$KIT/deploy/install_systemd.sh" --user root
+  assert_success
+  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate run "$KIT/deploy/install_systemd.sh" --user root
+  assert_success
 }
 
 @test "an unknown user, a bad name and a bad configuration are refused before anything is written" {
   run "$KIT/deploy/install_systemd.sh" --print --user no-such-user-xyz
   assert_failure 1
   assert_output "install_systemd: user no-such-user-xyz does not exist (create it, or pass --user)"
-  run "$KIT/deploy/install_systemd.sh" --print --name 'a b'
-  assert_failure 1
-  assert_output "install_systemd: --name a b: letters, digits and _ . @ - only"
+  for name in 'a b' .. .hidden; do
+    run "$KIT/deploy/install_systemd.sh" --print --name "$name"
+    assert_failure 1
+    assert_output "install_systemd: --name $name: letters, digits and _ . @ - only, a letter or digit first"
+  done
   config_file SHUTDOWN_DRAIN=90 STOP_TIMEOUT=60
   run "$KIT/deploy/install_systemd.sh" --print
   assert_failure 1
