@@ -404,6 +404,25 @@ check_key_file() {
   say "warning: $CONFIG_FILE holds API_KEY and every account on this host can read it (mode $mode): chmod o-r $CONFIG_FILE"
 }
 
+# --foreground: under the start lock, refuse to start beside a running service (a manual start's,
+# or another foreground one), then name this process in the lock file: the vLLM it becomes keeps
+# its pid and start time, so a manual start meanwhile says so at once rather than load the model a
+# second time onto the same GPUs (foreground_holder). The lock itself is let go before vLLM runs
+# (its children would inherit it).
+claim_foreground() {
+  local holder
+  exec 9>>"$LOCK_FILE"
+  flock -n 9 || die "another start of this service is running ($LOCK_FILE is held): stop it first, or wait for it"
+  if holder=$(foreground_holder); then
+    die "this service already runs in the foreground as pid $holder: stop that one first"
+  fi
+  if read_pid_file && leader_is_ours; then
+    die "already running as pid $PF_PID (started by start_service.sh): run ./stop_service.sh first"
+  fi
+  printf 'foreground pid=%s start_time=%s\n' "$$" "$(proc_stat_field "$$" 22)" >"$LOCK_FILE"
+  exec 9>&-
+}
+
 main() {
   init_script "$@"
   check_key_file
@@ -411,6 +430,7 @@ main() {
   check_model
 
   if [[ -n $FOREGROUND ]]; then
+    claim_foreground
     check_vllm
     check_gpus
     check_port
@@ -420,10 +440,15 @@ main() {
     exec "$VLLM_PYTHON" "${VLLM_ARGS[@]}"
   fi
 
-  # One start at a time: a second start waits here, then finds the first one's server.
+  # One start at a time: a second start waits here, then finds the first one's server; a service
+  # in the foreground (systemd's unit) holds the lock for good, and is said at once.
   # shellcheck disable=SC2153 # LOCK_FILE is load_config's (captioner/config.py derives it)
   exec 9>>"$LOCK_FILE"
   flock -w "$((START_TIMEOUT + 60))" 9 || die "another start_service.sh holds $LOCK_FILE"
+  local holder
+  if holder=$(foreground_holder); then
+    die "this service runs in the foreground as pid $holder (systemd's unit?): manage it with systemctl, or stop that one first"
+  fi
 
   if read_pid_file; then
     if leader_is_ours; then

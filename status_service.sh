@@ -65,6 +65,10 @@ main() {
   init_script "$@"
 
   if ! read_pid_file; then
+    local holder
+    if holder=$(foreground_holder); then
+      die "not started by these scripts: pid $holder runs this service in the foreground (systemd's unit?): systemctl status"
+    fi
     echo "stopped"
     exit 3
   fi

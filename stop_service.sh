@@ -29,6 +29,10 @@ main() {
   init_script "$@"
 
   if ! read_pid_file; then
+    local holder
+    if holder=$(foreground_holder); then
+      die "not started by these scripts: pid $holder runs this service in the foreground (systemd's unit?): systemctl stop it"
+    fi
     say "not running (no PID file at $PID_FILE_ABS)"
     exit 0
   fi

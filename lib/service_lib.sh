@@ -87,6 +87,20 @@ services_own_dir() {
   [[ -z $(find -H "$1" -mindepth 1 -maxdepth 1 ! -name 'service.log*' ! -name 'service.pid*' -print -quit 2>/dev/null) ]]
 }
 
+# foreground_holder: the pid of a live `start_service.sh --foreground` (systemd's unit) of this
+# service, which names itself in LOCK_FILE (its pid and start time: the vLLM it becomes keeps
+# both); 1 when there is none. Start, stop and status say so rather than load a second server or
+# say "stopped" (there is no PID file then).
+foreground_holder() {
+  local pid start
+  # shellcheck disable=SC2153 # LOCK_FILE is load_config's (captioner/config.py derives it)
+  [[ -r $LOCK_FILE ]] || return 1
+  read -r _ pid start <"$LOCK_FILE" 2>/dev/null || true
+  pid=${pid#pid=} start=${start#start_time=}
+  [[ $pid =~ ^[0-9]+$ && -d /proc/$pid && $(proc_stat_field "$pid" 22) == "$start" ]] || return 1
+  echo "$pid"
+}
+
 # --- process identity --------------------------------------------------------------------------
 # A PID file holds key=value lines: pid, pgid, start_time (clock ticks since boot, /proc/PID/stat
 # field 22), log_id (device:inode of the log file the service writes to), started_at, and what the

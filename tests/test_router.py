@@ -39,8 +39,9 @@ def two_services(server: Service, stopped_service: Service) -> tuple[Service, Se
 def router(two_services: tuple[Service, Service], tmp_path: Path) -> Iterator[str]:
     port = free_port()
     log = (tmp_path / "router.log").open("w")
-    proc = subprocess.Popen([str(ROOT / "deploy" / "router.sh"), "--port", str(port),
-                             *(s.base_url for s in two_services)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([str(ROOT / "deploy" / "router.sh"), "--port", str(port), "--metrics-port",
+                             str(free_port()), *(s.base_url for s in two_services)],
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

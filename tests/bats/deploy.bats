@@ -279,6 +279,30 @@ print_split() {
   assert_output "install_systemd: UNIX_SOCKET=/tmp/captioner.sock: the unit has a /tmp of its own (PrivateTmp=yes), so no other process would see the socket; put it in a folder of /run, e.g. /run/captioner/api.sock"
 }
 
+@test "router.sh: loopback unless --public, its metrics on a port of its own, services still loading waited for" {
+  printf '#!/usr/bin/env bash\nprintf "%%s\\n" "$@"\n' >"$T/router"
+  chmod +x "$T/router"
+  export VLLM_ROUTER=$T/router
+  run "$KIT/deploy/router.sh" --port 8100 http://127.0.0.1:8003 http://127.0.0.1:8004
+  assert_success
+  assert_output --partial $'--host\n127.0.0.1\n--port\n8100\n'
+  # vllm-router's default, 29000, is one port for the whole host: a second router died on it.
+  assert_output --partial $'--prometheus-port\n8101\n'
+  assert_output --partial $'--worker-startup-timeout-secs\n1900\n'
+  run "$KIT/deploy/router.sh" --port 8100 --metrics-port 9100 http://127.0.0.1:8003
+  assert_output --partial $'--prometheus-port\n9100\n'
+  run "$KIT/deploy/router.sh" --port 8100 --metrics-port 8100 http://127.0.0.1:8003
+  assert_failure 1
+  assert_output "router: --metrics-port 8100: expected 1 to 65535, not the router's port"
+  # Its /add_worker and /remove_worker take no key: whoever reaches it could reroute clients.
+  run "$KIT/deploy/router.sh" --host 0.0.0.0 http://127.0.0.1:8003
+  assert_failure 1
+  assert_output --partial "router: --host 0.0.0.0 is not loopback: the router's /add_worker and /remove_worker take no key"
+  run "$KIT/deploy/router.sh" --host 0.0.0.0 --public http://127.0.0.1:8003
+  assert_success
+  assert_output --partial $'--host\n0.0.0.0\n'
+}
+
 @test "--help prints the usage" {
   run "$KIT/deploy/install_systemd.sh" --help
   assert_success

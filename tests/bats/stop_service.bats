@@ -219,6 +219,43 @@ teardown() { common_teardown; }
   assert_equal "$(session_of "$pid")" ""
 }
 
+@test "a service in the foreground (systemd's unit): a manual start, status and stop say so at once, touching nothing" {
+  "$KIT/start_service.sh" --foreground >"$T/foreground.log" 2>&1 &
+  fg=$!
+  for _ in $(seq 100); do grep -q "^foreground pid=$fg " "$T/logs/service.pid.lock" 2>/dev/null && break; sleep 0.1; done
+  seen="pid $fg runs this service in the foreground (systemd's unit?)"
+  SECONDS=0
+  run "$KIT/start_service.sh" # it waited for the lock until START_TIMEOUT, then loaded a second server
+  assert_failure 1
+  assert_output "start_service: this service runs in the foreground as pid $fg (systemd's unit?): manage it with systemctl, or stop that one first"
+  ((SECONDS < 10))
+  run "$KIT/status_service.sh" # it said "stopped"
+  assert_failure 4
+  assert_output "status_service: not started by these scripts: $seen: systemctl status"
+  run "$KIT/stop_service.sh" # it said "not running"
+  assert_failure 1
+  assert_output "stop_service: not started by these scripts: $seen: systemctl stop it"
+  kill -0 "$fg"
+  [ ! -e "$T/logs/service.pid" ]
+  # Nor does a second foreground start load the model beside it.
+  run "$KIT/start_service.sh" --foreground
+  assert_failure 1
+  assert_output "start_service: this service already runs in the foreground as pid $fg: stop that one first"
+  kill -TERM "$fg"
+  wait "$fg" || true
+  for _ in $(seq 50); do [[ -z $(session_of "$fg") ]] && break; sleep 0.1; done
+  # Gone, it is stopped again, and a manual start works; then a foreground start beside it is refused.
+  run "$KIT/status_service.sh"
+  assert_failure 3
+  run "$KIT/start_service.sh"
+  assert_success
+  run "$KIT/start_service.sh" --foreground
+  assert_failure 1
+  assert_output --partial "start_service: already running as pid $(pid_field pid) (started by start_service.sh): run ./stop_service.sh first"
+  run "$KIT/stop_service.sh"
+  assert_success
+}
+
 @test "a PID file whose log_id is empty or not device:inode is refused, its pid never signalled" {
   mkdir -p "$T/logs"
   for log_id in "" "x" "1:1 2"; do
