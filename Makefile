@@ -42,14 +42,13 @@ install: $(GPU_STAMP)
 install-cpu: $(CPU_STAMP)
 
 # One venv, two builds: each stamp says which one .venv holds now.
+# install.sh removes both stamps before it changes anything (an interrupted install leaves none).
 $(GPU_STAMP): install.sh requirements/gpu.lock
 	./install.sh
-	rm -f $(CPU_STAMP)
 	touch $@
 
 $(CPU_STAMP): install.sh requirements/cpu.lock tools/fix_cpu_wheels.py
 	./install.sh --cpu
-	rm -f $(GPU_STAMP)
 	touch $@
 
 lock: $(MODEL_STAMP)

