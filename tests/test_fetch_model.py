@@ -9,7 +9,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pytest
 
 from tests.service import ROOT, TINY_MODEL
 
@@ -72,3 +76,39 @@ def test_offline_download_fails_in_one_line_and_leaves_no_model_folder(tmp_path:
         "fetch_model: cannot download Qwen/Qwen3-Omni-30B-A3B-Captioner: the hub is unreachable")
     assert "rerun to resume" in last
     assert not dest.exists()
+
+
+REPO = "fetch_model: Qwen/Qwen3-Omni-30B-A3B-Captioner"
+
+
+@pytest.mark.parametrize(("code", "said"), [
+    ("RepoNotFound", f"{REPO} not found on the hub, or it needs HF_TOKEN"),
+    ("GatedRepo", f"{REPO} is gated: accept its terms on the hub, then set HF_TOKEN and rerun"),
+    ("RevisionNotFound", f"{REPO} has no revision 'v9': check --revision"),
+])
+def test_what_the_hub_answers_is_said_not_taken_for_an_unreachable_hub(
+        tmp_path: Path, code: str, said: str) -> None:
+    # Every HfHubHTTPError is an OSError: these once all read "the hub is unreachable ... check the network".
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404 if code != "GatedRepo" else 401)
+            self.send_header("X-Error-Code", code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+               "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}", "HF_HUB_ETAG_TIMEOUT": "5"}
+        r = run("--dest", str(tmp_path / "Captioner"), "--revision", "v9", env=env)
+    finally:
+        hub.shutdown()
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == said
+    assert not (tmp_path / "Captioner").exists()

@@ -80,20 +80,33 @@ def check_model_dir(d: Path) -> list[str]:
 
 def download(repo: str, revision: str | None, dest: Path) -> None:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     partial = dest.with_name(dest.name + ".partial")
     try:
         snapshot_download(repo_id=repo, revision=revision, local_dir=partial,
                           allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"])
+    # The hub's answers first: each HfHubHTTPError is an OSError too, and was once worded as
+    # "the hub is unreachable".
+    except GatedRepoError:
+        raise Incomplete(f"{repo} is gated: accept its terms on the hub, then set HF_TOKEN and rerun") \
+            from None
+    except RepositoryNotFoundError:
+        raise Incomplete(f"{repo} not found on the hub, or it needs HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise Incomplete(f"{repo} has no revision {revision!r}: check --revision") from None
+    except HfHubHTTPError as e:
+        raise Incomplete(f"cannot download {repo}: {str(e).splitlines()[0]}") from None
     except (LocalEntryNotFoundError, OSError) as e:
         kept = f" (partial files kept in {partial})" if partial.exists() else ""
         raise Incomplete(f"cannot download {repo}: the hub is unreachable ({type(e).__name__}); "
                          f"check the network, HF_ENDPOINT or the proxy, then rerun to resume{kept}") from None
-    except RepositoryNotFoundError:
-        raise Incomplete(f"{repo} not found on the hub, or it needs HF_TOKEN") from None
-    except HfHubHTTPError as e:
-        raise Incomplete(f"cannot download {repo}: {str(e).splitlines()[0]}") from None
     check_model_dir(partial)
     if dest.exists():
         raise Incomplete(f"{dest} already exists; remove it, or check it with --check {dest}")
