@@ -140,6 +140,9 @@ main() {
     say "warning: LOG_DIR=$LOG_DIR ($LOG_DIR_ABS) is shared with other accounts or holds other files: left as it is; give the service a folder of its own"
   else
     install -d -o "$SERVICE_USER" -g "$SERVICE_GROUP" -m 0750 "$LOG_DIR_ABS"
+    # Logs left by manual starts as another account: the service user's now, or its warm-up could
+    # not append to service.log and logrotate (su USER) could not rotate it.
+    find "$LOG_DIR_ABS" -maxdepth 1 -type f -name 'service.log*' -exec chown "$SERVICE_USER:$SERVICE_GROUP" {} +
   fi
   # systemd opens service.log as root (StandardOutput=append:); made here, it is the service's, 0640.
   [[ -e $LOG_FILE ]] || install -o "$SERVICE_USER" -g "$SERVICE_GROUP" -m 0640 /dev/null "$LOG_FILE"

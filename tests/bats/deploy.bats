@@ -171,6 +171,19 @@ print_split() {
   assert_output --partial "install_systemd: wrote $T/units/captioner.service and $T/rotate/captioner (runs as root)"
 }
 
+@test "install gives the service user the logs that manual starts left in its folder" {
+  ((EUID == 0)) || skip "installing needs root"
+  mkdir -p "$T/units" "$T/rotate" "$T/newlogs"
+  echo old >"$T/newlogs/service.log"
+  echo older >"$T/newlogs/service.log.1"
+  ln -s /etc/hostname "$T/newlogs/service.log.2" # a link is no log of ours: not followed, not changed
+  config_file LOG_DIR=$T/newlogs
+  SYSTEMD_DIR=$T/units LOGROTATE_DIR=$T/rotate run "$KIT/deploy/install_systemd.sh" --user nobody
+  assert_success
+  assert_equal "$(stat -c %U "$T/newlogs" "$T/newlogs/service.log" "$T/newlogs/service.log.1")" $'nobody\nnobody\nnobody'
+  assert_equal "$(stat -c %U /etc/hostname)" root
+}
+
 @test "install leaves a shared LOG_DIR (like /tmp) as it is, with a warning" {
   ((EUID == 0)) || skip "installing needs root"
   mkdir -p "$T/units" "$T/rotate"
