@@ -441,7 +441,7 @@ main() {
   fi
 
   # One start at a time: a second start waits here, then finds the first one's server; a service
-  # in the foreground (systemd's unit) holds the lock for good, and is said at once.
+  # in the foreground (systemd's unit), named in the lock file, is said at once.
   # shellcheck disable=SC2153 # LOCK_FILE is load_config's (captioner/config.py derives it)
   exec 9>>"$LOCK_FILE"
   flock -w "$((START_TIMEOUT + 60))" 9 || die "another start_service.sh holds $LOCK_FILE"
