@@ -220,7 +220,9 @@ teardown() { common_teardown; }
 }
 
 @test "a service in the foreground (systemd's unit): a manual start, status and stop say so at once, touching nothing" {
-  "$KIT/start_service.sh" --foreground >"$T/foreground.log" 2>&1 &
+  # In a session of its own, as under systemd, so that the whole of it can be stopped at the end;
+  # fd 3 closed, or bats would wait for the stub's engine.
+  setsid "$KIT/start_service.sh" --foreground >"$T/foreground.log" 2>&1 3>&- &
   fg=$!
   for _ in $(seq 100); do grep -q "^foreground pid=$fg " "$T/logs/service.pid.lock" 2>/dev/null && break; sleep 0.1; done
   seen="pid $fg runs this service in the foreground (systemd's unit?)"
@@ -241,9 +243,10 @@ teardown() { common_teardown; }
   run "$KIT/start_service.sh" --foreground
   assert_failure 1
   assert_output "start_service: this service already runs in the foreground as pid $fg: stop that one first"
-  kill -TERM "$fg"
+  kill -TERM -- "-$fg" # systemd's KillMode=control-group: every process of the unit
   wait "$fg" || true
   for _ in $(seq 50); do [[ -z $(session_of "$fg") ]] && break; sleep 0.1; done
+  assert_equal "$(session_of "$fg")" ""
   # Gone, it is stopped again, and a manual start works; then a foreground start beside it is refused.
   run "$KIT/status_service.sh"
   assert_failure 3
