@@ -88,6 +88,7 @@ SNDFILE_READS: dict[str, tuple[str, ...]] = {
 # none of which opens a file or URL named inside the bytes (FFmpeg's concat, HLS, DASH and
 # image2 do, from a text file sent as "audio").
 SAFE_FORMATS = "wav,w64,aiff,flac,mp3,ogg,mov,matroska,aac,amr,asf,caf"
+CONTAINERS_TOLD = "WAV, FLAC, MP3, Ogg, Opus, M4A/MP4, WebM/Matroska, AIFF, AAC, AMR, WMA or CAF"
 
 # Demuxers whose duration FFmpeg reads from the file itself (a header, an index, the last
 # page's granule). For the rest (raw MP3 without a Xing header, ADTS AAC, AMR, ...) it
@@ -307,9 +308,6 @@ def _open_audio(
         yield container, container.streams.audio[0]
 
 
-CONTAINERS_TOLD = "WAV, FLAC, MP3, Ogg, Opus, M4A/MP4, WebM/Matroska, AIFF, AAC, AMR, WMA or CAF"
-
-
 def probe(data: Media, name: str, formats: str | None = None) -> Probed:
     """Check that `data` is audio (its first frame decodes) and read its duration cheaply.
 
@@ -373,12 +371,12 @@ def _resampled(
     yield from (_mono(f) for f in resampler.resample(None))
 
 
-def decode(data: Media, name: str, limit_seconds: float | None = None, formats: str | None = None) -> Decoded:
+def decode(data: Media, name: str, limit_seconds: float | None = None) -> Decoded:
     """Decode any FFmpeg-readable audio to mono float32 at 16 kHz, whole; `InputError` if not
     audio, `AudioTooLong` past `limit_seconds` (see `_resampled`). `prepare` does not hold long
     audio whole: it streams it to a `PcmSpool` (`decode_to_spool`)."""
     try:
-        with _open_audio(data, name, formats) as (container, stream):
+        with _open_audio(data, name) as (container, stream):
             chunks = list(_resampled(container, stream, name, limit_seconds))
             container_name = container.format.name
     except av.FFmpegError as exc:
